@@ -1,0 +1,3 @@
+from milterguard.cli import console_main
+
+console_main()

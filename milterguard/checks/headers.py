@@ -1,0 +1,124 @@
+"""Checks of the message headers that a pattern alone cannot express."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from datetime import datetime, timezone
+
+from milterguard.engine.checks import check
+from milterguard.engine.model import Hits, Stage
+
+_DAY = 86400.0
+
+
+def _parse_date(text: str) -> float | None:
+    try:
+        parsed = email.utils.parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _received_time(msg) -> float | None:
+    """The time in the topmost Received header: when our side took the message."""
+    for value in msg.header_values("Received")[:1]:
+        _, sep, date = value.rpartition(";")
+        if sep:
+            return _parse_date(date)
+    return None
+
+
+@check(stage=Stage.HEADERS, emits=("DATE_INVALID", "DATE_IN_FUTURE", "DATE_IN_PAST"), priority=20)
+def date_header(scan, hits: Hits) -> None:
+    """Compare the Date header with the time the message was received."""
+    msg = scan.message
+    value = msg.header("Date")
+    if value is None:
+        return
+    sent = _parse_date(value)
+    if sent is None:
+        hits.add("DATE_INVALID", where="header Date", text=value[:80])
+        return
+    # Against the top Received header when there is one, so that the verdict on a
+    # stored message does not change with the day it is scanned.
+    now = _received_time(msg) or time.time()
+    delta = sent - now
+    if delta > _DAY:
+        hits.add("DATE_IN_FUTURE", f"{delta / _DAY:.0f}d", where="header Date", text=value[:80])
+    elif delta < -30 * _DAY:
+        hits.add("DATE_IN_PAST", f"{-delta / _DAY:.0f}d", where="header Date", text=value[:80])
+
+
+@check(stage=Stage.HEADERS, emits=("MID_INVALID",), priority=20)
+def message_id_shape(scan, hits: Hits) -> None:
+    """RFC 5322 3.6.4: a Message-ID is <left@right>."""
+    raw = scan.message.header_raw("Message-ID")
+    if not raw:
+        return
+    value = raw[0].strip()
+    if not (value.startswith("<") and value.endswith(">") and "@" in value):
+        hits.add("MID_INVALID", where="header Message-ID", text=value[:80])
+
+
+@check(stage=Stage.HEADERS, emits=("FROM_EQ_TO", "REPLYTO_DOMAIN_DIFFERS", "TO_UNDISCLOSED", "FROM_NO_ADDRESS",
+                                   "ENVFROM_DOMAIN_DIFFERS"), priority=20)
+def address_headers(scan, hits: Hits) -> None:
+    """Relations between From, To, Reply-To and the envelope sender."""
+    msg = scan.message
+    if msg.has_header("From") and not msg.from_addr:
+        hits.add("FROM_NO_ADDRESS", where="header From", text=(msg.header("From") or "")[:80])
+        return
+    from_addr = msg.from_addr
+    tos = [a for _, a in msg.addresses("To") if a]
+    if from_addr and len(tos) == 1 and tos[0] == from_addr:
+        hits.add("FROM_EQ_TO", from_addr, where="header To", text=from_addr)
+    to_raw = " ".join(msg.header_raw("To")).lower()
+    if "undisclosed" in to_raw or (msg.has_header("To") and not tos and to_raw.strip().endswith(":;")):
+        hits.add("TO_UNDISCLOSED", where="header To", text=to_raw[:80])
+    from_domain = msg.from_domain
+    replies = [a.rpartition("@")[2] for _, a in msg.addresses("Reply-To") if "@" in a]
+    if from_domain and replies and all(_org(r) != _org(from_domain) for r in replies):
+        hits.add("REPLYTO_DOMAIN_DIFFERS", replies[0], where="header Reply-To", text=f"{replies[0]} vs {from_domain}")
+    env_domain = scan.txn.mail_from_domain if scan.txn else ""
+    if from_domain and env_domain and _org(env_domain) != _org(from_domain):
+        hits.add("ENVFROM_DOMAIN_DIFFERS", env_domain, where="MAIL FROM", text=f"{env_domain} vs {from_domain}")
+
+
+def _org(domain: str) -> str:
+    """A rough organisational domain: the last two labels, three under a two-letter ccTLD SLD."""
+    labels = domain.lower().rstrip(".").split(".")
+    if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in ("co", "com", "net", "org", "ac", "gov", "edu", "ne", "or"):
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+@check(stage=Stage.HEADERS, emits=("RCVD_NONE", "RCVD_FROM_DYNAMIC"), priority=20)
+def received_headers(scan, hits: Hits) -> None:
+    """Received trail: none at all, or a hop named like a dial-up/dynamic host."""
+    msg = scan.message
+    received = msg.header_values("Received")
+    if not received:
+        if scan.conn.client_ip is not None or not scan.txn.mail_from:
+            hits.add("RCVD_NONE", where="header Received", text="no Received header")
+        return
+    for value in received[:6]:
+        m = _DYNAMIC.search(value)
+        if m:
+            hits.add("RCVD_FROM_DYNAMIC", m.group(0), where="header Received", text=value[:120])
+            return
+
+
+# Host names that ISPs give to dial-up, DSL and cable pools (after SpamAssassin's RDNS_DYNAMIC).
+_DYNAMIC = re.compile(
+    r"\bfrom\s+\S*\b(?:dial(?:up|-up|in)?|dsl|adsl|cable|ppp|pool|dyn(?:amic)?|dhcp|\d+-\d+-\d+-\d+)\b[^\s(]*",
+    re.I,
+)

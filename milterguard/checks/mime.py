@@ -1,0 +1,72 @@
+"""Checks of the MIME structure, the HTML and the attachments."""
+
+from __future__ import annotations
+
+import re
+
+from milterguard.engine.checks import check
+from milterguard.engine.model import Hits, Stage
+
+# Defects the message parser reports, each its own symbol.
+DEFECT_SYMBOLS = ("MIME_BAD_BOUNDARY", "MIME_BAD_BASE64", "MIME_BAD_CHARSET", "HEADER_8BIT", "HEADER_NO_COLON",
+                  "MIME_MISSING_VERSION")
+
+# Executables, scripts, shortcuts and disk images that mail has no business carrying.
+DANGEROUS_EXT = frozenset(
+    "exe scr pif com bat cmd cpl msi msp hta jar js jse vbs vbe wsf wsh ps1 lnk reg iso img vhd vhdx "
+    "chm dll sys application gadget msc inf".split()
+)
+_DOUBLE_EXT = re.compile(r"\.(?:pdf|docx?|xlsx?|jpe?g|png|gif|txt|html?|zip)\s*\.([a-z0-9]{2,5})\s*$", re.I)
+_FAREAST = re.compile(r"^(?:gb2312|gbk|gb18030|big5|ks_c_5601.*|euc-kr|euc-jp|iso-2022-jp|iso-2022-kr|shift_jis|hz-gb-2312)$")
+_IMG = re.compile(r"<img\b", re.I)
+
+
+@check(stage=Stage.EOM, emits=DEFECT_SYMBOLS, priority=10)
+def mime_defects(scan, hits: Hits) -> None:
+    """Report what the parser found broken in the message."""
+    for defect in scan.message.defects:
+        if defect in DEFECT_SYMBOLS:
+            hits.add(defect, where="MIME structure")
+
+
+@check(stage=Stage.EOM, emits=("MIME_HTML_ONLY", "HTML_IMAGE_ONLY", "HTML_SHORT_WITH_LINK", "MIME_CHARSET_FAREAST",
+                               "BODY_EMPTY"), priority=20)
+def mime_shape(scan, hits: Hits) -> None:
+    """The overall shape of the message: HTML without text, images without words."""
+    msg = scan.message
+    texts = [p for p in msg.parts if p.text is not None and not p.is_attachment]
+    html_parts = [p for p in texts if p.is_html]
+    plain_parts = [p for p in texts if not p.is_html]
+    if html_parts and not plain_parts:
+        hits.add("MIME_HTML_ONLY", where="MIME structure")
+    words = len(msg.text.split())
+    if html_parts:
+        images = sum(len(_IMG.findall(p.text or "")) for p in html_parts)
+        if images and words < 40:
+            hits.add("HTML_IMAGE_ONLY", f"{images} images, {words} words", where="HTML")
+        elif msg.urls and words < 25:
+            hits.add("HTML_SHORT_WITH_LINK", f"{words} words", where="HTML")
+    if not words and not msg.attachments:
+        hits.add("BODY_EMPTY", where="body")
+    for part in texts:
+        if _FAREAST.match(part.charset or ""):
+            hits.add("MIME_CHARSET_FAREAST", part.charset, where="MIME charset")
+            break
+    subj_charsets = re.findall(r"=\?([^?]+)\?", " ".join(msg.header_raw("Subject")))
+    if any(_FAREAST.match(c.lower()) for c in subj_charsets):
+        hits.add("MIME_CHARSET_FAREAST", subj_charsets[0].lower(), where="header Subject")
+
+
+@check(stage=Stage.EOM, emits=("MIME_EXEC_ATTACHMENT", "MIME_DOUBLE_EXT"), priority=20)
+def attachment_names(scan, hits: Hits) -> None:
+    """Executable attachments and names that hide their real extension."""
+    for part in scan.message.attachments:
+        name = (part.filename or "").strip().lower()
+        if not name:
+            continue
+        ext = name.rpartition(".")[2] if "." in name else ""
+        if ext in DANGEROUS_EXT:
+            hits.add("MIME_EXEC_ATTACHMENT", name, where="attachment name", text=name)
+        m = _DOUBLE_EXT.search(name)
+        if m and m.group(1).lower() in DANGEROUS_EXT:
+            hits.add("MIME_DOUBLE_EXT", name, where="attachment name", text=name)

@@ -1,0 +1,60 @@
+"""The `milterguard` command: one module per subcommand.
+
+Each module has `add_arguments(parser)` and `run(args) -> int`; this table
+is the whole dispatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+from milterguard import __version__
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("milterguard.cli.serve", "run the milter daemon"),
+    "scan": ("milterguard.cli.scan", "score messages with the same engine as the milter"),
+    "lint": ("milterguard.cli.lint", "check rule files and configuration"),
+    "corpus": ("milterguard.cli.corpus", "hit rates of each rule on a spam and a ham corpus"),
+    "config": ("milterguard.cli.config", "show the effective configuration"),
+    "bench": ("milterguard.cli.bench", "measure the engine's speed on a set of messages"),
+}
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options every subcommand takes."""
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="an extra configuration file, merged over /etc (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="set one setting, e.g. --set thresholds.reject=12 (repeatable)")
+    parser.add_argument("--etc-dir", metavar="DIR", default=None,
+                        help="configuration directory (default /etc/milterguard, or $MILTERGUARD_ETC_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="milterguard", description="Anti-spam and anti-phishing milter.")
+    parser.add_argument("--version", action="version", version=f"milterguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = import_module(module)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().split("\n")[0])
+        mod.add_arguments(p)
+        add_common(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    return args._module.run(args)
+
+
+def console_main() -> None:
+    sys.exit(main())

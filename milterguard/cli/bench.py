@@ -1,0 +1,84 @@
+"""Measure the engine alone: messages per second, latency and memory.
+
+Runs `scan`'s path (the same engine the milter uses) over a set of messages,
+repeatedly, in one process, and prints throughput, p50/p99 latency and the
+resident memory.  The end-to-end benchmark through Postfix lives in
+`bench/` of the source tree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from milterguard.cli.common import CliError, load_engine, report
+from milterguard.rawmail import iter_message_files, read_message
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="FILE|DIR", help="messages to run")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the messages (default 3)")
+    parser.add_argument("--limit", type=int, default=0, help="use at most this many messages")
+    parser.add_argument("--json", action="store_true")
+
+
+def rss_kib() -> int:
+    """Resident set size of this process, in KiB (Linux)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def run(args) -> int:
+    from milterguard.cli.scan import build
+
+    try:
+        engine = load_engine(args)
+    except CliError as exc:
+        return report(exc)
+    paths = list(iter_message_files(args.paths))
+    if args.limit:
+        paths = paths[: args.limit]
+    if not paths:
+        return report(CliError("no messages"))
+    raws = [read_message(p) for p in paths]
+
+    class _Env:
+        ip = "198.51.100.20"
+        client_name = "mail.example.net"
+        helo = "mail.example.net"
+        mail_from = None
+        rcpt = ["user@example.org"]
+        auth = ""
+
+    latencies: list[float] = []
+    start_rss = rss_kib()
+    t_start = time.perf_counter()
+    for _ in range(max(1, args.rounds)):
+        for i, raw in enumerate(raws):
+            t0 = time.perf_counter()
+            conn, txn = build(_Env, raw, i)
+            engine.evaluate(conn, txn)
+            latencies.append(time.perf_counter() - t0)
+    total = time.perf_counter() - t_start
+    latencies.sort()
+    result = {
+        "messages": len(latencies),
+        "per_second": round(len(latencies) / total, 1),
+        "p50_ms": round(1000 * latencies[len(latencies) // 2], 3),
+        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
+        "max_ms": round(1000 * latencies[-1], 3),
+        "rss_mib_start": round(start_rss / 1024, 1),
+        "rss_mib_end": round(rss_kib() / 1024, 1),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['messages']} messages in one process: {result['per_second']}/s, "
+            f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms, "
+            f"RSS {result['rss_mib_start']} -> {result['rss_mib_end']} MiB"
+        )
+    return 0

@@ -1,0 +1,17 @@
+"""The engine: takes a Transaction, returns a Verdict."""
+
+from milterguard.engine.model import (
+    Action,
+    Connection,
+    Hit,
+    Hits,
+    ScoredHit,
+    Stage,
+    Thresholds,
+    Transaction,
+    Verdict,
+)
+
+__all__ = [
+    "Action", "Connection", "Hit", "Hits", "ScoredHit", "Stage", "Thresholds", "Transaction", "Verdict",
+]

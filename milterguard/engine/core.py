@@ -1,0 +1,375 @@
+"""The engine: runs the rules and checks of each stage and scores the hits.
+
+The milter calls `run_stage` as each SMTP stage arrives and `finish` at
+end of message; the CLI calls `evaluate`, which runs the very same stages
+in the same order.  Neither front end imports a check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from milterguard import scoring
+from milterguard.config import Config
+from milterguard.engine import checks as registry
+from milterguard.engine.model import Action, Connection, Hits, Stage, Transaction, Verdict
+from milterguard.ruleset.rules import PatternSet, Rule, RuleSet, load_rules
+
+log = logging.getLogger("milterguard.engine")
+
+# Symbols the engine itself emits; the rule files give their weights.
+ENGINE_SYMBOLS = {
+    "CHECK_ERROR": "engine",
+    "CHECK_SLOW": "engine",
+    "CHECK_BUDGET_EXCEEDED": "engine",
+    "SCAN_TRUNCATED": "engine",
+}
+_ENGINE_EMITS = frozenset(ENGINE_SYMBOLS)
+_DECIDED = (Action.REJECT, Action.TEMPFAIL, Action.DISCARD)
+
+
+class RulesError(Exception):
+    """The rule files do not load; `errors` has one file:line message each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class Scan:
+    """What a check sees: the connection, the transaction and the message."""
+
+    __slots__ = ("conn", "txn", "config", "stage")
+
+    def __init__(self, conn: Connection, txn: Transaction | None, config: Config, stage: Stage) -> None:
+        self.conn = conn
+        self.txn = txn
+        self.config = config
+        self.stage = stage
+
+    @property
+    def message(self):
+        """The parsed message at end of message; before that, the headers alone."""
+        txn = self.txn
+        if txn is None:
+            return None
+        if txn.message is not None:
+            return txn.message
+        return header_view(txn, self.config)
+
+
+def header_view(txn: Transaction, config: Config):
+    if txn.header_view is None:
+        from milterguard.message import Message
+
+        txn.header_view = Message.from_parts(
+            txn.headers, b"", max_scan_bytes=config["message.max_scan_bytes"],
+            max_text_chars=config["message.max_text_chars"],
+        )
+    return txn.header_view
+
+
+def full_message(txn: Transaction, config: Config):
+    if txn.message is None:
+        from milterguard.message import Message
+
+        txn.message = Message.from_parts(
+            txn.headers, txn.body, body_size=txn.body_size or None,
+            max_scan_bytes=config["message.max_scan_bytes"], max_text_chars=config["message.max_text_chars"],
+        )
+    return txn.message
+
+
+# How each match target turns the scan into the texts its patterns look at.
+def _values(rule_key: tuple, scan: Scan) -> list[str]:
+    target, header, part = rule_key
+    conn, txn = scan.conn, scan.txn
+    if target == "client_name":
+        return [conn.client_name] if conn.client_name else []
+    if target == "helo":
+        return [conn.helo]
+    if target == "mail_from":
+        return [txn.mail_from] if txn else []
+    if target == "rcpt":
+        return txn.rcpts[-1:] if txn else []
+    msg = scan.message
+    if msg is None:
+        return []
+    if target == "header":
+        if part == "value":
+            return msg.header_values(header)
+        if part == "raw":
+            return msg.header_raw(header)
+        pairs = msg.addresses(header)
+        return [a for _, a in pairs] if part == "addr" else [n for n, _ in pairs]
+    if target == "allheaders":
+        return [msg.header_block()]
+    if target == "body":
+        return [msg.text]
+    if target == "rawbody":
+        return [msg.rawbody]
+    if target == "uri":
+        return [u.url for u in msg.urls]
+    if target == "uri_host":
+        return [u.host for u in msg.urls if u.host]
+    if target == "uri_text":
+        return [u.text for u in msg.urls if u.text]
+    if target == "attachment_name":
+        return [p.filename for p in msg.parts if p.filename]
+    if target == "content_type":
+        return [p.content_type for p in msg.parts]
+    raise ValueError(f"unknown target {target}")
+
+
+def _map_values(key: str, scan: Scan) -> list[str]:
+    conn, txn = scan.conn, scan.txn
+    if key == "client_ip":
+        return [conn.client_ip] if conn.client_ip else []
+    if key == "client_name":
+        return [conn.client_name] if conn.client_name and not conn.client_name.startswith("[") else []
+    if key == "helo":
+        return [conn.helo] if conn.helo else []
+    if txn is None:
+        return []
+    if key == "mail_from":
+        return [txn.mail_from] if txn.mail_from else []
+    if key == "mail_from_domain":
+        return [txn.mail_from_domain] if txn.mail_from_domain else []
+    if key == "rcpt":
+        return txn.rcpts[-1:]
+    if key == "rcpt_domain":
+        return [r.rpartition("@")[2] for r in txn.rcpts[-1:] if "@" in r]
+    msg = scan.message
+    if msg is None:
+        return []
+    if key == "from":
+        return [msg.from_addr] if msg.from_addr else []
+    if key == "from_domain":
+        return [msg.from_domain] if msg.from_domain else []
+    if key == "reply_to":
+        return [a for _, a in msg.addresses("Reply-To") if a]
+    if key == "uri_host":
+        return list(dict.fromkeys(u.host for u in msg.urls if u.host))
+    raise ValueError(f"unknown map key {key}")
+
+
+class Engine:
+    """Rules and checks of one configuration, ready to run."""
+
+    def __init__(self, config: Config, ruleset: RuleSet, strict: bool = False) -> None:
+        self.config = config
+        self.ruleset = ruleset
+        self.strict = strict
+        disabled = set(config["checks.disabled"])
+        self.checks: dict[Stage, list[registry.CheckSpec]] = {}
+        for stage in Stage:
+            specs = [s for s in registry.CHECKS.values() if s.stage == stage and s.name not in disabled]
+            # A check whose every symbol is disabled need not run at all.
+            specs = [s for s in specs if any(ruleset.active(sym) for sym in s.emits)]
+            self.checks[stage] = registry.ordered(specs)
+        self.budget = config["checks.message_budget"]
+        self.check_budget = config["checks.check_budget"]
+
+    @classmethod
+    def load(cls, config: Config, strict: bool = False) -> "Engine":
+        """Load the rules of CONFIG; raise RulesError listing every fault."""
+        ruleset = load_ruleset(config)
+        if ruleset.errors:
+            raise RulesError(ruleset.errors)
+        return cls(config, ruleset, strict=strict)
+
+    def new_hits(self) -> Hits:
+        return Hits(strict=self.strict)
+
+    # ------------------------------------------------------------ stages
+
+    def run_stage(self, stage: Stage, conn: Connection, txn: Transaction | None, hits: Hits) -> Verdict | None:
+        """Run STAGE's rules and checks into HITS.
+
+        Returns a verdict when a symbol with a fixed reject, tempfail or
+        discard action has hit, so that the front end can act at once.
+        """
+        timings = txn.timings if txn is not None else conn.timings
+        scan = Scan(conn, txn, self.config, stage)
+        started = txn.started if txn is not None else None
+        t0 = time.perf_counter()
+        hits._enter(stage, "rules", None)
+        self._run_rules(stage, scan, hits)
+        timings[f"rules:{stage.label}"] = timings.get(f"rules:{stage.label}", 0.0) + time.perf_counter() - t0
+        for spec in self.checks[stage]:
+            if started is not None and time.monotonic() - started > self.budget:
+                hits._enter(stage, "engine", _ENGINE_EMITS)
+                hits.add("CHECK_BUDGET_EXCEEDED", spec.name, where="engine")
+                continue
+            decided = scoring.forced_action(hits, self.ruleset)
+            if decided is not None and decided[0] in _DECIDED:
+                timings[spec.name] = 0.0  # decided already: the costlier checks are skipped
+                continue
+            self._run_check(spec, scan, hits, timings)
+        if stage == Stage.EOM and txn is not None and txn.message is not None and txn.message.truncated:
+            hits._enter(stage, "engine", _ENGINE_EMITS)
+            hits.add("SCAN_TRUNCATED", f"{txn.message.size} bytes", where="engine")
+        forced = scoring.forced_action(hits, self.ruleset)
+        if forced and forced[0] in _DECIDED and stage < Stage.EOM and self.config["actions.early_reject"]:
+            verdict = scoring.score(hits, self.ruleset, self.config, txn.rcpt_domains if txn else [], stage)
+            verdict.timings = dict(timings)
+            return verdict
+        return None
+
+    def _run_check(self, spec: registry.CheckSpec, scan: Scan, hits: Hits, timings: dict[str, float]) -> None:
+        hits._enter(scan.stage, spec.name, spec.emits)
+        t0 = time.perf_counter()
+        try:
+            spec.fn(scan, hits)
+        except Exception as exc:  # noqa: BLE001 - a failing check must never break the session
+            if self.strict:
+                raise
+            ref = scan.txn.queue_id if scan.txn and scan.txn.queue_id else scan.conn.ident
+            log.error("check %s failed for %s: %s: %s", spec.name, ref, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            hits._enter(scan.stage, "engine", _ENGINE_EMITS)
+            hits.add("CHECK_ERROR", spec.name, where="engine", text=f"{type(exc).__name__}: {exc}")
+        elapsed = time.perf_counter() - t0
+        timings[spec.name] = timings.get(spec.name, 0.0) + elapsed
+        if elapsed > self.check_budget:
+            ref = scan.txn.queue_id if scan.txn and scan.txn.queue_id else scan.conn.ident
+            log.warning("check %s took %.2fs for %s (budget %.2fs)", spec.name, elapsed, ref, self.check_budget)
+            hits._enter(scan.stage, "engine", _ENGINE_EMITS)
+            hits.add("CHECK_SLOW", spec.name, where="engine")
+
+    def _run_rules(self, stage: Stage, scan: Scan, hits: Hits) -> None:
+        rs = self.ruleset
+        for rule in rs.list_rules.get(stage, ()):
+            for value in _map_values(rule.map_key, scan):
+                entry = rule.map.match_ip(value) if rule.map_key == "client_ip" else rule.map.match_any(value)
+                if entry is not None:
+                    hits.add(rule.symbol, value, where=rule.where, text=f"{value} (entry {entry})")
+                    break
+        if stage >= Stage.HEADERS and scan.txn is not None:
+            msg = scan.message
+            for rule in rs.exists_rules.get(stage, ()):
+                if msg.has_header(rule.header) == rule.exists:
+                    hits.add(rule.symbol, where=rule.where, text="present" if rule.exists else "absent")
+        for pset in rs.pattern_sets.get(stage, ()):
+            values = [v for v in _values(pset.key, scan) if v]
+            found = pset.matches(values) if values else {}
+            self._report(pset, values, found, hits)
+
+    @staticmethod
+    def _report(pset: PatternSet, values: list[str], found: dict[int, int], hits: Hits) -> None:
+        for index, rule in enumerate(pset.rules):
+            if rule.negate:
+                if index not in found:
+                    hits.add(rule.symbol, where=rule.where, text="(no match)")
+                continue
+            vi = found.get(index)
+            if vi is None:
+                continue
+            m = rule.match_text(values[vi])
+            hits.add(rule.symbol, where=rule.where, text=m.group(0) if m else values[vi][:80])
+
+    def _run_composites(self, hits: Hits) -> None:
+        hits._enter(Stage.FINAL, "composites", None)
+        rules = self.ruleset.rules
+
+        def has(symbol: str) -> bool:
+            return symbol in hits and rules.get(symbol) is not None and rules[symbol].enabled
+
+        def has_group(name: str) -> bool:
+            for hit in hits:
+                rule = rules.get(hit.symbol)
+                if rule is not None and rule.group == name and rule.enabled and rule.weight != 0:
+                    return True
+            return False
+
+        from milterguard.ruleset import composite
+
+        for comp in self.ruleset.composites:
+            if comp.enabled and composite.evaluate(comp.expr, has, has_group):
+                hits.add(comp.symbol, where="composite", text=comp.expr_text)
+
+    def finish(self, conn: Connection, txn: Transaction, hits: Hits) -> Verdict:
+        """End of message: parse, run the EOM stage and the composites, and score."""
+        t0 = time.perf_counter()
+        full_message(txn, self.config)
+        txn.timings["parse"] = txn.timings.get("parse", 0.0) + time.perf_counter() - t0
+        early = self.run_stage(Stage.EOM, conn, txn, hits)
+        if early is not None:  # pragma: no cover - run_stage returns none at EOM
+            return early
+        t1 = time.perf_counter()
+        self._run_composites(hits)
+        verdict = scoring.score(hits, self.ruleset, self.config, txn.rcpt_domains, Stage.FINAL)
+        txn.timings["composites+scoring"] = time.perf_counter() - t1
+        verdict.timings = dict(conn.timings) | dict(txn.timings)
+        verdict.elapsed = time.monotonic() - txn.started
+        return verdict
+
+    def start_transaction(self, conn: Connection, txn: Transaction) -> Hits:
+        """Hits of a new transaction: the connection's hits carried over."""
+        hits = self.new_hits()
+        if conn.hits is not None:
+            hits.merge(conn.hits)
+        return hits
+
+    def evaluate(self, conn: Connection, txn: Transaction, on_stage: Callable[[Stage, Verdict | None], None] | None = None) -> Verdict:
+        """Every stage in order, as the milter would see them; for the CLI.
+
+        Stops at the first stage whose verdict is final, as the milter does.
+        """
+        conn.hits = self.new_hits()
+        for stage in (Stage.CONNECT, Stage.HELO):
+            verdict = self.run_stage(stage, conn, None, conn.hits)
+            if verdict is not None:
+                verdict.elapsed = time.monotonic() - txn.started
+                return verdict
+        hits = self.start_transaction(conn, txn)
+        rcpts, txn.rcpts = list(txn.rcpts), []
+        verdict = self.run_stage(Stage.MAIL_FROM, conn, txn, hits)
+        for rcpt in rcpts:
+            if verdict is not None:
+                break
+            txn.rcpts.append(rcpt)
+            verdict = self.run_stage(Stage.RCPT, conn, txn, hits)
+        if verdict is None:
+            verdict = self.run_stage(Stage.HEADERS, conn, txn, hits)
+        if verdict is not None:
+            verdict.elapsed = time.monotonic() - txn.started
+            return verdict
+        return self.finish(conn, txn, hits)
+
+    def headers_for(self, verdict: Verdict) -> list[tuple[str, str]]:
+        """X-Spam-* headers to add for VERDICT (none in shadow mode)."""
+        if verdict.mode == "shadow" or not self.config["headers.enabled"]:
+            return []
+        return scoring.spam_headers(verdict, self.config["headers.symbols"])
+
+    def subject_for(self, verdict: Verdict, subject: str | None) -> str | None:
+        """The new Subject when the applied action tags, else None."""
+        tag = self.config["actions.subject_tag"]
+        if not tag or verdict.applied not in (Action.TAG, Action.REVIEW):
+            return None
+        subject = subject or ""
+        if subject.startswith(tag):
+            return None
+        return f"{tag} {subject}".rstrip()
+
+
+def load_ruleset(config: Config) -> RuleSet:
+    """Load the rule files named by CONFIG, cross-checked with the Python checks."""
+    import milterguard.checks  # noqa: F401 - registers the checks
+
+    declared = registry.all_declared()
+    declared.update(ENGINE_SYMBOLS)
+    return load_rules(
+        config.paths("rules.files"),
+        share_dir=config.share_dir,
+        maps_dirs=[config.expand(p) for p in config["rules.maps_dirs"]],
+        overrides=config["symbols"],
+        group_caps=config["groups"],
+        check_symbols=declared,
+    )
+
+
+def rule_for(engine: Engine, symbol: str) -> Rule | None:
+    return engine.ruleset.rules.get(symbol)

@@ -1,0 +1,92 @@
+"""Rendering a Verdict: the explain text, JSON, and the log line.
+
+The milter's log line, the headers and the CLI all print from the same
+Verdict, so they always agree.
+"""
+
+from __future__ import annotations
+
+import json
+
+from milterguard.engine.model import Verdict
+
+
+def _clip(text: str, n: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def explain_text(verdict: Verdict, name: str = "") -> str:
+    """Every symbol with its weight, group, place and matched text; time per check; the result."""
+    lines = []
+    if name:
+        lines.append(f"== {name}")
+    width = max((len(h.symbol) for h in verdict.hits), default=10)
+    for h in verdict.hits:
+        note = ""
+        if h.consumed_by:
+            note = f" (consumed by {h.consumed_by})"
+        elif h.state == "testing":
+            note = " (testing: not counted)"
+        elif abs(h.weight - h.base_weight) > 1e-9:
+            note = f" (capped by group from {h.base_weight:+.2f})"
+        if h.action is not None:
+            note += f" [action {h.action.label}]"
+        lines.append(f"{h.symbol:<{width}}  {h.weight:+6.2f}  {h.group:<9} {h.stage.label:<9} {h.source}{note}")
+        lines.append(f"{'':<{width}}  {h.description}")
+        detail = []
+        if h.where:
+            detail.append(f"in {h.where}")
+        if h.text:
+            detail.append(f"matched {_clip(h.text)!r}")
+        if h.options:
+            detail.append("options " + ", ".join(h.options))
+        if detail:
+            lines.append(f"{'':<{width}}  " + "; ".join(detail))
+    th = verdict.thresholds
+    reason = "" if verdict.reason == "score" else f", forced by {verdict.reason}"
+    lines.append(
+        f"total {verdict.score:.2f} -> {verdict.action.label}{reason} "
+        f"(tag {th.tag:g}, review {th.review:g}, reject {th.reject:g})"
+    )
+    if verdict.mode != "enforce" or verdict.applied != verdict.action:
+        lines.append(f"mode {verdict.mode}: the milter would apply {verdict.applied.label}")
+    if verdict.stage.label != "final":
+        lines.append(f"decided at {verdict.stage.label}")
+    if verdict.timings:
+        parts = [f"{k} {v * 1000:.2f}ms" for k, v in sorted(verdict.timings.items(), key=lambda kv: -kv[1]) if v > 0]
+        lines.append("time: " + ", ".join(parts) + f"; total {verdict.elapsed * 1000:.2f}ms")
+    return "\n".join(lines)
+
+
+def verdict_dict(verdict: Verdict) -> dict:
+    return {
+        "score": verdict.score,
+        "action": verdict.action.label,
+        "applied": verdict.applied.label,
+        "mode": verdict.mode,
+        "reason": verdict.reason,
+        "stage": verdict.stage.label,
+        "thresholds": {"tag": verdict.thresholds.tag, "review": verdict.thresholds.review, "reject": verdict.thresholds.reject},
+        "symbols": [
+            {
+                "name": h.symbol, "weight": round(h.weight, 3), "group": h.group, "options": h.options,
+                "description": h.description, "where": h.where, "text": h.text, "stage": h.stage.label,
+                "source": h.source, "state": h.state, "consumed_by": h.consumed_by or None,
+            }
+            for h in verdict.hits
+        ],
+        "timings_ms": {k: round(v * 1000, 3) for k, v in verdict.timings.items()},
+        "elapsed_ms": round(verdict.elapsed * 1000, 3),
+    }
+
+
+def log_record(verdict: Verdict, **fields) -> str:
+    """The one structured log line per message: `verdict {json}`."""
+    record = dict(fields)
+    record.update(
+        score=verdict.score, action=verdict.action.label, applied=verdict.applied.label, reason=verdict.reason,
+        stage=verdict.stage.label, symbols=[h.symbol for h in verdict.hits],
+        elapsed_ms=round(verdict.elapsed * 1000, 2),
+    )
+    return "verdict " + json.dumps(record, ensure_ascii=False, separators=(",", ":"))

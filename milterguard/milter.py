@@ -1,0 +1,395 @@
+"""The milter adapter: records what the MTA reports and applies verdicts.
+
+It builds the Connection and Transaction, calls the engine at each stage,
+and turns the Verdict into milter actions.  It imports no check.  The
+callbacks that need no answer are declared `noreply`, which saves a round
+trip with the MTA for each of them (each header above all).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import tempfile
+import threading
+import time
+import traceback
+
+import Milter
+
+from milterguard.engine.core import Engine
+from milterguard.engine.model import Action, Connection, Stage, Transaction, Verdict
+from milterguard.explain import log_record
+
+log = logging.getLogger("milterguard.milter")
+
+_ids = itertools.count(1)
+
+
+class Sessions:
+    """Open SMTP sessions of this process, so that a stopping worker can drain them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+        self._idle = threading.Condition(self._lock)
+
+    def opened(self) -> None:
+        with self._lock:
+            self._open += 1
+
+    def closed(self) -> None:
+        with self._lock:
+            self._open = max(0, self._open - 1)
+            if self._open == 0:
+                self._idle.notify_all()
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._open == 0, timeout)
+
+
+SESSIONS = Sessions()
+
+
+def _text(value: str | bytes | None) -> str:
+    """MTA strings arrive with undecodable bytes escaped; make them safe to match and log."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _addr(value: str) -> str:
+    value = _text(value).strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    return value
+
+
+class MilterguardMilter(Milter.Base):
+    """One instance per SMTP connection."""
+
+    # Set by the worker; replaced as a whole on reload.  A connection keeps the
+    # engine it started with.
+    current_engine: Engine | None = None
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.conn: Connection | None = None
+        self.txn: Transaction | None = None
+        self.hits = None
+        self.early: Verdict | None = None  # a verdict taken before end of message
+        self.failed: str = ""  # set when the filter itself failed in a callback that cannot answer
+        self.spool = None
+        self.upstream: dict[str, int] = {}  # X-Spam-* header name -> occurrences
+        self.message_id = ""
+        self._counted = False
+
+    # ------------------------------------------------------------ helpers
+
+    def _ref(self) -> str:
+        if self.txn is not None and self.txn.queue_id:
+            return self.txn.queue_id
+        return self.conn.ident if self.conn else "?"
+
+    def _macro(self, name: str) -> str:
+        try:
+            value = self.getsymval(name)
+        except (Milter.milter.error, AttributeError, TypeError):
+            return ""
+        return _text(value) if value else ""
+
+    def _fail(self, where: str) -> None:
+        """An internal error of the filter: log it once, and answer by on_error later."""
+        log.error("internal error in %s for %s: %s", where, self._ref(), traceback.format_exc().strip().replace("\n", " | "))
+        self.failed = where
+
+    def _on_error(self) -> int:
+        engine = self.engine or MilterguardMilter.current_engine
+        authenticated = bool(self.conn and self.conn.authenticated)
+        key = "actions.on_error.authenticated" if authenticated else "actions.on_error.unauthenticated"
+        policy = engine.config[key] if engine else "tempfail"
+        log.warning("on_error=%s for %s (failed in %s)", policy, self._ref(), self.failed)
+        if policy == "accept":
+            return Milter.ACCEPT
+        self._reply("451", "4.3.0", engine.config["actions.tempfail_text"] if engine else "Try again later (ref {ref})")
+        return Milter.TEMPFAIL
+
+    def _reply(self, code: str, status: str, text: str) -> None:
+        # libmilter silently drops a reply with a single %, so none may slip in.
+        message = text.replace("{ref}", self._ref()).replace("%", "%%")
+        try:
+            self.setreply(code, status, message)
+        except (Milter.milter.error, ValueError) as exc:
+            log.warning("setreply failed for %s: %s", self._ref(), exc)
+
+    def _stage(self, stage: Stage) -> None:
+        hits = self.hits if self.txn is not None else self.conn.hits
+        verdict = self.engine.run_stage(stage, self.conn, self.txn, hits)
+        if verdict is not None and self.early is None:
+            self.early = verdict
+
+    def _decided(self) -> int | None:
+        """Apply a verdict taken early, if any; return the milter answer or None."""
+        verdict = self.early
+        if verdict is None or verdict.applied < Action.TEMPFAIL and verdict.applied != Action.DISCARD:
+            return None
+        if not getattr(verdict, "_logged", False):
+            verdict.elapsed = time.monotonic() - (self.txn.started if self.txn else time.monotonic())
+            self._log(verdict)
+            verdict._logged = True  # type: ignore[attr-defined]
+        if verdict.applied == Action.REJECT:
+            self._reply(self.engine.config["actions.reject_code"], self.engine.config["actions.reject_status"],
+                        self.engine.config["actions.reject_text"])
+            return Milter.REJECT
+        if verdict.applied == Action.DISCARD:
+            return Milter.DISCARD
+        self._reply("451", "4.7.1", self.engine.config["actions.tempfail_text"])
+        return Milter.TEMPFAIL
+
+    def _log(self, verdict: Verdict) -> None:
+        conn, txn = self.conn, self.txn
+        log.info(
+            "%s",
+            log_record(
+                verdict,
+                queue_id=txn.queue_id if txn else "",
+                message_id=self.message_id,
+                client=conn.client_ip or "local",
+                client_name=conn.client_name,
+                helo=conn.helo,
+                auth=conn.auth_user or None,
+                **{"from": txn.mail_from if txn else None},
+                rcpts=txn.rcpts if txn else [],
+                mode=verdict.mode,
+            ),
+        )
+
+    def _reset(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+        self.spool = None
+        self.txn = None
+        self.hits = None
+        self.upstream = {}
+        self.message_id = ""
+        if self.early is not None and self.early.stage >= Stage.MAIL_FROM:
+            self.early = None  # a connection-level verdict outlives the transaction
+
+    # ------------------------------------------------------------ callbacks
+
+    @Milter.noreply
+    def connect(self, hostname, family, hostaddr):
+        SESSIONS.opened()
+        self._counted = True
+        self.engine = MilterguardMilter.current_engine
+        try:
+            ip, port = None, None
+            if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
+                ip, port = hostaddr[0], hostaddr[1]
+                if ip.lower().startswith("::ffff:") and "." in ip:
+                    ip = ip[7:]
+            self.conn = Connection(
+                client_ip=ip, client_port=port, client_name=_text(hostname), ident=f"conn-{next(_ids)}",
+            )
+            for macro in ("j", "{daemon_name}", "{if_addr}"):
+                value = self._macro(macro)
+                if value:
+                    self.conn.macros[macro] = value
+            self.conn.hits = self.engine.new_hits()
+            self._stage(Stage.CONNECT)
+        except Exception:  # noqa: BLE001 - must never break the session
+            self._fail("connect")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def hello(self, hostname):
+        if self.failed or self.conn is None:
+            return Milter.CONTINUE
+        try:
+            self.conn.helo = _text(hostname)
+            self.conn.tls_version = self._macro("{tls_version}")
+            self.conn.tls_cipher = self._macro("{cipher}")
+            self._stage(Stage.HELO)
+        except Exception:  # noqa: BLE001
+            self._fail("helo")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, mailfrom, *params):
+        if self.failed or self.conn is None:
+            return Milter.CONTINUE
+        try:
+            self._reset()
+            self.conn.auth_user = self._macro("{auth_authen}")
+            self.txn = Transaction(mail_from=_addr(mailfrom), mail_params=Milter.param2dict(list(params)) if params else {})
+            self.txn.queue_id = self._macro("i")
+            self.hits = self.engine.start_transaction(self.conn, self.txn)
+            self._stage(Stage.MAIL_FROM)
+        except Exception:  # noqa: BLE001
+            self._fail("envfrom")
+        return Milter.CONTINUE
+
+    def envrcpt(self, to, *params):
+        if self.failed:
+            return self._on_error()
+        try:
+            if not self.engine.config["actions.early_reject"]:
+                self.txn.rcpts.append(_addr(to))
+                return Milter.CONTINUE
+            answer = self._decided()
+            if answer is not None:
+                return answer
+            self.txn.rcpts.append(_addr(to))
+            self._stage(Stage.RCPT)
+            answer = self._decided()
+            if answer is not None:
+                # Only this recipient is refused; the next one starts clean.
+                self.txn.rcpts.pop()
+                self.early = None
+                return answer
+        except Exception:  # noqa: BLE001
+            self._fail("envrcpt")
+            return self._on_error()
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def data(self):
+        if self.txn is not None and not self.txn.queue_id:
+            self.txn.queue_id = self._macro("i")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def header(self, name, value):
+        if self.failed or self.txn is None:
+            return Milter.CONTINUE
+        try:
+            name = _text(name)
+            self.txn.headers.append((name, _text(value)))
+            lowered = name.lower()
+            if lowered.startswith("x-spam-"):
+                self.upstream[name] = self.upstream.get(name, 0) + 1
+            elif lowered == "message-id":
+                self.message_id = _text(value).strip().strip("<>")
+        except Exception:  # noqa: BLE001
+            self._fail("header")
+        return Milter.CONTINUE
+
+    def eoh(self):
+        if self.failed:
+            return self._on_error()
+        try:
+            if not self.txn.queue_id:
+                self.txn.queue_id = self._macro("i")
+            self._stage(Stage.HEADERS)
+            answer = self._decided()
+            if answer is not None:
+                return answer
+            cfg = self.engine.config
+            self.spool = tempfile.SpooledTemporaryFile(max_size=cfg["message.spool_bytes"], dir=cfg["message.spool_dir"] or None)
+        except Exception:  # noqa: BLE001
+            self._fail("eoh")
+            return self._on_error()
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk):
+        if self.failed or self.spool is None:
+            return Milter.CONTINUE
+        try:
+            self.spool.write(chunk)
+        except OSError:
+            self._fail("body")
+        return Milter.CONTINUE
+
+    def eom(self):
+        if self.failed:
+            answer = self._on_error()
+            self._reset()
+            return answer
+        try:
+            txn = self.txn
+            if not txn.queue_id:
+                txn.queue_id = self._macro("i")
+            txn.body_size = self.spool.tell() if self.spool is not None else 0
+            txn.body = self.spool if self.spool is not None else b""
+            verdict = self.engine.finish(self.conn, txn, self.hits)
+            answer = self._apply(verdict)
+        except Exception:  # noqa: BLE001
+            self._fail("eom")
+            answer = self._on_error()
+        self._reset()
+        return answer
+
+    def _apply(self, verdict: Verdict) -> int:
+        self._log(verdict)
+        cfg = self.engine.config
+        applied = verdict.applied
+        if applied == Action.REJECT:
+            self._reply(cfg["actions.reject_code"], cfg["actions.reject_status"], cfg["actions.reject_text"])
+            return Milter.REJECT
+        if applied == Action.TEMPFAIL:
+            self._reply("451", "4.7.1", cfg["actions.tempfail_text"])
+            return Milter.TEMPFAIL
+        if applied == Action.DISCARD:
+            return Milter.DISCARD
+        if verdict.mode == "shadow":
+            return Milter.ACCEPT
+        if cfg["headers.remove_upstream"]:
+            for name, count in self.upstream.items():
+                # Highest index first, so that the lower ones keep their numbers.
+                for index in range(count, 0, -1):
+                    self.chgheader(name, index, None)
+        for name, value in self.engine.headers_for(verdict):
+            self.addheader(name, value)
+        subject = self.engine.subject_for(verdict, self._subject())
+        if subject is not None:
+            if self._subject() is None:
+                self.addheader("Subject", subject)
+            else:
+                self.chgheader("Subject", 1, subject)
+        if applied == Action.REVIEW:
+            self.quarantine(f"milterguard review: score {verdict.score:.2f} ({verdict.reason})")
+        return Milter.ACCEPT
+
+    def _subject(self) -> str | None:
+        for name, value in self.txn.headers:
+            if name.lower() == "subject":
+                return value
+        return None
+
+    def abort(self):
+        self._reset()
+        self.failed = ""
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def unknown(self, cmd):
+        return Milter.CONTINUE
+
+    def close(self):
+        self._reset()
+        if self._counted:
+            self._counted = False
+            SESSIONS.closed()
+        return Milter.CONTINUE
+
+
+# Macros asked of the MTA at each stage (Sendmail honours the list; Postfix sends
+# what milter_*_macros name, whose defaults include these).
+for _stage, _macros in (
+    ("connect", ("j", "{daemon_name}", "{if_addr}", "{client_addr}", "{client_name}")),
+    ("hello", ("{tls_version}", "{cipher}")),
+    ("envfrom", ("i", "{auth_type}", "{auth_authen}", "{mail_addr}")),
+    ("envrcpt", ("{rcpt_addr}",)),
+    ("eoh", ("i",)),
+    ("eom", ("i",)),
+):
+    Milter.symlist(*_macros)(getattr(MilterguardMilter, _stage))

@@ -1,0 +1,164 @@
+"""Turn hits into a score and an action.  Only this module does that.
+
+- a hit's weight is its symbol's declared weight times the hit's factor;
+  a symbol in `state: testing` or consumed by a composite counts 0;
+- group caps limit what a group adds up to (`max_score`) or takes away
+  (`min_score`), scaling its hits down evenly;
+- the score picks the action by the thresholds (per recipient domain
+  where configured; across several domains the most lenient action wins);
+- a symbol with a fixed `action:` decides the action itself (the most
+  severe such symbol wins), whatever the score;
+- the mode (enforce, tag-only, shadow) says what the front end applies.
+"""
+
+from __future__ import annotations
+
+from milterguard.engine.model import Action, Hits, ScoredHit, Stage, Thresholds, Verdict
+from milterguard.ruleset.rules import RuleSet
+
+
+def thresholds_for(config, domain: str | None) -> Thresholds:
+    base = dict(config["thresholds"])
+    if domain:
+        policy = _domain_policy(config, domain)
+        if policy:
+            base.update(policy.get("thresholds", {}))
+    return Thresholds(reject=base["reject"], review=base["review"], tag=base["tag"])
+
+
+def _domain_policy(config, domain: str) -> dict | None:
+    domains = config["domains"]
+    domain = domain.lower()
+    while domain:
+        if domain in domains:
+            return domains[domain]
+        _, _, domain = domain.partition(".")
+    return None
+
+
+def mode_for(config, domain: str | None) -> str:
+    if domain:
+        policy = _domain_policy(config, domain)
+        if policy and "mode" in policy:
+            return policy["mode"]
+    return config["actions.mode"]
+
+
+def applied_action(action: Action, mode: str) -> Action:
+    """What the front end does with ACTION under MODE."""
+    if mode == "shadow":
+        return Action.ACCEPT
+    if mode == "tag-only":
+        return Action.TAG if action >= Action.TAG else Action.ACCEPT
+    return action
+
+
+def score(hits: Hits, ruleset: RuleSet, config, rcpt_domains: list[str], stage: Stage = Stage.FINAL) -> Verdict:
+    """Score HITS under the rules and configuration."""
+    consumed: dict[str, str] = {}
+    for comp in ruleset.composites:
+        if comp.symbol in hits and comp.enabled:
+            for name in comp.consumes:
+                consumed.setdefault(name, comp.symbol)
+
+    scored: list[ScoredHit] = []
+    for hit in hits:
+        rule = ruleset.rules.get(hit.symbol)
+        if rule is None or not rule.enabled:
+            continue
+        base = rule.weight * hit.factor
+        weight = base
+        if rule.state == "testing" or hit.symbol in consumed:
+            weight = 0.0
+        scored.append(
+            ScoredHit(
+                symbol=hit.symbol, weight=weight, base_weight=base, group=rule.group,
+                description=rule.description, stage=hit.stage, options=list(hit.options),
+                where=hit.where or rule.where, text=hit.text, source=rule.source, emitter=hit.source,
+                state=rule.state, consumed_by=consumed.get(hit.symbol, ""), action=rule.action,
+            )
+        )
+
+    # Group caps: scale a group's positive (negative) weights so they add up to the cap.
+    by_group: dict[str, list[ScoredHit]] = {}
+    for sh in scored:
+        by_group.setdefault(sh.group, []).append(sh)
+    for name, members in by_group.items():
+        group = ruleset.groups.get(name)
+        if group is None:
+            continue
+        pos = sum(m.weight for m in members if m.weight > 0)
+        if group.max_score is not None and pos > group.max_score > 0:
+            ratio = group.max_score / pos
+            for m in members:
+                if m.weight > 0:
+                    m.weight *= ratio
+        neg = sum(m.weight for m in members if m.weight < 0)
+        if group.min_score is not None and neg < group.min_score < 0:
+            ratio = group.min_score / neg
+            for m in members:
+                if m.weight < 0:
+                    m.weight *= ratio
+
+    total = round(sum(sh.weight for sh in scored), 2)
+    scored.sort(key=lambda sh: (-abs(sh.weight), sh.symbol))
+
+    domains = rcpt_domains or [None]
+    choices = []
+    for domain in domains:
+        th = thresholds_for(config, domain)
+        action = th.action_for(total)
+        mode = mode_for(config, domain)
+        choices.append((applied_action(action, mode), action, th, mode))
+    # The most lenient applied action across recipient domains.
+    applied, action, thresholds, mode = min(choices, key=lambda c: (c[0], c[1]))
+    reason = "score"
+
+    forced = [sh for sh in scored if sh.action is not None and sh.state != "testing"]
+    if forced:
+        top = max(forced, key=lambda sh: (sh.action, sh.symbol))
+        action = top.action
+        reason = top.symbol
+        applied = applied_action(action, mode)
+
+    return Verdict(
+        score=total, action=action, thresholds=thresholds, hits=scored, reason=reason,
+        stage=stage, mode=mode, applied=applied,
+    )
+
+
+def forced_action(hits: Hits, ruleset: RuleSet) -> tuple[Action, str] | None:
+    """The most severe fixed action among HITS, if any (for early verdicts)."""
+    best: tuple[Action, str] | None = None
+    for hit in hits:
+        rule = ruleset.rules.get(hit.symbol)
+        if rule is None or not rule.enabled or rule.action is None or rule.state == "testing":
+            continue
+        if best is None or rule.action > best[0]:
+            best = (rule.action, hit.symbol)
+    return best
+
+
+def spam_headers(verdict: Verdict, with_symbols: bool = True) -> list[tuple[str, str]]:
+    """The X-Spam-* headers for VERDICT, in the order they are added."""
+    th = verdict.thresholds
+    flagged = verdict.action >= Action.TAG
+    headers = [
+        ("X-Spam-Flag", "YES" if flagged else "NO"),
+        ("X-Spam-Score", f"{verdict.score:.2f}"),
+        (
+            "X-Spam-Status",
+            f"{'Yes' if flagged else 'No'}, score={verdict.score:.2f} tag={th.tag:g} review={th.review:g} "
+            f"reject={th.reject:g} action={verdict.action.label}",
+        ),
+    ]
+    if with_symbols:
+        parts = []
+        for sh in verdict.hits:
+            text = f"{sh.symbol}({sh.weight:.2f})"
+            if sh.options:
+                text += "[" + ",".join(o.replace(",", " ").replace("]", ")")[:60] for o in sh.options[:3]) + "]"
+            parts.append(text)
+        # Fold after each symbol so that no line grows past the RFC 5322 limit.
+        headers.append(("X-Spam-Symbols", ",\n\t".join(parts) if parts else "none"))
+    return headers

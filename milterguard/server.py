@@ -1,0 +1,326 @@
+"""The daemon: a supervisor and pre-forked workers sharing one listening socket.
+
+Python runs one thread at a time, so one process uses one core.  The
+supervisor opens the milter socket once, loads the configuration and the
+rules, and forks the workers, which inherit both; each worker runs
+libmilter's accept loop on the shared socket and the kernel spreads the
+connections among them.
+
+Signals reach the supervisor, whose handlers only queue them:
+
+- SIGHUP: load the configuration and rules anew; when they are broken, log
+  why and keep serving with the old ones; when they load, tell each worker
+  (through its pipe) to switch.  A worker swaps its engine for new
+  connections only; a connection keeps the engine it started with.
+- SIGTERM / SIGINT: stop the workers, which stop accepting, finish their
+  open sessions (up to milter.drain_timeout) and exit.
+- SIGCHLD: a worker that died is replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("milterguard.server")
+
+
+@dataclass
+class Worker:
+    pid: int
+    pipe: int  # write end: the supervisor's messages to the worker
+    started: float
+
+
+def _register_callbacks(name: str) -> None:
+    """Wire libmilter to the adapter class (what Milter.runmilter does, minus opening and running)."""
+    import Milter
+    from Milter import milter
+
+    from milterguard.milter import MilterguardMilter
+
+    Milter.factory = MilterguardMilter
+    milter.set_flags(milter.ADDHDRS | milter.CHGHDRS | milter.QUARANTINE | milter.SETSYMLIST)
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+    milter.register(
+        name,
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+
+
+class Supervisor:
+    """Owns the socket and the workers; reloads on SIGHUP."""
+
+    def __init__(self, engine, load_engine, socket_spec: str, workers: int) -> None:
+        self.engine = engine  # what new workers fork with
+        self.load_engine = load_engine  # () -> Engine from the files, raising on a broken configuration
+        self.socket_spec = socket_spec
+        self.nworkers = workers
+        self.workers: dict[int, Worker] = {}
+        self.pending: list[int] = []
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+
+    # ------------------------------------------------------------ signals
+
+    def _queue(self, signum: int, _frame) -> None:
+        # The handler only queues; the main loop does the work.
+        self.pending.append(signum)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        from Milter import milter
+
+        _register_callbacks(self.engine.config["milter.name"])
+        milter.setconn(self.socket_spec)
+        milter.settimeout(int(self.engine.config["milter.timeout"]))
+        milter.setbacklog(128)
+        try:
+            milter.opensocket(True)
+        except milter.error as exc:
+            log.error("cannot open milter socket %s: %s", self.socket_spec, exc)
+            return 1
+        self._socket_mode()
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, self._queue)
+        log.info("milterguard listening on %s with %d workers, %d rules", self.socket_spec, self.nworkers,
+                 len(self.engine.ruleset.rules))
+        for _ in range(self.nworkers):
+            self._spawn()
+        while True:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            while self.pending:
+                signum = self.pending.pop(0)
+                if signum == signal.SIGHUP:
+                    self._reload()
+                elif signum in (signal.SIGTERM, signal.SIGINT):
+                    return self._shutdown()
+                elif signum == signal.SIGCHLD:
+                    self._reap()
+            self._reap()
+            import select
+
+            select.select([self._wake_r], [], [], 1.0)
+
+    def _socket_mode(self) -> None:
+        spec = self.socket_spec
+        if spec.startswith(("unix:", "local:")) or spec.startswith("/"):
+            path = spec.split(":", 1)[1] if ":" in spec else spec
+            try:
+                os.chmod(path, int(self.engine.config["milter.unix_socket_mode"], 8))
+            except (OSError, ValueError) as exc:
+                log.warning("cannot set mode of %s: %s", path, exc)
+
+    def _spawn(self) -> None:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write_end)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            for fd in [w.pipe for w in self.workers.values()]:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            code = 1
+            try:
+                code = worker_main(self.engine, read_end, self.load_engine)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(read_end)
+        self.workers[pid] = Worker(pid=pid, pipe=write_end, started=time.monotonic())
+        log.info("worker %d started", pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            os.close(worker.pipe)
+            if self.stopping:
+                continue
+            how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {os.WEXITSTATUS(status)}"
+            log.error("worker %d died (%s); starting a new one", pid, how)
+            if time.monotonic() - worker.started < 1.0:
+                time.sleep(0.5)  # a worker that dies at once must not spin the supervisor
+            self._spawn()
+
+    def _reload(self) -> None:
+        try:
+            engine = self.load_engine()
+        except Exception as exc:  # noqa: BLE001 - any fault in the new rules keeps the old ones
+            log.error("reload refused, still serving the previous configuration: %s", str(exc).replace("\n", " | "))
+            return
+        self.engine = engine  # workers started from now on fork with it
+        log.info("configuration reloaded: %d rules; telling %d workers", len(engine.ruleset.rules), len(self.workers))
+        for worker in list(self.workers.values()):
+            try:
+                os.write(worker.pipe, b"reload\n")
+            except OSError as exc:
+                log.warning("worker %d did not take the reload: %s", worker.pid, exc)
+
+    def _shutdown(self) -> int:
+        self.stopping = True
+        log.info("stopping %d workers", len(self.workers))
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self._poke()
+        deadline = time.monotonic() + self.engine.config["milter.drain_timeout"] + 5
+        while self.workers and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                os.close(worker.pipe)
+        for pid in list(self.workers):
+            log.warning("worker %d did not stop in time; killing it", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._remove_socket()
+        log.info("stopped")
+        return 0
+
+    def _poke(self) -> None:
+        """Wake the workers' accept loops, which notice a stop only when they wake."""
+        import socket
+
+        spec = self.socket_spec
+        for _ in range(len(self.workers)):
+            try:
+                if spec.startswith(("unix:", "local:")):
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(0.5)
+                    sock.connect(spec.split(":", 1)[1])
+                else:
+                    kind, _, rest = spec.partition(":")
+                    port, _, host = rest.partition("@")
+                    family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.settimeout(0.5)
+                    sock.connect((host or ("::1" if kind == "inet6" else "127.0.0.1"), int(port)))
+                sock.close()
+            except (OSError, ValueError):
+                return
+
+    def _remove_socket(self) -> None:
+        spec = self.socket_spec
+        if spec.startswith(("unix:", "local:")):
+            path = spec.split(":", 1)[1]
+            try:
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
+def worker_main(engine, pipe_fd: int, load_engine) -> int:
+    """Run libmilter's loop in this process until told to stop."""
+    from Milter import milter
+
+    from milterguard.milter import SESSIONS, MilterguardMilter
+
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    MilterguardMilter.current_engine = engine
+
+    def listen_for_reload() -> None:
+        # libmilter's own thread must be the one that takes SIGTERM; left unblocked
+        # here, the default action would kill the worker without draining.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+        with os.fdopen(pipe_fd, "rb", buffering=0) as pipe:
+            buf = b""
+            while True:
+                try:
+                    chunk = pipe.read(64)
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    return
+                if not chunk:
+                    return  # the supervisor is gone
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line == b"reload":
+                        try:
+                            MilterguardMilter.current_engine = load_engine()
+                            log.info("worker %d: new configuration in use for new connections", os.getpid())
+                        except Exception as exc:  # noqa: BLE001
+                            log.error("worker %d: reload failed, keeping the old rules: %s", os.getpid(), exc)
+
+    threading.Thread(target=listen_for_reload, name="reload", daemon=True).start()
+    try:
+        # libmilter blocks SIGHUP/SIGTERM/SIGINT in its threads and handles them in its
+        # own: SIGTERM stops the accept loop, and main() returns.
+        milter.main()
+    except milter.error as exc:
+        log.error("worker %d: libmilter failed: %s", os.getpid(), exc)
+        return 1
+    drain = engine.config["milter.drain_timeout"]
+    if SESSIONS.open:
+        log.info("worker %d: draining %d open sessions", os.getpid(), SESSIONS.open)
+        if not SESSIONS.wait_idle(drain):
+            log.warning("worker %d: %d sessions still open after %.0fs", os.getpid(), SESSIONS.open, drain)
+    return 0
+
+
+def setup_logging(config, stream=None) -> None:
+    """stderr (the journal under systemd) or syslog, one line per event."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if config["log.target"] == "syslog":
+        from logging.handlers import SysLogHandler
+
+        handler: logging.Handler = SysLogHandler(address=config["log.syslog_socket"], facility=config["log.syslog_facility"])
+        handler.setFormatter(logging.Formatter("milterguard[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s milterguard[%(process)d] %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(config["log.level"].upper())

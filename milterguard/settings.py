@@ -1,0 +1,315 @@
+"""Every configuration setting, typed and documented where it is declared.
+
+The configuration reference (docs/configuration.md) is generated from this
+module by `milterguard config doc`; a test keeps the page up to date.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# ---------------------------------------------------------------- types
+
+
+class Type:
+    """A setting's type: validates a value read from YAML or from --set."""
+
+    name = "value"
+
+    def __call__(self, value: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def from_text(self, text: str) -> Any:
+        """Convert a --set string; YAML rules (numbers, true/false, lists)."""
+        import yaml
+
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        return self(value)
+
+
+class Str(Type):
+    name = "string"
+
+    def __call__(self, value: Any) -> str:
+        if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            raise ValueError(f"expected a string, got {type(value).__name__}")
+        return str(value)
+
+    def from_text(self, text: str) -> str:
+        return text
+
+
+class Int(Type):
+    name = "integer"
+
+    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def __call__(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.maximum}")
+        return value
+
+
+class Float(Type):
+    name = "number"
+
+    def __init__(self, minimum: float | None = None) -> None:
+        self.minimum = minimum
+
+    def __call__(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}")
+        return float(value)
+
+
+class Seconds(Float):
+    name = "seconds"
+
+    def __init__(self) -> None:
+        super().__init__(minimum=0.0)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$", re.I)
+
+
+class Size(Type):
+    name = "size"
+
+    def __call__(self, value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a size, got {value!r}")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("must not be negative")
+            return value
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"expected a size like 512K or 10M, got {value!r}")
+        unit = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+        return int(float(m.group(1)) * unit)
+
+
+class Bool(Type):
+    name = "boolean"
+
+    def __call__(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+
+
+class Choice(Type):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.name = "one of " + ", ".join(choices)
+
+    def __call__(self, value: Any) -> str:
+        if value not in self.choices:
+            raise ValueError(f"expected one of {', '.join(self.choices)}, got {value!r}")
+        return value
+
+    def from_text(self, text: str) -> str:
+        return self(text)
+
+
+class ListOf(Type):
+    def __init__(self, item: Type) -> None:
+        self.item = item
+        self.name = f"list of {item.name}"
+
+    def __call__(self, value: Any) -> list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(self.item(item))
+            except ValueError as exc:
+                raise ValueError(f"item {i + 1}: {exc}") from None
+        return out
+
+    def from_text(self, text: str) -> list:
+        # `--set rules.files=a.yaml,b.yaml` as well as YAML flow lists.
+        if text.startswith("["):
+            return super().from_text(text)
+        return self([self.item.from_text(t.strip()) for t in text.split(",") if t.strip()])
+
+
+class Struct(Type):
+    """A mapping with a fixed set of typed keys (for entries of a MapOf)."""
+
+    def __init__(self, name: str, **fields: Type) -> None:
+        self.name = name
+        self.fields = fields
+
+    def __call__(self, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping ({self.name}), got {value!r}")
+        out = {}
+        for key, item in value.items():
+            if key not in self.fields:
+                raise ValueError(f"unknown key {key!r} (known: {', '.join(self.fields)})")
+            try:
+                out[key] = self.fields[key](item)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return out
+
+
+class MapOf(Type):
+    """A mapping from free keys (symbol names, domains) to typed values."""
+
+    def __init__(self, value: Type, key_pattern: str | None = None, key_doc: str = "key") -> None:
+        self.value = value
+        self.key_re = re.compile(key_pattern) if key_pattern else None
+        self.key_doc = key_doc
+        self.name = f"mapping of {key_doc} to {value.name}"
+
+    def __call__(self, value: Any) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        out = {}
+        for key, item in value.items():
+            key = str(key)
+            if self.key_re and not self.key_re.fullmatch(key):
+                raise ValueError(f"{key!r} is not a valid {self.key_doc}")
+            try:
+                out[key] = self.value(item)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return out
+
+
+# ---------------------------------------------------------------- declarations
+
+
+@dataclass
+class Setting:
+    key: str
+    type: Type
+    default: Any
+    doc: str
+    since: str = "0.1"
+    merge: bool = False  # True for mappings that local.d deep-merges key by key
+    default_doc: str = ""  # how the default is shown when it is computed
+
+
+ACTION_NAMES = ("accept", "tag", "review", "discard", "tempfail", "reject")
+_SYMBOL_RE = r"[A-Z][A-Z0-9_]*"
+_DOMAIN_RE = r"[A-Za-z0-9*][A-Za-z0-9.-]*"
+
+THRESHOLDS = Struct("thresholds", reject=Float(), review=Float(), tag=Float())
+
+SETTINGS: list[Setting] = [
+    # --- milter
+    Setting("milter.socket", Str(), "inet:11339@127.0.0.1",
+            "Where the milter listens: `inet:PORT@HOST`, `inet6:PORT@HOST` or `unix:PATH`."),
+    Setting("milter.workers", Int(minimum=0, maximum=256), 0,
+            "Worker processes sharing the listening socket; 0 means one per CPU core."),
+    Setting("milter.name", Str(), "milterguard", "Filter name reported to the MTA."),
+    Setting("milter.timeout", Seconds(), 600.0,
+            "How long libmilter waits for the MTA before it drops a session."),
+    Setting("milter.drain_timeout", Seconds(), 30.0,
+            "On SIGTERM or reload, how long a worker waits for its open sessions to end."),
+    Setting("milter.unix_socket_mode", Str(), "0660",
+            "Permissions of a unix socket (octal)."),
+    # --- logging
+    Setting("log.target", Choice("stderr", "syslog"), "stderr",
+            "Where log lines go. Under systemd, stderr ends up in the journal."),
+    Setting("log.level", Choice("debug", "info", "warning", "error"), "info", "Least severe level logged."),
+    Setting("log.syslog_facility", Str(), "mail", "Syslog facility when log.target is syslog."),
+    Setting("log.syslog_socket", Str(), "/dev/log", "Syslog socket path when log.target is syslog."),
+    # --- scoring
+    Setting("thresholds", THRESHOLDS, {"reject": 15.0, "review": 6.0, "tag": 4.0},
+            "Scores at which a message is rejected, held for review, or tagged.", merge=True),
+    Setting("domains", MapOf(Struct("domain policy", thresholds=THRESHOLDS, mode=Choice("enforce", "tag-only", "shadow")),
+                             _DOMAIN_RE, "recipient domain"), {},
+            "Per recipient domain overrides: `thresholds` and `mode`. When recipients of one message "
+            "fall under different policies, the most lenient action among them is taken, so that no "
+            "domain's mail is refused by another domain's policy.", merge=True),
+    Setting("symbols", MapOf(Struct("symbol override", weight=Float(), enabled=Bool(), state=Choice("stable", "testing"),
+                                    action=Choice(*ACTION_NAMES), group=Str(), description=Str()),
+                             _SYMBOL_RE, "symbol"), {},
+            "Per symbol overrides of what the rule files declare: weight, enabled, state, action, group.", merge=True),
+    Setting("groups", MapOf(Struct("group", max_score=Float(), min_score=Float(), description=Str()),
+                            r"[a-z][a-z0-9_]*", "group"), {},
+            "Group caps: the positive weights of a group add up to at most `max_score`, the negative ones "
+            "to at least `min_score`.", merge=True),
+    # --- actions
+    Setting("actions.mode", Choice("enforce", "tag-only", "shadow"), "enforce",
+            "`enforce` applies verdicts; `tag-only` never rejects or holds, it only adds headers; "
+            "`shadow` logs the verdict and changes nothing."),
+    Setting("actions.early_reject", Bool(), True,
+            "Apply a verdict decided before end of message (a blocked client, say) at the first RCPT."),
+    Setting("actions.reject_code", Str(), "550", "SMTP code of a rejection."),
+    Setting("actions.reject_status", Str(), "5.7.1", "Enhanced status code of a rejection."),
+    Setting("actions.reject_text", Str(), "Message refused as spam (ref {ref})",
+            "Text of a rejection; `{ref}` becomes the queue id, or a session reference."),
+    Setting("actions.tempfail_text", Str(), "Try again later (ref {ref})", "Text of a temporary failure."),
+    Setting("actions.review", Choice("hold"), "hold",
+            "What review does: `hold` puts the message in the MTA's hold (quarantine) queue."),
+    Setting("actions.subject_tag", Str(), "[SPAM]",
+            "Prefix added to the Subject of tagged (and held) messages; empty for none."),
+    Setting("actions.on_error.unauthenticated", Choice("accept", "tempfail"), "tempfail",
+            "What happens to a message from an unauthenticated client when the filter itself fails."),
+    Setting("actions.on_error.authenticated", Choice("accept", "tempfail"), "accept",
+            "What happens to a message from an authenticated (SASL) client when the filter itself fails."),
+    Setting("headers.enabled", Bool(), True, "Add X-Spam-* headers to delivered messages."),
+    Setting("headers.symbols", Bool(), True, "Add the X-Spam-Symbols header."),
+    Setting("headers.remove_upstream", Bool(), True,
+            "Remove X-Spam-* headers that arrive with the message: they are never trusted."),
+    # --- message
+    Setting("message.spool_bytes", Size(), 1024 * 1024,
+            "Bodies larger than this are spooled to a temporary file instead of memory."),
+    Setting("message.spool_dir", Str(), "", "Directory for spooled bodies; empty for the system default."),
+    Setting("message.max_scan_bytes", Size(), 10 * 1024 * 1024,
+            "Only this much of a message is parsed and scanned; a larger message gets SCAN_TRUNCATED "
+            "and is otherwise treated as usual (never rejected for its size alone)."),
+    Setting("message.max_text_chars", Int(minimum=1024), 512 * 1024,
+            "Characters of decoded text that body rules look at."),
+    # --- rules and checks
+    Setting("rules.files", ListOf(Str()), ["{share}/rules/*.yaml", "{etc}/rules.d/*.yaml"],
+            "Rule files (glob patterns). `{share}` is the package's data directory, `{etc}` the configuration directory."),
+    Setting("rules.maps_dirs", ListOf(Str()), ["{etc}/maps", "{share}/rules/maps"],
+            "Where relative map file names in rules are looked up, in order, before the rule file's own directory."),
+    Setting("checks.disabled", ListOf(Str()), [], "Python checks (by name) that do not run."),
+    Setting("checks.message_budget", Seconds(), 10.0,
+            "Time budget for all checks of one message; checks not started by then are skipped "
+            "with CHECK_BUDGET_EXCEEDED."),
+    Setting("checks.check_budget", Seconds(), 2.0,
+            "A check that runs longer than this is reported with CHECK_SLOW and logged."),
+]
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+# Top level sections and the keys each holds, for the unknown-key errors.
+SECTIONS: dict[str, set[str]] = {}
+for _s in SETTINGS:
+    _head, _, _rest = _s.key.partition(".")
+    SECTIONS.setdefault(_head, set()).add(_rest)
+
+
+def default_workers() -> int:
+    """One worker per usable CPU."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
