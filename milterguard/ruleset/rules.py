@@ -165,7 +165,7 @@ class PatternSet:
         """Rule index -> index of the first value it matched."""
         found: dict[int, int] = {}
         for vi, value in enumerate(values):
-            for ri in self._set.Match(value):
+            for ri in self._set.Match(value) or ():
                 found.setdefault(ri, vi)
         return found
 
@@ -235,6 +235,9 @@ class _Loader:
             return
         self.rs.files.append(path)
         shipped = self.share_dir is not None and Path(path).resolve().is_relative_to(self.share_dir)
+        if shipped:
+            # Shipped rules are named as in the source tree (rules/body.yaml:12), wherever installed.
+            located.file = str(Path(path).resolve().relative_to(self.share_dir))
         data = located.data
         if data is None:
             return
