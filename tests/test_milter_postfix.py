@@ -1,0 +1,187 @@
+"""milterguard end to end: Postfix -> milterguard -> sink, all real, on loopback.
+
+The canary strings have fixed actions, so these tests never depend on tuned weights.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import pytest
+
+from support import pid_alive, wait_until
+
+pytestmark = pytest.mark.postfix
+
+
+def message(body: str, subject: str = "end to end", extra_headers: str = "") -> tuple[bytes, str]:
+    msgid = f"{uuid.uuid4().hex}@example.com"
+    text = (
+        "From: Alice Example <alice@example.com>\r\n"
+        "To: Bob Example <bob@example.net>\r\n"
+        f"Subject: {subject}\r\n"
+        "Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n"
+        f"Message-ID: <{msgid}>\r\n"
+        f"{extra_headers}"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "\r\n"
+        f"{body}\r\n"
+    )
+    return text.encode("utf-8"), f"<{msgid}>"
+
+
+@pytest.fixture
+def mg(milterguard_factory):
+    return milterguard_factory(workers=2)
+
+
+@pytest.fixture
+def pf(postfix_factory, mg):
+    return postfix_factory(mg)
+
+
+def test_clean_message_arrives_with_score_headers(pf, mg, sink):
+    raw, msgid = message("Hello Bob, the minutes of today's call are in the wiki. MILTERGUARD-CANARY-CLEAN")
+    assert pf.send(raw).code == 250
+    got = sink.wait_for_message_id(msgid)
+    assert got.header("X-Spam-Flag") == "NO"
+    assert got.header("X-Spam-Score") is not None
+    assert "action=accept" in got.header("X-Spam-Status")
+    verdict = mg.verdict_for(msgid)
+    assert verdict.action == "accept" and verdict.has("CANARY_CLEAN")
+    assert verdict["queue_id"]
+
+
+def test_reject_canary_gets_550_and_is_not_delivered(pf, mg, sink):
+    raw, msgid = message("MILTERGUARD-CANARY-REJECT")
+    result = pf.send(raw)
+    assert result.code == 550
+    assert "5.7.1" in result.message
+    assert mg.verdict_for(msgid).action == "reject"
+    assert not any(m.message_id == msgid for m in sink.messages)
+
+
+def test_review_canary_is_held(pf, mg, sink):
+    raw, msgid = message("MILTERGUARD-CANARY-REVIEW")
+    assert pf.send(raw).code == 250
+    assert mg.verdict_for(msgid).action == "review"
+    held = wait_until(lambda: pf.hold_queue() or None, 10, what="a message in the hold queue")
+    assert len(held) == 1
+    pf.release_hold()
+    got = sink.wait_for_message_id(msgid)
+    assert got.header("X-Spam-Flag") == "YES"
+
+
+def test_tag_canary_is_delivered_tagged(pf, mg, sink):
+    raw, msgid = message("MILTERGUARD-CANARY-TAG", subject="quarterly report")
+    assert pf.send(raw).code == 250
+    got = sink.wait_for_message_id(msgid)
+    assert got.header("X-Spam-Flag") == "YES"
+    assert got.header("Subject") == "[SPAM] quarterly report"
+    assert "CANARY_TAG" in got.header("X-Spam-Symbols")
+
+
+def test_upstream_spam_headers_are_removed(pf, mg, sink):
+    forged = "X-Spam-Flag: NO\r\nX-Spam-Score: -100\r\nX-Spam-Status: No, whitelisted\r\nX-Spam-Flag: NO\r\n"
+    raw, msgid = message("MILTERGUARD-CANARY-TAG", extra_headers=forged)
+    assert pf.send(raw).code == 250
+    got = sink.wait_for_message_id(msgid)
+    assert got.message.get_all("X-Spam-Flag") == ["YES"]
+    assert got.message.get_all("X-Spam-Score") != ["-100"] and len(got.message.get_all("X-Spam-Score")) == 1
+    assert "whitelisted" not in got.data.decode("utf-8", "replace")
+
+
+def test_blocked_client_is_refused_at_rcpt(pf, mg, sink):
+    # 192.0.2.66 is in the shipped blocked_clients.map; XCLIENT makes Postfix report it.
+    raw, msgid = message("nothing special")
+    result = pf.send(raw, xclient={"ADDR": "192.0.2.66", "NAME": "bad.example.net"})
+    assert result.code == 550
+    assert result.stage == "rcpt"
+    verdict = wait_until(lambda: next((v for v in mg.verdicts() if v.has("CLIENT_BLOCKED")), None), 10,
+                         what="the CLIENT_BLOCKED verdict", on_timeout=mg.log_tail)
+    assert verdict.action == "reject" and verdict["stage"] == "connect"
+
+
+def test_shadow_mode_changes_nothing(postfix_factory, milterguard_factory, sink):
+    mg = milterguard_factory(workers=1, sets={"actions.mode": "shadow"})
+    pf = postfix_factory(mg)
+    raw, msgid = message("MILTERGUARD-CANARY-REJECT")
+    assert pf.send(raw).code == 250
+    got = sink.wait_for_message_id(msgid)
+    assert got.header("X-Spam-Flag") is None
+    verdict = mg.verdict_for(msgid)
+    assert verdict.action == "reject" and verdict.applied == "accept"
+
+
+def test_tag_only_mode_never_rejects(postfix_factory, milterguard_factory, sink):
+    mg = milterguard_factory(workers=1, sets={"actions.mode": "tag-only"})
+    pf = postfix_factory(mg)
+    raw, msgid = message("MILTERGUARD-CANARY-REJECT")
+    assert pf.send(raw).code == 250
+    got = sink.wait_for_message_id(msgid)
+    assert got.header("X-Spam-Flag") == "YES"
+    assert mg.verdict_for(msgid).applied == "tag"
+
+
+BROKEN_RULES = "- symbol: BROKEN\n  weight: [1\n"
+LOCAL_RULE = """
+- symbol: LOCAL_WORD
+  weight: 0
+  action: reject
+  description: a local rule added at run time
+  match: {body: 'zanzibar-quokka'}
+"""
+
+
+def test_sighup_with_broken_rules_keeps_serving_old_rules(pf, mg, sink):
+    mg.write_rules("broken", BROKEN_RULES)
+    mg.reload()
+    wait_until(lambda: "reload refused" in mg.log_text() or None, 10, what="the refused reload", on_timeout=mg.log_tail)
+    raw, msgid = message("MILTERGUARD-CANARY-REJECT")
+    assert pf.send(raw).code == 550
+    raw, msgid = message("plain MILTERGUARD-CANARY-CLEAN")
+    assert pf.send(raw).code == 250
+    sink.wait_for_message_id(msgid)
+
+
+def test_sighup_loads_new_rules_for_new_connections(pf, mg, sink):
+    raw, msgid = message("zanzibar-quokka")
+    assert pf.send(raw).code == 250
+    mg.write_rules("local", LOCAL_RULE)
+    mg.reload()
+    wait_until(lambda: mg.log_text().count("new configuration in use") >= 2 or None, 15,
+               what="both workers on the new rules", on_timeout=mg.log_tail)
+    raw, msgid = message("zanzibar-quokka")
+    assert pf.send(raw).code == 550
+
+
+def test_killed_worker_loses_no_mail(pf, mg, sink):
+    workers = wait_until(lambda: (lambda w: w if len(w) == 2 else None)(mg.worker_pids()), 10, what="two workers")
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: not pid_alive(workers[0]) or None, 5, what="the worker to die")
+    sent = []
+    for n in range(6):
+        raw, msgid = message(f"message {n} after a worker died MILTERGUARD-CANARY-CLEAN")
+        result = pf.send(raw)
+        # A session cut by the dying worker gets 4xx from Postfix (milter_default_action=tempfail):
+        # the sender keeps the message and tries again, so nothing is lost.
+        if result.code != 250:
+            assert 400 <= result.code < 500
+            result = pf.send(raw)
+        assert result.code == 250
+        sent.append(msgid)
+    for msgid in sent:
+        sink.wait_for_message_id(msgid)
+    now = wait_until(lambda: (lambda w: w if len(w) == 2 else None)(mg.worker_pids()), 10, what="a new worker")
+    assert workers[0] not in now
+
+
+def test_sigterm_drains_and_exits(pf, mg, sink):
+    raw, msgid = message("last one MILTERGUARD-CANARY-CLEAN")
+    assert pf.send(raw).code == 250
+    sink.wait_for_message_id(msgid)
+    assert mg.stop() == 0
+    assert "stopped" in mg.log_text()
