@@ -102,7 +102,8 @@ class MilterguardMilter(Milter.Base):
     def _macro(self, name: str) -> str:
         try:
             value = self.getsymval(name)
-        except (Milter.milter.error, AttributeError, TypeError):
+        except (Milter.milter.error, AttributeError, TypeError, UnicodeDecodeError):
+            # pymilter decodes macros strictly; a macro that is not UTF-8 is as good as absent.
             return ""
         return _text(value) if value else ""
 
@@ -209,11 +210,29 @@ class MilterguardMilter(Milter.Base):
             self._fail("connect")
         return Milter.CONTINUE
 
+    def _ensure_conn(self) -> None:
+        """Build the connection from macros when the connect callback never arrived.
+
+        That happens when pymilter could not decode the client's host name.
+        """
+        if self.conn is not None:
+            return
+        if not self._counted:
+            SESSIONS.opened()
+            self._counted = True
+        self.engine = self.engine or MilterguardMilter.current_engine
+        ip = self._macro("{client_addr}") or None
+        self.conn = Connection(client_ip=ip, client_name=self._macro("{client_name}") or (f"[{ip}]" if ip else ""),
+                               ident=f"conn-{next(_ids)}")
+        self.conn.hits = self.engine.new_hits()
+        self._stage(Stage.CONNECT)
+
     @Milter.noreply
     def hello(self, hostname):
-        if self.failed or self.conn is None:
+        if self.failed:
             return Milter.CONTINUE
         try:
+            self._ensure_conn()
             self.conn.helo = _text(hostname)
             self.conn.tls_version = self._macro("{tls_version}")
             self.conn.tls_cipher = self._macro("{cipher}")
@@ -224,9 +243,10 @@ class MilterguardMilter(Milter.Base):
 
     @Milter.noreply
     def envfrom(self, mailfrom, *params):
-        if self.failed or self.conn is None:
+        if self.failed:
             return Milter.CONTINUE
         try:
+            self._ensure_conn()
             self._reset()
             self.conn.auth_user = self._macro("{auth_authen}")
             self.txn = Transaction(mail_from=_addr(mailfrom), mail_params=Milter.param2dict(list(params)) if params else {})

@@ -185,3 +185,46 @@ def test_sigterm_drains_and_exits(pf, mg, sink):
     sink.wait_for_message_id(msgid)
     assert mg.stop() == 0
     assert "stopped" in mg.log_text()
+
+
+def big_message(size: int, marker: str) -> tuple[bytes, str]:
+    line = ("All work and no play makes a dull message. " * 2 + "\r\n")
+    body = marker + "\r\n" + line * (size // len(line))
+    return message(body)
+
+
+def test_filter_failure_tempfails_unauthenticated_mail(postfix_factory, milterguard_factory, sink):
+    # A spool directory that does not exist makes every body past spool_bytes fail to spool:
+    # a fault of the filter itself, not of a check.
+    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "1K", "message.spool_dir": "/nonexistent/spool"})
+    pf = postfix_factory(mg)
+    raw, msgid = big_message(20_000, "MILTERGUARD-CANARY-CLEAN")
+    result = pf.send(raw)
+    assert result.code == 451
+    assert "internal error in body" in mg.log_text()
+    assert "on_error=tempfail" in mg.log_text()
+    small, small_id = message("short MILTERGUARD-CANARY-CLEAN")
+    assert pf.send(small).code == 250  # the next message is filtered as usual
+    sink.wait_for_message_id(small_id)
+
+
+def test_filter_failure_accepts_when_configured(postfix_factory, milterguard_factory, sink):
+    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "1K", "message.spool_dir": "/nonexistent/spool",
+                                              "actions.on_error.unauthenticated": "accept"})
+    pf = postfix_factory(mg)
+    raw, msgid = big_message(20_000, "MILTERGUARD-CANARY-REJECT")
+    assert pf.send(raw).code == 250
+    got = sink.wait_for_message_id(msgid)
+    assert got.header("X-Spam-Flag") is None  # accepted unfiltered, and logged so
+    assert "on_error=accept" in mg.log_text()
+
+
+def test_large_message_is_spooled_scanned_in_part_and_delivered(postfix_factory, milterguard_factory, sink):
+    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "64K", "message.max_scan_bytes": "256K"})
+    pf = postfix_factory(mg, extra_main_cf={"message_size_limit": "40000000"})
+    raw, msgid = big_message(8_000_000, "MILTERGUARD-CANARY-TAG")
+    assert pf.send(raw).code == 250
+    got = sink.wait_for_message_id(msgid, timeout=60)
+    assert got.header("X-Spam-Flag") == "YES"  # the canary near the top was still seen
+    verdict = mg.verdict_for(msgid)
+    assert verdict.has("SCAN_TRUNCATED") and verdict.action == "tag"

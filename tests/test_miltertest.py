@@ -28,3 +28,14 @@ def test_stages_through_the_milter_protocol(mg):
     blocked = [v for v in verdicts if v.has("CLIENT_BLOCKED")]
     assert len(blocked) == 1 and blocked[0]["client"] == "192.0.2.66"
     assert "internal error" not in mg.log_text()
+
+
+def test_eight_bit_envelope_and_headers_do_not_break_the_session(mg):
+    result = run_miltertest(SCRIPTS / "milterguard_8bit.lua", mg.socket)
+    assert result.returncode == 0, result.stderr + result.stdout + mg.log_tail()
+    verdict = next(v for v in mg.verdicts() if v["queue_id"] == "EIGHTBIT1")
+    assert verdict.action == "tag"
+    # pymilter cannot hand over a HELO name that is not UTF-8; the session goes on without it.
+    assert verdict["helo"] == "" and verdict["client"] == "198.51.100.77"
+    assert verdict["from"] == "j\ufffdrgen@example.com"
+    assert "internal error" not in mg.log_text()
