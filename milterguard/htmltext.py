@@ -105,14 +105,14 @@ def _attr(attrs: str, pattern: re.Pattern[str]) -> str | None:
     return value.strip()
 
 
-def extract_links(markup: str) -> list[tuple[str, str, str | None]]:
+def extract_links(markup: str, limit: int = 2000) -> list[tuple[str, str, str | None]]:
     """Return (tag, url, link text) for <a href>, <area href>, <form action>.
 
     tag is "a", "area" or "form"; link text is the visible text of an <a>
     element (whitespace collapsed) and None for area and form.  An <a>
     ends at "</a>", at the next "<a" or at the end of the document, like
     browsers do with unclosed anchors.  Empty and fragment-only ("#top")
-    targets are skipped.
+    targets are skipped.  At most `limit` links are returned.
     """
     links: list[tuple[str, str, str | None]] = []
     if "<" not in markup:
@@ -134,6 +134,8 @@ def extract_links(markup: str) -> list[tuple[str, str, str | None]]:
         target = _attr(attrs, _ACTION if name == "form" else _HREF)
         if not target or target.startswith("#"):
             continue
+        if len(links) >= limit:
+            break
         if name == "a":
             open_href = target
             open_start = match.end()

@@ -300,6 +300,26 @@ class TestRobustness:
         assert len(m.parts) == MAX_PARTS
         assert "MIME_TOO_MANY_PARTS" in m.defects
 
+    @pytest.mark.parametrize("raw", [
+        b"To: " + b"(" * 20_000 + b"\nFrom: <" + b"(" * 20_000 + b"a@b.example>\n\nx",
+        b"Subject: x\n\nhttp://x.example/" + b")" * 200_000,
+        b"Content-Type: text/plain; " + b"a" * 200_000 + b"\n\nx",
+        b"Content-Type: text/plain; " + b'a="' * 50_000 + b"\n\nx",
+        b"Subject: " + b"=?" * 100_000 + b"\n\nx",
+        b"From: a\n" + b"garbage line\nX: y\n" * 20_000 + b"\nbody",
+        b"Content-Type: text/html\n\n" + b"<a href=x>" * 50_000,
+        b"Content-Type: text/html\n\n" + b"&amp" * 100_000 + b"<a " * 100_000,
+    ], ids=["nested-comments", "parens", "param-run", "param-quotes", "ew-run",
+            "garbage-headers", "many-links", "entities-and-lt"])
+    def test_hostile_input_is_linear(self, raw):
+        import time
+        start = time.perf_counter()
+        m = Message.from_bytes(raw)
+        touch(m)
+        m.addresses("To")
+        m.addresses("From")
+        assert time.perf_counter() - start < 2.0
+
     def test_urls_are_capped(self):
         body = " ".join(f"http://h{n}.example/" for n in range(2000))
         m = msg("Subject: many\n\n" + body + "\n")
@@ -355,6 +375,12 @@ class TestMimeDefects:
         m = msg("Content-Transfer-Encoding: base64\n\naGVsbG8gd29ybGQ\n")
         assert "MIME_BAD_BASE64" in m.defects
         assert m.text.startswith("hello wor")
+
+    def test_base64_padding_mid_stream(self):
+        # binascii stops at the first pad; MUAs do not, so neither do we.
+        m = msg("Content-Transfer-Encoding: base64\n\naGVsbG8=\nIHdvcmxk\n")
+        assert m.text == "hello world"
+        assert "MIME_BAD_BASE64" in m.defects
 
     def test_good_base64_has_no_defect(self):
         encoded = base64.encodebytes("grüße".encode("utf-8")).decode()
