@@ -28,18 +28,25 @@ def _parse_date(text: str) -> float | None:
         return None
 
 
-def _received_time(msg) -> float | None:
-    """The time in the topmost Received header: when our side took the message."""
-    for value in msg.header_values("Received")[:1]:
+def _received_times(msg) -> list[float]:
+    """The times of the Received headers, newest (ours) first; hops without a parseable date left out."""
+    times = []
+    for value in msg.header_values("Received")[:_MAX_HOPS]:
         _, sep, date = value.rpartition(";")
         if sep:
-            return _parse_date(date)
-    return None
+            when = _parse_date(date)
+            if when is not None:
+                times.append(when)
+    return times
+
+
+# Received headers looked at: a real trail is rarely longer, a forged one can be any length.
+_MAX_HOPS = 20
 
 
 @check(stage=Stage.HEADERS, emits=("DATE_INVALID", "DATE_IN_FUTURE", "DATE_IN_PAST"), priority=20)
 def date_header(scan, hits: Hits) -> None:
-    """Compare the Date header with the time the message was received."""
+    """Compare the Date header with the times the message was received."""
     msg = scan.message
     value = msg.header("Date")
     if value is None:
@@ -48,25 +55,68 @@ def date_header(scan, hits: Hits) -> None:
     if sent is None:
         hits.add("DATE_INVALID", where="header Date", text=value[:80])
         return
-    # Against the top Received header when there is one, so that the verdict on a
-    # stored message does not change with the day it is scanned.
-    now = _received_time(msg) or time.time()
-    delta = sent - now
-    if delta > _DAY:
-        hits.add("DATE_IN_FUTURE", f"{delta / _DAY:.0f}d", where="header Date", text=value[:80])
-    elif delta < -30 * _DAY:
-        hits.add("DATE_IN_PAST", f"{-delta / _DAY:.0f}d", where="header Date", text=value[:80])
+    # Against the Received headers when there are any, so that the verdict on a stored
+    # message does not change with the day it is scanned.  The future is measured from the
+    # newest hop (ours), the past from the oldest: mail fetched or re-delivered months later
+    # (fetchmail, list archives) has a late newest hop but an oldest hop close to its Date.
+    # Without a dated Received header the past is not judged: a stored message scanned
+    # today is not old mail (the milter always sees the Received header of its own MTA).
+    times = _received_times(msg)
+    newest = times[0] if times else time.time()
+    if sent - newest > _DAY:
+        hits.add("DATE_IN_FUTURE", f"{(sent - newest) / _DAY:.0f}d", where="header Date", text=value[:80])
+    elif times and (oldest := min(times)) - sent > 30 * _DAY:
+        hits.add("DATE_IN_PAST", f"{(oldest - sent) / _DAY:.0f}d", where="header Date", text=value[:80])
 
 
-@check(stage=Stage.HEADERS, emits=("MID_INVALID",), priority=20)
+# Outlook and Outlook Express: <counter + FILETIME high part $ low part $ local address @ host>.
+# The high part of the FILETIME is 01c... for 1998-2014 and 01d... since (01c2 is 2002); bulk
+# tools that imitate the shape fill it with random hex or zeros.
+_OUTLOOK_MID = re.compile(r"^<([0-9a-f]{4,16})\$[0-9a-f]{8}\$[0-9a-f]{8}@", re.I)
+_OUTLOOK_TIME = re.compile(r"01[cd][0-9a-f]{5}$", re.I)
+# Outlook 2000 in Internet-only mode: 28 letters A-P (one a nibble), a dot, the address.
+_OUTLOOK_IMO_MID = re.compile(r"^<[A-P]{28}\.[^@>]*@")
+# Webmail and Exchange services that replace the Message-ID an Outlook client made.
+_OUTLOOK_SERVER_MID = re.compile(r"@(?:[\w.-]+\.)?(?:hotmail\.com|msn\.com|outlook\.com|exchangelabs\.com)>$", re.I)
+_OUTLOOK_MAILER = re.compile(r"^\s*(?:Microsoft )?(?:Office )?Outlook(?! Express Macintosh)", re.I)
+# Netscape, Mozilla and Thunderbird: <8 hex digits.1-8 hex digits@host>, or a UUID since Thunderbird 78.
+_MOZILLA_MID = re.compile(
+    r"^<(?:[0-9A-F]{8}\.[0-9A-F]{1,8}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})@", re.I)
+_MOZILLA_MAILER = re.compile(r"^\s*Mozilla[ /]\d.*(?:Gecko|Thunderbird|Netscape|\[[a-z]{2}\])", re.I)
+
+
+@check(stage=Stage.HEADERS, emits=("MID_INVALID", "MSGID_OUTLOOK_BAD_TIME"), priority=20)
 def message_id_shape(scan, hits: Hits) -> None:
-    """RFC 5322 3.6.4: a Message-ID is <left@right>."""
+    """RFC 5322 3.6.4: a Message-ID is <left@right>; and Outlook-shaped IDs carry a real time."""
     raw = scan.message.header_raw("Message-ID")
     if not raw:
         return
     value = raw[0].strip()
     if not (value.startswith("<") and value.endswith(">") and "@" in value):
         hits.add("MID_INVALID", where="header Message-ID", text=value[:80])
+        return
+    m = _OUTLOOK_MID.match(value)
+    if m and not _OUTLOOK_TIME.search(m.group(1)):
+        hits.add("MSGID_OUTLOOK_BAD_TIME", where="header Message-ID", text=value[:80])
+
+
+@check(stage=Stage.HEADERS, emits=("X_MAILER_OUTLOOK_FORGED", "X_MAILER_MOZILLA_FORGED"), priority=20)
+def mailer_vs_message_id(scan, hits: Hits) -> None:
+    """The mail program named in X-Mailer or User-Agent did not make the Message-ID.
+
+    Outlook and Mozilla write their own Message-ID in a known shape; bulk tools that name
+    them in X-Mailer to look personal leave the ID to the relay or make up another one.
+    """
+    msg = scan.message
+    mid = (msg.header_raw("Message-ID") or [""])[0].strip()
+    mailer = msg.header("X-Mailer") or ""
+    if _OUTLOOK_MAILER.match(mailer):
+        if not (_OUTLOOK_MID.match(mid) or _OUTLOOK_IMO_MID.match(mid) or _OUTLOOK_SERVER_MID.search(mid)):
+            hits.add("X_MAILER_OUTLOOK_FORGED", where="header X-Mailer", text=f"{mailer[:50]} / {mid[:60] or 'no Message-ID'}")
+        return
+    agent = mailer or msg.header("User-Agent") or ""
+    if _MOZILLA_MAILER.match(agent) and not _MOZILLA_MID.match(mid):
+        hits.add("X_MAILER_MOZILLA_FORGED", where="header X-Mailer", text=f"{agent[:50]} / {mid[:60] or 'no Message-ID'}")
 
 
 @check(stage=Stage.HEADERS, emits=("FROM_EQ_TO", "REPLYTO_DOMAIN_DIFFERS", "TO_UNDISCLOSED", "FROM_NO_ADDRESS",

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import unquote
 
 from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
 
-_DOMAINISH = re.compile(r"^(?:https?://)?(?:www\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)+)(?:[/:?#]|$)", re.I)
+# Link text that is a URL or a host name and nothing else ("https://www.bank.example/login",
+# "www.bank.example", "Bank.example").  Text with other words ("News.com: Top stories") names a
+# brand or a story, not a link target, and is not compared.
+_SHOWN = re.compile(
+    r"^(?:(?P<scheme>https?://)|(?P<www>www\.))?(?:[^\s/@]*@)?"
+    r"(?P<host>(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?P<tld>[a-z]{2,24}))\.?"
+    r"(?::\d{1,5})?(?:[/?#]\S*)?$",
+    re.I,
+)
+# A bare "name.ext" is a file name more often than a site when ext is one of these.
+_FILE_EXT = frozenset("htm html shtml php asp aspx jsp cgi pl pdf doc docx xls xlsx ppt pptx txt rtf csv jpg jpeg "
+                      "gif png bmp zip rar gz exe js py sh md".split())
+# Second-level labels under which a country code registry sells names (bank.co.uk, bank.com.au):
+# enough for comparing organisations without shipping the Public Suffix List.
+_CC_SLD = frozenset("ac co com edu gov gob go ltd mil ne net nic nhs or org plc sch".split())
+# Click-tracking and redirect services that newsletters put between the text and the target:
+# a first host label or a path step that names clicks, tracking or redirection.
+_TRACKER_HOST = re.compile(r"^(?:click|clicks|clk|clickthru|track|tracking|trk|redirect|redir|links?|go|email|e|t|r|l)\d*\.",
+                           re.I)
+_TRACKER_PATH = re.compile(r"/(?:click|clickthru|clickthrough|clk|track|tracking|trk|redirect|redir|go|r|t|c|l|ls)(?:[/?.;]|$)",
+                           re.I)
 
 
 def _is_ip(host: str) -> bool:
@@ -20,18 +41,64 @@ def _is_ip(host: str) -> bool:
 
 
 def _base(host: str) -> str:
+    """A rough organisational domain: the last two labels, three under a ccTLD's SLD (bank.co.uk)."""
     labels = host.lower().rstrip(".").split(".")
-    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
+    if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _CC_SLD:
         return ".".join(labels[-3:])
     return ".".join(labels[-2:])
+
+
+def _shown_host(text: str) -> tuple[str, bool] | None:
+    """(host the link text shows, whether it is written as a URL or www. name), or None."""
+    m = _SHOWN.match(text.strip())
+    if m is None:
+        return None
+    explicit = bool(m.group("scheme") or m.group("www"))
+    if not explicit and m.group("tld").lower() in _FILE_EXT:
+        return None
+    return m.group("host").lower(), explicit
+
+
+def _is_tracker(url, host: str) -> bool:
+    """Whether URL goes through a click tracker or redirector (newsletters, ESPs)."""
+    if _TRACKER_HOST.match(host):
+        return True
+    path = url.url.split("//", 1)[-1]
+    slash = path.find("/")
+    return slash >= 0 and _TRACKER_PATH.search(path, slash) is not None
+
+
+def _mismatch(url, host: str, sender_orgs: set[str]) -> str | None:
+    """'shown -> host' when a link's text shows another site than the link goes to."""
+    shown = _shown_host(url.text)
+    if shown is None:
+        return None
+    shown_host, explicit = shown
+    shown_org = _base(shown_host)
+    target_org = _base(host)
+    if shown_org == target_org:
+        return None
+    # A redirect whose query names the shown site goes there in the end.
+    query = unquote(url.url.partition("?")[2]).lower()
+    if shown_org in query:
+        return None
+    if _is_tracker(url, host):
+        return None
+    # A brand name written as a bare domain ("Walmart.com") linking to the sender's own site is
+    # a newsletter's shop link; phishing shows a full address ("https://www.bank.example/").
+    if not explicit and target_org in sender_orgs:
+        return None
+    return f"{shown_host} -> {host}"
 
 
 @check(stage=Stage.EOM, emits=("URI_IP_HOST", "URI_USERINFO", "URI_TEXT_MISMATCH", "URI_COUNT_HIGH",
                                "URI_ENCODED_HOST", "URI_NONSTD_PORT"), priority=30)
 def uri_shape(scan, hits: Hits) -> None:
     """Links to raw IPs, links that hide their target, and link text naming another site."""
-    urls = scan.message.urls
+    msg = scan.message
+    urls = msg.urls
     hosts: set[str] = set()
+    sender_orgs: set[str] | None = None
     for url in urls:
         if url.scheme not in ("http", "https", ""):
             continue
@@ -49,11 +116,12 @@ def uri_shape(scan, hits: Hits) -> None:
         port = authority.rpartition(":")[2] if ":" in authority.rpartition("@")[2] else ""
         if port.isdigit() and port not in ("80", "443"):
             hits.add("URI_NONSTD_PORT", f"{host}:{port}", where="URL", text=url.url[:120])
-        if url.text:
-            m = _DOMAINISH.match(url.text.strip())
-            if m and not _is_ip(host):
-                shown = m.group(1).lower()
-                if _base(shown) != _base(host) and "." in shown:
-                    hits.add("URI_TEXT_MISMATCH", f"{shown} -> {host}", where="link text", text=f"{url.text[:60]} -> {url.url[:80]}")
+        if url.text and not _is_ip(host) and "." in url.text:
+            if sender_orgs is None:
+                env = scan.txn.mail_from_domain if scan.txn else ""
+                sender_orgs = {_base(d) for d in (msg.from_domain, env) if d}
+            shown = _mismatch(url, host, sender_orgs)
+            if shown:
+                hits.add("URI_TEXT_MISMATCH", shown, where="link text", text=f"{url.text[:60]} -> {url.url[:80]}")
     if len(hosts) >= 15:
         hits.add("URI_COUNT_HIGH", len(hosts), where="URL", text=f"{len(hosts)} distinct hosts")
