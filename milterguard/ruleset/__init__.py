@@ -1,0 +1,1 @@
+"""Rule files: the schema, pattern sets, maps and composites."""

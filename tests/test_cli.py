@@ -1,0 +1,449 @@
+"""The command line: each subcommand through `milterguard.cli.main([...])`.
+
+Every call names an empty `--etc-dir`, so that nothing from /etc/milterguard
+leaks in; the shipped rules and defaults come from the checkout.  The last
+test runs the installed console scripts as separate processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from milterguard import __version__
+from milterguard import config as cfgmod
+from milterguard.cli import COMMANDS, main
+
+CORPUS = Path(os.environ.get("MILTERGUARD_CORPUS", "/work/shared/corpus/spamassassin"))
+
+HAM = b"""\
+Return-Path: <alice@example.org>
+Received: from mail.example.org (mail.example.org [198.51.100.20])
+\tby mx.example.net with ESMTP id 4XyZ1; Mon, 2 Sep 2002 10:00:05 +0100
+From: Alice Example <alice@example.org>
+To: Bob <bob@example.net>
+Subject: Notes from the Tuesday call
+Date: Mon, 2 Sep 2002 10:00:00 +0100
+Message-ID: <20020902100000.1234@mail.example.org>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+Hi Bob,
+
+here are the notes from Tuesday. The build is green again.
+
+Alice
+"""
+
+CANARY = HAM.replace(b"The build is green again.", b"MILTERGUARD-CANARY-REJECT")
+
+
+@pytest.fixture(autouse=True)
+def _no_etc_from_environment(monkeypatch):
+    monkeypatch.delenv("MILTERGUARD_ETC_DIR", raising=False)
+
+
+@pytest.fixture
+def etc(tmp_path):
+    """An empty configuration directory."""
+    path = tmp_path / "etc"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def messages(tmp_path):
+    """A plain message and one with the reject canary string."""
+    folder = tmp_path / "mail"
+    folder.mkdir()
+    (folder / "ham.eml").write_bytes(HAM)
+    (folder / "canary.eml").write_bytes(CANARY)
+    return folder
+
+
+def corpus_files(kind: str, count: int) -> list[Path]:
+    folder = CORPUS / kind
+    if not folder.is_dir():
+        pytest.skip(f"no corpus at {folder} (set MILTERGUARD_CORPUS)")
+    return sorted(folder.glob("*.eml"))[:count]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# ---------------------------------------------------------------- main
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    status, out, err = run(capsys)
+    assert status == 2
+    assert "usage: milterguard" in err
+    for name in COMMANDS:
+        assert name in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"milterguard {__version__}"
+
+
+def test_missing_config_file_is_an_error(capsys, etc, tmp_path):
+    status, out, err = run(capsys, "config", "dump", "--etc-dir", str(etc), "--config", str(tmp_path / "nope.yaml"))
+    assert status == 2
+    assert "nope.yaml" in err and "does not exist" in err
+
+
+# ---------------------------------------------------------------- scan
+
+
+def test_scan_json_of_a_plain_message(capsys, etc, messages):
+    path = messages / "ham.eml"
+    status, out, err = run(capsys, "scan", "--json", "--etc-dir", str(etc), str(path))
+    assert status == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["file"] == str(path)
+    assert record["action"] == "accept"
+    assert record["score"] < record["thresholds"]["tag"]
+    assert record["thresholds"] == {"tag": 4.0, "review": 6.0, "reject": 15.0}
+    assert {"score", "action", "applied", "mode", "reason", "stage", "symbols", "timings_ms", "elapsed_ms"} <= set(record)
+    assert all(s["name"] != "CANARY_REJECT" for s in record["symbols"])
+
+
+def test_scan_json_of_the_reject_canary(capsys, etc, messages):
+    status, out, err = run(capsys, "scan", "--json", "--etc-dir", str(etc), str(messages / "canary.eml"))
+    assert status == 0, err
+    record = json.loads(out)
+    assert record["action"] == "reject"
+    assert record["reason"] == "CANARY_REJECT"
+    hit = next(s for s in record["symbols"] if s["name"] == "CANARY_REJECT")
+    assert hit["group"] == "canary"
+    assert hit["text"] == "MILTERGUARD-CANARY-REJECT"
+    assert hit["source"].rsplit(":", 1)[0].endswith(os.path.join("rules", "core.yaml"))
+    assert hit["source"].rsplit(":", 1)[1].isdigit()
+
+
+def test_scan_explain_shows_symbol_place_and_total(capsys, etc, messages):
+    path = messages / "canary.eml"
+    status, out, err = run(capsys, "scan", "--explain", "--etc-dir", str(etc), str(path))
+    assert status == 0, err
+    assert out.startswith(f"== {path}\n")
+    line = next(x for x in out.splitlines() if x.startswith("CANARY_REJECT"))
+    assert "canary" in line and "core.yaml:" in line and "[action reject]" in line
+    assert "Body carries the reject canary string" in out
+    assert "matched 'MILTERGUARD-CANARY-REJECT'" in out
+    assert "total 0.00 -> reject, forced by CANARY_REJECT (tag 4, review 6, reject 15)" in out
+    assert "\ntime: " in out
+
+
+def test_scan_a_directory_prints_one_line_per_message(capsys, etc, messages):
+    status, out, err = run(capsys, "scan", "--etc-dir", str(etc), str(messages))
+    assert status == 0, err
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert [Path(r[0]).name for r in rows] == ["canary.eml", "ham.eml"]
+    assert rows[0][2] == "reject" and rows[1][2] == "accept"
+
+
+def test_scan_envelope_options_reach_the_checks(capsys, etc, messages):
+    status, out, err = run(capsys, "scan", "--json", "--etc-dir", str(etc), "--ip", "198.51.100.7",
+                           "--helo", "198.51.100.7", "--rcpt", "bob@example.net", str(messages / "ham.eml"))
+    assert status == 0, err
+    names = {s["name"] for s in json.loads(out)["symbols"]}
+    assert {"RDNS_NONE", "HELO_BARE_IP"} <= names
+
+
+def test_scan_set_flag_changes_the_outcome(capsys, etc, messages):
+    status, out, err = run(capsys, "scan", "--json", "--etc-dir", str(etc), "--set", "actions.mode=shadow",
+                           str(messages / "canary.eml"))
+    assert status == 0, err
+    record = json.loads(out)
+    assert record["action"] == "reject" and record["applied"] == "accept" and record["mode"] == "shadow"
+
+
+def test_scan_of_a_corpus_spam_message(capsys, etc):
+    (path,) = corpus_files("spam", 1)
+    status, out, err = run(capsys, "scan", "--json", "--etc-dir", str(etc), str(path))
+    assert status == 0, err
+    record = json.loads(out)
+    assert record["symbols"], "a 2002 spam message hits no rule at all"
+    assert record["score"] == pytest.approx(sum(s["weight"] for s in record["symbols"]), abs=0.02)
+    status, out, err = run(capsys, "scan", "--explain", "--etc-dir", str(etc), str(path))
+    assert status == 0, err
+    assert out.startswith(f"== {path}\n")
+    assert f"total {record['score']:.2f} -> {record['action']}" in out
+
+
+def test_scan_missing_file_is_status_2(capsys, etc, tmp_path):
+    status, out, err = run(capsys, "scan", "--etc-dir", str(etc), str(tmp_path / "missing.eml"))
+    assert status == 2
+    assert "missing.eml" in err
+
+
+# ---------------------------------------------------------------- lint
+
+
+def test_lint_of_the_shipped_rules_passes(capsys, etc):
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc))
+    assert status == 0, out
+    assert "error:" not in out
+    assert ", 0 errors, " in err
+
+
+BROKEN = """\
+- symbol: LOCAL_GOOD
+  description: A correct local rule
+  weight: 1
+  match: {header: Subject, regex: 'lottery winner'}
+  examples: {hit: ["You are our lottery winner"], miss: ["Lottery rules changed"]}
+
+- symbol: LOCAL_LOOKAHEAD
+  description: RE2 has no lookahead
+  weight: 1
+  match: {body: 'foo(?=bar)'}
+
+- symbol: LOCAL_NO_WEIGHT
+  description: The weight is missing
+  match: {body: 'x'}
+"""
+
+
+def test_lint_of_a_broken_rule_file_reports_file_and_line(capsys, etc, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN)
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc), str(path))
+    assert status == 1
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert any(f"{path}:10:" in e and "LOCAL_LOOKAHEAD" in e and "RE2" in e for e in errors), out
+    assert any(f"{path}:12:" in e and "LOCAL_NO_WEIGHT" in e for e in errors), out
+    assert not any("LOCAL_GOOD" in e for e in errors)
+    assert "2 errors" in err
+
+
+def test_lint_example_that_does_not_hit_is_an_error(capsys, etc):
+    rules = etc / "rules.d"
+    rules.mkdir()
+    (rules / "local.yaml").write_text(
+        "- symbol: LOCAL_BAD_EXAMPLE\n"
+        "  description: The hit example does not hit\n"
+        "  weight: 1\n"
+        "  match: {header: Subject, regex: 'xyz'}\n"
+        "  examples: {hit: ['abc'], miss: ['def']}\n"
+    )
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc))
+    assert status == 1
+    assert f"error: {rules / 'local.yaml'}:1: LOCAL_BAD_EXAMPLE: hit example 'abc' does not hit" in out
+
+
+def test_lint_warning_fails_only_with_strict(capsys, etc, tmp_path):
+    path = tmp_path / "noexamples.yaml"
+    path.write_text("- symbol: LOCAL_NO_EXAMPLES\n  description: No examples\n  weight: 1\n"
+                    "  match: {header: Subject, regex: 'xyz'}\n")
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc), str(path))
+    assert status == 0
+    assert f"warning: {path}:1: LOCAL_NO_EXAMPLES: no hit and miss examples" in out
+    status, out, err = run(capsys, "lint", "--strict", "--etc-dir", str(etc), str(path))
+    assert status == 1
+
+
+def test_lint_missing_path_is_status_2(capsys, etc, tmp_path):
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc), str(tmp_path / "nope.yaml"))
+    assert status == 2
+    assert "nope.yaml: no such file" in err
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_dump_origin_names_the_local_d_line(capsys, etc):
+    local = etc / "local.d"
+    local.mkdir()
+    (local / "scoring.yaml").write_text("# tuning\nthresholds:\n  reject: 12\nactions: {mode: tag-only}\n")
+    status, out, err = run(capsys, "config", "dump", "--origin", "--etc-dir", str(etc))
+    assert status == 0, err
+    lines = out.splitlines()
+    assert f"thresholds: {{reject: 12.0, review: 6.0, tag: 4.0}}    # {local / 'scoring.yaml'}:2" in lines
+    assert f"actions.mode: tag-only    # {local / 'scoring.yaml'}:4" in lines
+    shipped = next(line for line in lines if line.startswith("milter.socket:"))
+    assert shipped.startswith("milter.socket: 'inet:11339@127.0.0.1'    # ")
+    assert os.path.join("conf", "milterguard.yaml:") in shipped
+
+
+def test_config_dump_set_flag_origin(capsys, etc):
+    status, out, err = run(capsys, "config", "dump", "--origin", "--etc-dir", str(etc), "--set", "milter.workers=2")
+    assert status == 0, err
+    assert "milter.workers: 2    # --set" in out.splitlines()
+
+
+def test_config_dump_without_origin_is_yaml(capsys, etc):
+    import yaml
+
+    status, out, err = run(capsys, "config", "dump", "--etc-dir", str(etc))
+    assert status == 0, err
+    data = yaml.safe_load(out)
+    assert data["thresholds"] == {"reject": 15.0, "review": 6.0, "tag": 4.0}
+    assert data["milter.socket"] == "inet:11339@127.0.0.1"
+
+
+def test_config_error_names_file_and_line(capsys, etc):
+    local = etc / "local.d"
+    local.mkdir()
+    (local / "typo.yaml").write_text("actions:\n  mdoe: shadow\n")
+    status, out, err = run(capsys, "config", "dump", "--etc-dir", str(etc))
+    assert status == 2
+    assert f"{local / 'typo.yaml'}:2" in err and "unknown setting 'actions.mdoe'" in err
+
+
+def test_config_doc_is_the_reference_page(capsys, etc):
+    status, out, err = run(capsys, "config", "doc", "--etc-dir", str(etc))
+    assert status == 0
+    assert out == cfgmod.reference_markdown()
+    assert out.startswith("# Configuration reference\n")
+    assert "### `milter.socket`" in out
+
+
+def test_config_defaults_is_the_shipped_file(capsys, etc):
+    status, out, err = run(capsys, "config", "defaults", "--etc-dir", str(etc))
+    assert status == 0
+    assert out == (cfgmod.find_share_dir() / "conf" / "milterguard.yaml").read_text()
+
+
+# ---------------------------------------------------------------- corpus
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    spam, ham = tmp_path / "spam", tmp_path / "ham"
+    spam.mkdir()
+    ham.mkdir()
+    for path in corpus_files("spam", 3):
+        shutil.copy(path, spam / path.name)
+    for path in corpus_files("ham", 3):
+        shutil.copy(path, ham / path.name)
+    return spam, ham
+
+
+def test_corpus_json_counts_and_rates(capsys, etc, small_corpus):
+    spam, ham = small_corpus
+    status, out, err = run(capsys, "corpus", "--etc-dir", str(etc), "--spam", str(spam), "--ham", str(ham),
+                           "--split", "all", "--jobs", "1", "--json")
+    assert status == 0, err
+    data = json.loads(out)
+    summary = data["summary"]
+    assert (summary["split"], summary["spam"], summary["ham"]) == ("all", 3, 3)
+    assert summary["spam_tagged"] >= summary["spam_review"] >= summary["spam_rejected"]
+    assert data["symbols"], "no symbol hit six real messages"
+    for row in data["symbols"]:
+        assert row["spam"] + row["ham"] >= 1
+        assert row["spam_pct"] == pytest.approx(100 * row["spam"] / 3, abs=0.01)
+        assert 0.0 <= row["so"] <= 1.0
+
+
+def test_corpus_text_with_an_extra_rule_file(capsys, etc, small_corpus, tmp_path):
+    spam, ham = small_corpus
+    new = tmp_path / "new.yaml"
+    new.write_text(
+        "- symbol: LOCAL_ANY_SUBJECT\n"
+        "  description: Every message with a Subject (for the test)\n"
+        "  weight: 0.1\n"
+        "  state: testing\n"
+        "  match: {header: Subject, regex: '.'}\n"
+        "  examples: {hit: ['x'], miss: ['']}\n"
+    )
+    status, out, err = run(capsys, "corpus", str(new), "--etc-dir", str(etc), "--spam", str(spam),
+                           "--ham", str(ham), "--split", "all", "--jobs", "1")
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["symbol", "weight", "spam%", "ham%", "S/O", "overlap"]
+    rows = [line for line in lines[1:] if line and not line.startswith("all split")]
+    assert len(rows) == 1 and rows[0].startswith("LOCAL_ANY_SUBJECT")
+    assert "all split: 3 spam, 3 ham;" in out
+
+
+def test_corpus_needs_a_spam_or_ham_dir(capsys, etc):
+    status, out, err = run(capsys, "corpus", "--etc-dir", str(etc))
+    assert status == 2
+    assert "--spam" in err
+
+
+# ---------------------------------------------------------------- bench
+
+
+def test_bench_two_messages_one_round(capsys, etc, messages):
+    status, out, err = run(capsys, "bench", "--etc-dir", str(etc), "--rounds", "1", "--json",
+                           str(messages / "ham.eml"), str(messages / "canary.eml"))
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["messages"] == 2
+    assert result["per_second"] > 0
+    assert 0 < result["p50_ms"] <= result["max_ms"]
+    assert result["rss_mib_end"] > 0
+    status, out, err = run(capsys, "bench", "--etc-dir", str(etc), "--rounds", "1", str(messages))
+    assert status == 0, err
+    assert out.startswith("2 messages in one process: ")
+
+
+# ---------------------------------------------------------------- serve
+
+
+def test_serve_refuses_broken_rules(capsys, etc):
+    (etc / "rules.d").mkdir()
+    (etc / "rules.d" / "bad.yaml").write_text("- symbol: lower_case\n  description: x\n  weight: 1\n")
+    status, out, err = run(capsys, "serve", "--etc-dir", str(etc), "--socket", "inet:1@127.0.0.1")
+    assert status == 2
+    assert "rule errors" in err and f"{etc / 'rules.d' / 'bad.yaml'}:1" in err
+
+
+# ---------------------------------------------------------------- installed scripts
+
+
+def console_scripts() -> list[tuple[str, Path]]:
+    """Every console script the installed distribution declares, with its path."""
+    try:
+        dist = metadata.distribution("milterguard")
+    except metadata.PackageNotFoundError:
+        pytest.fail("milterguard is not installed in this environment; tests/run.sh installs it (pip install -e .)")
+    scripts = []
+    for ep in dist.entry_points:
+        if ep.group != "console_scripts":
+            continue
+        candidates = [Path(sysconfig.get_path("scripts")) / ep.name, Path(sys.executable).parent / ep.name]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None and shutil.which(ep.name):
+            found = Path(shutil.which(ep.name))
+        assert found is not None, f"console script {ep.name} is declared but not installed"
+        scripts.append((ep.name, found))
+    return scripts
+
+
+def test_every_console_script_runs(tmp_path):
+    scripts = console_scripts()
+    assert [name for name, _ in scripts] == ["milterguard"]
+    env = {k: v for k, v in os.environ.items() if k != "MILTERGUARD_ETC_DIR"}
+    for name, path in scripts:
+        done = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60,
+                              cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"usage: {name}")
+        for sub in COMMANDS:
+            done = subprocess.run([str(path), sub, "--help"], capture_output=True, text=True, timeout=60,
+                                  cwd=tmp_path, env=env)
+            assert done.returncode == 0, f"{name} {sub} --help: {done.stderr}"
+            assert "--etc-dir" in done.stdout
+        done = subprocess.run([str(path), "lint", "--etc-dir", str(tmp_path)], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ", 0 errors, " in done.stderr
