@@ -295,6 +295,9 @@ SETTINGS: list[Setting] = [
             "with CHECK_BUDGET_EXCEEDED."),
     Setting("checks.check_budget", Seconds(), 2.0,
             "A check that runs longer than this is reported with CHECK_SLOW and logged."),
+    # --- DNS, sender authentication and blocklists
+    # --- Redis, Bayes and the learned classifier
+    # --- content: ClamAV, attachments, content hashes, phishing, lists
 ]
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

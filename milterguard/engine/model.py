@@ -49,6 +49,9 @@ class Connection:
     ident: str = ""  # a short id for log lines before the queue id is known
     hits: "Hits | None" = None  # hits of the connect and HELO stages
     timings: dict[str, float] = field(default_factory=dict)
+    # Results that one check leaves for later ones (DNS lookups of the client, say),
+    # keyed by the name of the check that made them.
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def authenticated(self) -> bool:
@@ -79,6 +82,9 @@ class Transaction:
     header_view: "Message | None" = None  # the headers alone, parsed at end of headers
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
+    # Results that one check leaves for later ones (the SPF, DKIM and DMARC results that
+    # list and phishing checks consult), keyed by the name of the check that made them.
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rcpt_domains(self) -> list[str]:
