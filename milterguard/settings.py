@@ -297,7 +297,39 @@ SETTINGS: list[Setting] = [
             "A check that runs longer than this is reported with CHECK_SLOW and logged."),
     # --- DNS, sender authentication and blocklists
     # --- Redis, Bayes and the learned classifier
+    Setting("redis.url", Str(), "",
+            "The Redis master, `redis://[:PASSWORD@]HOST:PORT/DB`: learning writes here, and reads fall back "
+            "to it. Empty (and no replicas or sentinels) turns Redis features off. With `redis.sentinels`, "
+            "only its password and DB number are used.", since="0.2"),
+    Setting("redis.replicas", ListOf(Str()), [],
+            "Redis replicas read from (URLs like `redis.url`), nearest first: the first one that answers "
+            "is used, the master when none does. A node with replicas and no `redis.url` never writes.", since="0.2"),
+    Setting("redis.sentinels", ListOf(Str()), [],
+            "Redis Sentinels (`HOST:PORT`) that name the master and replicas of `redis.sentinel_service`; "
+            "they are asked again after a failover. Replaces `redis.url` and `redis.replicas`.", since="0.2"),
+    Setting("redis.sentinel_service", Str(), "mymaster", "The service (master name) monitored by the Sentinels.", since="0.2"),
+    Setting("redis.prefix", Str(), "mg:",
+            "Prefix of every key, so that several deployments can share one Redis.", since="0.2"),
+    Setting("redis.timeout", Seconds(), 0.5,
+            "Bound on connecting to Redis and on each reply; a call takes at most twice this.", since="0.2"),
+    Setting("redis.retry_max", Seconds(), 30.0,
+            "After a failure a server is not asked for 1 s, then twice as long each time, up to this.", since="0.2"),
+    Setting("redis.read_only", Bool(), False,
+            "This node never writes to Redis (no learning, no autolearn), even with a master configured.", since="0.2"),
     # --- content: ClamAV, attachments, content hashes, phishing, lists
+    Setting("clamav.address", Str(), "",
+            "clamd to scan with: `HOST:PORT` (`[v6]:PORT`) for TCP, or the path of its unix socket. "
+            "Empty turns virus scanning off (logged once at the first message).", since="0.2"),
+    Setting("clamav.scan", Choice("message", "attachments"), "message",
+            "What goes to clamd: the whole `message` as received (clamd decodes MIME itself), or each "
+            "decoded `attachments` part on its own.", since="0.2"),
+    Setting("clamav.max_size", Size(), 25 * 1024 * 1024,
+            "Largest stream sent to clamd; keep it at or below clamd's StreamMaxLength (25M by default). "
+            "Larger messages are not scanned and get CLAMAV_TOO_LARGE.", since="0.2"),
+    Setting("clamav.timeout", Seconds(), 2.0,
+            "Socket timeout for clamd, further limited by what is left of checks.message_budget; on expiry, "
+            "a refused connection or an error answer the message gets CLAMAV_TEMPFAIL and is not held back.",
+            since="0.2"),
 ]
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
