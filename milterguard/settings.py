@@ -296,6 +296,59 @@ SETTINGS: list[Setting] = [
     Setting("checks.check_budget", Seconds(), 2.0,
             "A check that runs longer than this is reported with CHECK_SLOW and logged."),
     # --- DNS, sender authentication and blocklists
+    Setting("dns.enabled", Bool(), True,
+            "Make DNS lookups at all. `false` skips every check that needs them (SPF, DKIM, DMARC, ARC, "
+            "blocklists), as for an offline scan of a corpus.", since="0.2"),
+    Setting("dns.nameservers", ListOf(Str()), [],
+            "Name servers to ask, as `ADDRESS` or `ADDRESS:PORT` (`[ADDRESS]:PORT` for IPv6); "
+            "empty for the system's (/etc/resolv.conf).", since="0.2"),
+    Setting("dns.timeout", Seconds(), 2.0,
+            "Per-query limit; on expiry the check emits its *_TEMPFAIL symbol.", since="0.2"),
+    Setting("dns.message_budget", Seconds(), 5.0,
+            "DNS time of one message: the lookups of a message run concurrently and all waits for "
+            "their answers together take at most this long; a check whose answer is not back by then "
+            "emits its *_TEMPFAIL symbol and the message goes on.", since="0.2"),
+    Setting("dns.cache_size", Int(minimum=0), 20000,
+            "Answers (positive and negative) kept per process, each for its TTL; 0 turns the cache off.",
+            since="0.2"),
+    Setting("dns.workers", Int(minimum=1, maximum=256), 16,
+            "Lookups in flight at once per process.", since="0.2"),
+    Setting("auth.authserv_id", Str(), "",
+            "authserv-id of the Authentication-Results header (RFC 8601); empty for the MTA's `j` macro, "
+            "else this host's name.", since="0.2"),
+    Setting("auth.results_header", Bool(), True,
+            "Add an Authentication-Results header, after removing those that claim our authserv-id.",
+            since="0.2"),
+    Setting("auth.trusted_relays", ListOf(Str()), [],
+            "Addresses or networks (CIDR) of our own relays and forwarders: for a client among them, SPF "
+            "is judged on the address of the hop before them in the Received headers.", since="0.2"),
+    Setting("auth.trusted_arc_sealers", ListOf(Str()), [],
+            "Domains whose valid ARC seal vouches for the authentication results of a forwarded message: "
+            "such a message that fails DMARC is not punished for it.", since="0.2"),
+    Setting("auth.dmarc_reject", Bool(), False,
+            "Reject at SMTP a message that fails DMARC under the sender's p=reject. By default it only "
+            "scores (enough to be held for review).", since="0.2"),
+    Setting("auth.skip_authenticated", Bool(), True,
+            "Skip SPF and DMARC for clients that logged in (SASL) and for local clients.", since="0.2"),
+    Setting("rbl.enabled", Bool(), True,
+            "Query the DNS blocklists declared in `rbl.lists` (the shipped public lists are off "
+            "until `rbl.public` is true).", since="0.2"),
+    Setting("rbl.public", Bool(), False,
+            "Turn on the shipped public blocklists (Spamhaus ZEN and DBL, SURBL, URIBL). They need a "
+            "resolver that may query them (not a public forwarder).", since="0.2"),
+    Setting("rbl.lists", MapOf(Struct("blocklist", zone=Str(), kind=Choice("ip", "received", "sender", "from", "helo",
+                                                                            "uri", "uri_ip"),
+                                      symbol=Str(), codes=MapOf(Str(), r"127\.[0-9.]+(/[0-9]+)?", "return code"),
+                                      enabled=Bool(), public=Bool(), description=Str()),
+                               r"[a-z0-9_-]+", "list name"), {},
+            "DNS blocklists by name: `zone`, `kind` (ip, received, sender, from, helo, uri, uri_ip), the "
+            "`symbol` for any listing, `codes` mapping return addresses (127.0.0.2, or a /CIDR) to "
+            "symbols, `enabled`, `public`. See docs/authentication.md.", since="0.2", merge=True),
+    Setting("rbl.skip_domains", ListOf(Str()), [],
+            "Domains (and their subdomains) never looked up in domain and URI lists: our own and "
+            "allowlisted ones.", since="0.2"),
+    Setting("rbl.max_uris", Int(minimum=0), 20, "At most this many URL hosts of a message are looked up.",
+            since="0.2"),
     # --- Redis, Bayes and the learned classifier
     Setting("redis.url", Str(), "",
             "The Redis master, `redis://[:PASSWORD@]HOST:PORT/DB`: learning writes here, and reads fall back "
