@@ -1,0 +1,289 @@
+"""Bayes: token counts in Redis and Robinson/Fisher chi-square combining.
+
+Redis layout (all keys under `redis.prefix`):
+
+- `bayes:t:B` for B in 0..65535: a hash whose fields are tokens and whose
+  values are both counts in one integer, `spam * 2**32 + ham`.  A token is
+  the 64-bit BLAKE2b hash of its text: 16 bits choose the hash key, the
+  next 40 bits (5 bytes) are the field.  Small hashes are stored by Redis
+  as compact listpacks (about 20 bytes a token, against some 90 for a key
+  per token), and one HINCRBY moves a token's count for either class.
+- `bayes:totals`: hash `spam`, `ham`: messages learned of each class.
+- `bayes:digests`: hash message digest -> `spam` / `ham`: what was learned,
+  cluster-wide, so learning a message twice counts once, and relearning it
+  as the other class moves its counts.
+- `ml:samples` (hash digest -> packed token hashes) and `ml:order` (list of
+  digests, newest first): what `milterguard train` learns the classifier
+  from, capped at `ml.max_samples`.
+
+Learning a message is one Lua script on the master (atomic, one round
+trip); classifying reads all of a message's tokens with one read-only
+script on a replica (one round trip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import redis
+
+from milterguard.learn.tokens import tokenize
+from milterguard.redisstore import RedisStore, RedisUnavailable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from milterguard.message import Message
+
+SPAM_UNIT = 1 << 32  # a spam count is worth this much in a token's value
+BUCKETS = 1 << 16
+ROBINSON_S, ROBINSON_X = 1.0, 0.5  # strength and prior of an unknown token (Robinson)
+MIN_STRENGTH = 0.1  # tokens closer than this to 0.5 are left out
+MAX_SIGNIFICANT = 150  # the most telling tokens that are combined (as SpamAssassin does)
+
+_LEARN = """
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+local label = ARGV[2]
+if prev == label or (label == '' and not prev) then return 0 end
+local function unit(cls) if cls == 'spam' then return 4294967296 else return 1 end end
+local delta = 0
+if prev then
+  delta = delta - unit(prev)
+  redis.call('HINCRBY', KEYS[2], prev, -1)
+end
+if label ~= '' then
+  delta = delta + unit(label)
+  redis.call('HINCRBY', KEYS[2], label, 1)
+  redis.call('HSET', KEYS[1], ARGV[1], label)
+  if ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+    if not prev then redis.call('LPUSH', KEYS[4], ARGV[1]) end
+    local max = tonumber(ARGV[5])
+    while redis.call('LLEN', KEYS[4]) > max do
+      redis.call('HDEL', KEYS[3], redis.call('RPOP', KEYS[4]))
+    end
+  end
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('LREM', KEYS[4], 1, ARGV[1])
+end
+local d = string.format('%d', delta)
+for i = 6, #ARGV, 2 do
+  local key = ARGV[3] .. ARGV[i]
+  if redis.call('HINCRBY', key, ARGV[i + 1], d) <= 0 then redis.call('HDEL', key, ARGV[i + 1]) end
+end
+if prev then return 2 end
+return 1
+"""
+
+_FETCH = """
+local out = redis.call('HMGET', KEYS[1], 'spam', 'ham')
+for i = 2, #ARGV, 2 do
+  out[#out + 1] = redis.call('HGET', ARGV[1] .. ARGV[i], ARGV[i + 1]) or 0
+end
+return out
+"""
+
+_SHA_FETCH = hashlib.sha1(_FETCH.encode()).hexdigest()
+_SHA_LEARN = hashlib.sha1(_LEARN.encode()).hexdigest()
+
+
+def token_hash(token: str) -> int:
+    """The 64-bit hash a token is stored and hashed into features by."""
+    return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def slot(h: int) -> tuple[str, bytes]:
+    """(hash key suffix, field) of a token hash."""
+    return str(h >> 48), ((h >> 8) & 0xFFFFFFFFFF).to_bytes(5, "big")
+
+
+def message_digest(msg: "Message") -> str:
+    """What identifies a message across deliveries: Message-ID, Subject and text."""
+    digest = hashlib.sha256()
+    for piece in (msg.message_id, msg.subject, msg.text):
+        digest.update(piece.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def pack_sample(hashes: Iterable[int]) -> bytes:
+    """Token hashes as the classifier stores them: low 32 bits, zlib-packed."""
+    values = sorted({h & 0xFFFFFFFF for h in hashes})
+    return zlib.compress(struct.pack(f"<{len(values)}I", *values), 6)
+
+
+def unpack_sample(data: bytes) -> list[int]:
+    raw = zlib.decompress(data)
+    return list(struct.unpack(f"<{len(raw) // 4}I", raw))
+
+
+def _chi2q(x2: float, dof: int) -> float:
+    """P(chi-square with an even `dof` >= x2)."""
+    m = x2 / 2.0
+    term = total = math.exp(-m)
+    for i in range(1, dof // 2):
+        term *= m / i
+        total += term
+    return min(total, 1.0)
+
+
+def combine(counts: list[tuple[int, int]], n_spam: int, n_ham: int) -> tuple[float, int]:
+    """(spam probability, tokens used) by Robinson's f(w) and Fisher's chi-square."""
+    if n_spam <= 0 or n_ham <= 0:
+        return 0.5, 0
+    probs: list[float] = []
+    for spam, ham in counts:
+        n = spam + ham
+        if n <= 0:
+            continue
+        spam_ratio, ham_ratio = spam / n_spam, ham / n_ham
+        p = spam_ratio / (spam_ratio + ham_ratio)
+        f = (ROBINSON_S * ROBINSON_X + n * p) / (ROBINSON_S + n)
+        if abs(f - 0.5) >= MIN_STRENGTH:
+            probs.append(f)
+    if not probs:
+        return 0.5, 0
+    probs.sort(key=lambda f: -abs(f - 0.5))
+    probs = probs[:MAX_SIGNIFICANT]
+    n = len(probs)
+    ham_evidence = _chi2q(-2.0 * sum(math.log(f) for f in probs), 2 * n)
+    spam_evidence = _chi2q(-2.0 * sum(math.log(1.0 - f) for f in probs), 2 * n)
+    return (1.0 + ham_evidence - spam_evidence) / 2.0, n
+
+
+@dataclass
+class Learned:
+    """What one learn call did: 'learned', 'relearned', 'unlearned' or 'known'."""
+
+    digest: str
+    outcome: str
+
+
+class Bayes:
+    """The token database of one RedisStore."""
+
+    def __init__(self, store: RedisStore, max_samples: int = 20000) -> None:
+        self.store = store
+        self.max_samples = max_samples
+        self.totals_key = store.key("bayes", "totals")
+        self.digests_key = store.key("bayes", "digests")
+        self.token_prefix = store.key("bayes", "t", "")
+        self.samples_key = store.key("ml", "samples")
+        self.order_key = store.key("ml", "order")
+
+    # ------------------------------------------------------------ reading
+
+    def fetch(self, hashes: list[int]) -> tuple[int, int, list[tuple[int, int]]]:
+        """(spam learned, ham learned, (spam, ham) per token) in one round trip to a reader."""
+        args: list[str | bytes] = [self.token_prefix]
+        for h in hashes:
+            args.extend(slot(h))
+        reader = self.store.reader()
+        try:
+            reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, *args)
+        except redis.exceptions.NoScriptError:
+            reply = reader.eval_ro(_FETCH, 1, self.totals_key, *args)
+        n_spam, n_ham = int(reply[0] or 0), int(reply[1] or 0)
+        counts = [divmod(int(v), SPAM_UNIT) for v in reply[2:]]
+        return n_spam, n_ham, counts
+
+    def totals(self) -> tuple[int, int]:
+        values = self.store.reader().hmget(self.totals_key, "spam", "ham")
+        return int(values[0] or 0), int(values[1] or 0)
+
+    def classify(self, tokens: list[str]) -> tuple[float, int, int, int]:
+        """(spam probability, tokens used, spam learned, ham learned)."""
+        n_spam, n_ham, counts = self.fetch([token_hash(t) for t in tokens])
+        prob, used = combine(counts, n_spam, n_ham)
+        return prob, used, n_spam, n_ham
+
+    # ------------------------------------------------------------ writing (master only)
+
+    def learn(self, digest: str, tokens: list[str], label: str, sample: bool = True) -> Learned:
+        """Learn a message as 'spam' or 'ham', or forget it with label ''.
+
+        Atomic on the master: the digest decides whether this is new, a
+        repeat (nothing changes) or a relearn (the counts move class).
+        """
+        if label not in ("spam", "ham", ""):
+            raise ValueError(f"label must be spam, ham or empty, got {label!r}")
+        hashes = [token_hash(t) for t in tokens]
+        packed = pack_sample(hashes) if sample and label else b""
+        args: list[str | bytes | int] = [digest, label, self.token_prefix, packed, self.max_samples]
+        for h in hashes:
+            args.extend(slot(h))
+        keys = (self.digests_key, self.totals_key, self.samples_key, self.order_key)
+        writer = self.store.writer()
+        try:
+            result = writer.evalsha(_SHA_LEARN, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            result = writer.eval(_LEARN, len(keys), *keys, *args)
+        outcome = {0: "known", 1: "learned", 2: "relearned"}[int(result)]
+        if not label and outcome != "known":
+            outcome = "unlearned"
+        return Learned(digest, outcome)
+
+    def learn_message(self, msg: "Message", label: str) -> Learned:
+        return self.learn(message_digest(msg), tokenize(msg), label)
+
+    def unlearn_message(self, msg: "Message") -> Learned:
+        return self.learn(message_digest(msg), tokenize(msg), "")
+
+    # ------------------------------------------------------------ maintenance
+
+    def stats(self) -> dict:
+        """Messages learned, tokens stored and Redis memory of the token hashes."""
+        reader = self.store.reader()
+        n_spam, n_ham = self.totals()
+        pipe = reader.pipeline()
+        for bucket in range(BUCKETS):
+            pipe.hlen(self.token_prefix + str(bucket))
+        tokens = sum(pipe.execute())
+        info = reader.info("memory")
+        return {
+            "spam": n_spam, "ham": n_ham, "tokens": tokens,
+            "digests": reader.hlen(self.digests_key), "samples": reader.hlen(self.samples_key),
+            "used_memory": info.get("used_memory", 0), "server": reader.name,
+        }
+
+    def expire(self, max_tokens: int, batch: int = 512) -> dict:
+        """Keep at most `max_tokens` tokens: drop the rarest ones first.
+
+        Tokens seen once are dropped first, then twice, and so on, until the
+        count fits; a token's class balance does not matter, only how often
+        it was seen (rare tokens carry the least evidence).
+        """
+        writer = self.store.writer()
+        pipe = writer.pipeline()
+        for bucket in range(BUCKETS):
+            pipe.hlen(self.token_prefix + str(bucket))
+        total = sum(pipe.execute())
+        removed = 0
+        limit = 1
+        while total - removed > max_tokens and limit < 1 << 20:
+            for start in range(0, BUCKETS, batch):
+                pipe = writer.pipeline()
+                keys = [self.token_prefix + str(b) for b in range(start, min(start + batch, BUCKETS))]
+                for key in keys:
+                    pipe.hgetall(key)
+                contents = pipe.execute()
+                drop = writer.pipeline()
+                for key, fields in zip(keys, contents):
+                    rare = [f for f, v in fields.items() if sum(divmod(int(v), SPAM_UNIT)) <= limit]
+                    if rare:
+                        drop.hdel(key, *rare)
+                        removed += len(rare)
+                drop.execute()
+                if total - removed <= max_tokens:
+                    break
+            limit *= 2
+        return {"tokens_before": total, "removed": removed, "tokens": total - removed}
+
+
+__all__ = ["Bayes", "Learned", "RedisUnavailable", "combine", "message_digest", "token_hash", "slot",
+           "pack_sample", "unpack_sample"]

@@ -1,0 +1,161 @@
+"""The tokens of a message, shared by Bayes and the learned classifier.
+
+A message yields, in this order and each token once:
+
+- words of the Subject, prefixed `s:`;
+- words of the decoded text (text parts, HTML reduced to text), lowercased,
+  NFKC-normalised, accents kept; long words are cut to a `sk:` stem, long
+  numbers become their shape (`n:5d`);
+- sparse bigrams in the OSB style: each word paired with the next
+  `OSB_WINDOW` words, the distance part of the token (`a b`, `a _ b`,
+  `a _ _ b`...), so that phrases count beyond single words;
+- selected header tokens (`h:NAME:VALUE`): sender and reply domains,
+  mailer, charsets, content types, the shape of Message-ID and Received;
+- URL hosts and their registered domain (`u:`), attachment types (`a:`).
+
+Only the first `MAX_WORDS` words of the text are read and at most
+`MAX_TOKENS` tokens are returned, so the work per message is bounded; the
+same message always yields the same tokens in the same order.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from milterguard.message import Message
+
+MAX_WORDS = 1500
+MAX_TOKENS = 4000
+OSB_WINDOW = 3  # bigrams of each word with the next 3 words
+MIN_LEN, MAX_LEN = 2, 20
+
+_WORD = re.compile(r"[^\W_](?:[\w$€£%'@.+-]*[^\W_$])?")
+_DIGITS = re.compile(r"\d")
+_MAILER_WORD = re.compile(r"[a-z][a-z.-]+")
+_ID_SHAPE = re.compile(r"[a-z]+|[0-9]+|[^a-z0-9]")
+
+
+def normalise(word: str) -> str | None:
+    """A word as it is counted, or None for a word not worth counting."""
+    word = unicodedata.normalize("NFKC", word).lower().strip(".'-+")
+    if len(word) < MIN_LEN:
+        return None
+    digits = len(_DIGITS.findall(word))
+    if digits > 4 and digits * 2 >= len(word):
+        return f"n:{digits}d"  # long numbers: only their length says something
+    if len(word) > MAX_LEN:
+        return "sk:" + word[:8]
+    return word
+
+
+def words(text: str, limit: int = MAX_WORDS) -> list[str]:
+    """The normalised words of a text, at most `limit`."""
+    out: list[str] = []
+    for match in _WORD.finditer(text):
+        word = normalise(match.group())
+        if word is not None:
+            out.append(word)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def osb(seq: list[str], window: int = OSB_WINDOW) -> list[str]:
+    """Orthogonal sparse bigrams: each word with each of the next `window` words."""
+    out: list[str] = []
+    for i, first in enumerate(seq):
+        for gap in range(1, window + 1):
+            if i + gap >= len(seq):
+                break
+            out.append(first + " " + "_ " * (gap - 1) + seq[i + gap])
+    return out
+
+
+def _domain_of(addr: str) -> str:
+    return addr.rpartition("@")[2].lower().strip(">. ") if "@" in addr else ""
+
+
+def registered_domain(host: str) -> str:
+    """The last two labels of a host name (three under a two-letter second level like co.uk)."""
+    labels = host.lower().strip(".[]").split(".")
+    if labels[-1].isdigit():
+        return ".".join(labels)  # an IP address is its own domain
+    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def header_tokens(msg: "Message") -> list[str]:
+    """Tokens of the headers that tell senders and mailers apart."""
+    out: list[str] = []
+    from_domain = msg.from_domain
+    if from_domain:
+        out += [f"h:from:{from_domain}", f"h:fromreg:{registered_domain(from_domain)}"]
+    if msg.from_name:
+        out.append("h:fromname")
+        out += [f"h:fn:{w}" for w in words(msg.from_name, 6)]
+    for name in ("Reply-To", "Return-Path", "Sender"):
+        for _display, addr in msg.addresses(name)[:1]:
+            domain = _domain_of(addr)
+            out.append(f"h:{name.lower()}:{domain or 'none'}")
+            if domain and domain != from_domain:
+                out.append(f"h:{name.lower()}:differs")
+    mailer = msg.header("X-Mailer") or msg.header("User-Agent") or ""
+    out += [f"h:mailer:{w}" for w in _MAILER_WORD.findall(mailer.lower())[:4]] or ["h:mailer:none"]
+    mid = msg.message_id
+    if mid:
+        local, _, domain = mid.partition("@")
+        shape = "".join(t[0] if t[0].isalpha() else ("9" if t[0].isdigit() else t) for t in _ID_SHAPE.findall(local.lower()))
+        out += [f"h:midshape:{shape[:12]}", f"h:middomain:{registered_domain(domain)}" if domain else "h:middomain:none"]
+    else:
+        out.append("h:mid:none")
+    # Only the number of hops: the newest Received lines are the receiving
+    # site's own and say nothing about the sender.
+    out.append(f"h:received:{min(len(msg.header_values('Received')), 8)}")
+    rcpts = len(msg.addresses("To")) + len(msg.addresses("Cc"))
+    out.append(f"h:rcpts:{min(rcpts, 10)}")
+    for part in msg.parts[:10]:
+        out.append(f"h:ctype:{part.content_type}")
+        if part.charset:
+            out.append(f"h:charset:{part.charset.lower()}")
+        if part.transfer_encoding:
+            out.append(f"h:cte:{part.transfer_encoding.lower()}")
+        if part.is_attachment and part.filename:
+            out.append("a:" + part.filename.rpartition(".")[2].lower()[:10])
+    for name in ("Precedence", "List-Id", "X-Priority", "Importance", "MIME-Version", "Organization"):
+        value = msg.header(name)
+        if value is not None:
+            out.append(f"h:{name.lower()}:{' '.join(words(value, 3))}")
+    return out
+
+
+def url_tokens(msg: "Message") -> list[str]:
+    out: list[str] = []
+    for url in msg.urls[:50]:
+        if url.host:
+            out += [f"u:{url.host}", f"u:reg:{registered_domain(url.host)}"]
+            if url.scheme:
+                out.append(f"u:scheme:{url.scheme}")
+    return out
+
+
+def tokenize(msg: "Message") -> list[str]:
+    """The tokens of a message: unique, in a fixed order, at most MAX_TOKENS."""
+    subject = words(msg.subject, 40)
+    body = words(msg.text)
+    seq = ["s:" + w for w in subject]
+    seq += [f"s:{b}" for b in osb(subject)]
+    seq += header_tokens(msg)
+    seq += url_tokens(msg)
+    seq += body
+    seq += osb(body)
+    seen: dict[str, None] = {}
+    for token in seq:
+        if token not in seen:
+            seen[token] = None
+            if len(seen) >= MAX_TOKENS:
+                break
+    return list(seen)
