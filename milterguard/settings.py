@@ -383,6 +383,24 @@ SETTINGS: list[Setting] = [
             "Socket timeout for clamd, further limited by what is left of checks.message_budget; on expiry, "
             "a refused connection or an error answer the message gets CLAMAV_TEMPFAIL and is not held back.",
             since="0.2"),
+    Setting("attachments.dangerous_extensions", ListOf(Str()),
+            ("exe scr pif com bat cmd cpl msi msp msix appx appxbundle hta jar js jse vbs vbe wsf wsh wsc sct ps1 "
+             "psm1 lnk url scf reg iso img vhd vhdx dmg chm dll sys xll application gadget msc inf "
+             "settingcontent-ms").split(),
+            "Extensions of executables, scripts, shortcuts and disk images (MIME_EXEC_ATTACHMENT; inside a zip "
+            "MIME_ARCHIVE_EXEC). Lower case, without the dot.", since="0.2"),
+    Setting("attachments.macro_extensions", ListOf(Str()), "docm dotm xlsm xltm xlam xlsb pptm potm ppsm sldm".split(),
+            "Extensions of macro-enabled Office files (MIME_ATTACH_OFFICE_MACRO; inside a zip MIME_ARCHIVE_EXEC).",
+            since="0.2"),
+    Setting("attachments.cover_extensions", ListOf(Str()),
+            "pdf doc docx xls xlsx ppt pptx rtf txt jpg jpeg png gif htm html zip".split(),
+            "Document extensions that hide a dangerous one after them (`invoice.pdf.exe`: MIME_DOUBLE_EXT).",
+            since="0.2"),
+    Setting("attachments.archive_max_bytes", Size(), 10 * 1024 * 1024,
+            "Zip attachments larger than this are not opened. Only the directory of an archive is read, "
+            "nothing is decompressed.", since="0.2"),
+    Setting("attachments.archive_max_entries", Int(minimum=1), 1000,
+            "At most this many names of one archive are looked at.", since="0.2"),
 ]
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

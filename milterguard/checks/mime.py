@@ -11,12 +11,6 @@ from milterguard.engine.model import Hits, Stage
 DEFECT_SYMBOLS = ("MIME_BAD_BOUNDARY", "MIME_BAD_BASE64", "MIME_BAD_CHARSET", "HEADER_8BIT", "HEADER_NO_COLON",
                   "MIME_MISSING_VERSION")
 
-# Executables, scripts, shortcuts and disk images that mail has no business carrying.
-DANGEROUS_EXT = frozenset(
-    "exe scr pif com bat cmd cpl msi msp hta jar js jse vbs vbe wsf wsh ps1 lnk reg iso img vhd vhdx "
-    "chm dll sys application gadget msc inf".split()
-)
-_DOUBLE_EXT = re.compile(r"\.(?:pdf|docx?|xlsx?|jpe?g|png|gif|txt|html?|zip)\s*\.([a-z0-9]{2,5})\s*$", re.I)
 _FAREAST = re.compile(r"^(?:gb2312|gbk|gb18030|big5|ks_c_5601.*|euc-kr|euc-jp|iso-2022-jp|iso-2022-kr|shift_jis|hz-gb-2312)$")
 _IMG = re.compile(r"<img\b", re.I)
 
@@ -57,16 +51,56 @@ def mime_shape(scan, hits: Hits) -> None:
         hits.add("MIME_CHARSET_FAREAST", subj_charsets[0].lower(), where="header Subject")
 
 
-@check(stage=Stage.EOM, emits=("MIME_EXEC_ATTACHMENT", "MIME_DOUBLE_EXT"), priority=20)
+@check(stage=Stage.EOM, emits=("MIME_EXEC_ATTACHMENT", "MIME_DOUBLE_EXT", "MIME_ATTACH_OFFICE_MACRO"), priority=20)
 def attachment_names(scan, hits: Hits) -> None:
-    """Executable attachments and names that hide their real extension."""
+    """Executable and macro-enabled attachments, and names that hide their real extension.
+
+    The extension lists are settings (attachments.*); names inside archives are
+    judged by the `archive_contents` check with the same lists.
+    """
+    policy = name_policy(scan.config)
     for part in scan.message.attachments:
         name = (part.filename or "").strip().lower()
         if not name:
             continue
-        ext = name.rpartition(".")[2] if "." in name else ""
-        if ext in DANGEROUS_EXT:
-            hits.add("MIME_EXEC_ATTACHMENT", name, where="attachment name", text=name)
-        m = _DOUBLE_EXT.search(name)
-        if m and m.group(1).lower() in DANGEROUS_EXT:
-            hits.add("MIME_DOUBLE_EXT", name, where="attachment name", text=name)
+        for symbol in policy.judge(name):
+            hits.add(symbol, name, where="attachment name", text=name)
+
+
+class NamePolicy:
+    """The attachment name lists of one configuration."""
+
+    def __init__(self, dangerous, macro, cover) -> None:
+        self.dangerous = frozenset(e.lower().lstrip(".") for e in dangerous)
+        self.macro = frozenset(e.lower().lstrip(".") for e in macro)
+        self.cover = frozenset(e.lower().lstrip(".") for e in cover)
+
+    def judge(self, name: str) -> list[str]:
+        """The symbols NAME (lower case) earns: executable, macro, double extension."""
+        out = []
+        stem, dot, ext = name.rstrip(" .").rpartition(".")
+        if not dot:
+            return out
+        if ext in self.dangerous:
+            out.append("MIME_EXEC_ATTACHMENT")
+            # invoice.pdf.exe, invoice.pdf   .exe: a cover extension right before the real one.
+            inner = stem.rstrip().rpartition(".")[2] if "." in stem else ""
+            if inner in self.cover:
+                out.append("MIME_DOUBLE_EXT")
+        elif ext in self.macro:
+            out.append("MIME_ATTACH_OFFICE_MACRO")
+        return out
+
+
+_POLICIES: dict[tuple, NamePolicy] = {}
+
+
+def name_policy(config) -> NamePolicy:
+    """The NamePolicy of CONFIG's lists, built once per distinct set of lists."""
+    key = tuple(tuple(config[f"attachments.{kind}_extensions"]) for kind in ("dangerous", "macro", "cover"))
+    policy = _POLICIES.get(key)
+    if policy is None:
+        if len(_POLICIES) > 8:
+            _POLICIES.clear()
+        policy = _POLICIES[key] = NamePolicy(*key)
+    return policy

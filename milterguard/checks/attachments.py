@@ -1,0 +1,128 @@
+"""What attachments really are: magic bytes against the declared type, and zip archives.
+
+Archives are judged by their central directory alone (names, sizes, the
+encryption flag): nothing is decompressed, so a zip bomb costs no more than
+its directory, and at most attachments.archive_max_entries names are read.
+The extension lists are the ones `attachment_names` (checks/mime.py) uses.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+
+from milterguard.checks.mime import name_policy
+from milterguard.engine.checks import check
+from milterguard.engine.model import Hits, Stage
+
+# Leading bytes of the file kinds a declared type is compared with: (kind, offset, magic).
+_MAGIC = (
+    ("exe", 0, b"MZ"),
+    ("elf", 0, b"\x7fELF"),
+    ("zip", 0, b"PK\x03\x04"),
+    ("zip", 0, b"PK\x05\x06"),  # an empty zip
+    ("ole", 0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"),  # doc, xls, ppt, msg, msi
+    ("rar", 0, b"Rar!\x1a\x07"),
+    ("7z", 0, b"7z\xbc\xaf\x27\x1c"),
+    ("gzip", 0, b"\x1f\x8b"),
+    ("png", 0, b"\x89PNG\r\n\x1a\n"),
+    ("jpeg", 0, b"\xff\xd8\xff"),
+    ("gif", 0, b"GIF8"),
+    ("iso", 0x8001, b"CD001"),
+)
+# What a declared extension or content type says the bytes must be.
+_EXT_KIND = {
+    "pdf": "pdf", "png": "png", "jpg": "jpeg", "jpeg": "jpeg", "gif": "gif",
+    "zip": "zip", "docx": "zip", "xlsx": "zip", "pptx": "zip", "odt": "zip", "ods": "zip", "jar": "zip",
+    "doc": "ole", "xls": "ole", "ppt": "ole", "msg": "ole",
+    "rar": "rar", "7z": "7z", "gz": "gzip", "tgz": "gzip", "exe": "exe", "dll": "exe", "scr": "exe",
+    "iso": "iso",
+}
+_TYPE_KIND = {
+    "application/pdf": "pdf", "image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/gif": "gif",
+    "application/zip": "zip", "application/x-zip-compressed": "zip", "application/msword": "ole",
+    "application/vnd.ms-excel": "ole", "application/x-rar-compressed": "rar", "application/vnd.rar": "rar",
+    "application/x-7z-compressed": "7z", "application/gzip": "gzip", "application/x-gzip": "gzip",
+}
+_EXECUTABLE = frozenset({"exe", "elf"})
+# Declarations of a zip archive as such; Office and Java files are zips too, but their
+# entries are their own parts (word/document.xml), not files for the recipient to open.
+_PLAIN_ZIP = frozenset({".zip", "application/zip", "application/x-zip-compressed"})
+
+
+def magic_kind(data: bytes) -> str | None:
+    """The file kind the leading bytes of DATA show, or None for one not known here."""
+    for kind, offset, magic in _MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            return kind
+    # PDF readers accept the header anywhere in the first KB.
+    if b"%PDF-" in data[:1024]:
+        return "pdf"
+    return None
+
+
+def declared_kind(filename: str, content_type: str) -> tuple[str, str] | None:
+    """(kind, what declared it) from the file name's extension, else from a specific content type."""
+    ext = filename.lower().rstrip(" .").rpartition(".")[2] if "." in filename else ""
+    if ext in _EXT_KIND:
+        return _EXT_KIND[ext], f".{ext}"
+    kind = _TYPE_KIND.get(content_type.lower())
+    return (kind, content_type.lower()) if kind else None
+
+
+def zip_names(data: bytes, max_entries: int) -> tuple[list[str], bool, bool]:
+    """(entry names, any entry encrypted, whether the directory was cut at max_entries).
+
+    Reads the central directory only; raises zipfile.BadZipFile on a broken archive.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.LargeZipFile, ValueError, EOFError, struct.error, NotImplementedError, OSError) as exc:
+        raise zipfile.BadZipFile(str(exc)) from None
+    infos = archive.infolist()
+    cut = len(infos) > max_entries
+    infos = infos[:max_entries]
+    return [i.filename for i in infos], any(i.flag_bits & 0x1 for i in infos), cut
+
+
+@check(stage=Stage.EOM, emits=("MIME_TYPE_MISMATCH", "MIME_ARCHIVE_EXEC", "MIME_ARCHIVE_ENCRYPTED"), priority=25)
+def archive_contents(scan, hits: Hits) -> None:
+    """Attachments whose bytes contradict their declared type, and what zip archives hold."""
+    config = scan.config
+    policy = name_policy(config)
+    max_bytes = config["attachments.archive_max_bytes"]
+    max_entries = config["attachments.archive_max_entries"]
+    for part in scan.message.attachments:
+        data = part.payload
+        if not data:
+            continue
+        name = (part.filename or "").strip()
+        actual = magic_kind(data[:0x8010])
+        declared = declared_kind(name, part.content_type)
+        if actual in _EXECUTABLE and not (name and policy.judge(name.lower())):
+            # Program bytes under a name that does not say so (report.dat, photo.jpg, no name).
+            shown = declared[1] if declared else (f".{name.rpartition('.')[2].lower()}" if "." in name else "no extension")
+            hits.add("MIME_TYPE_MISMATCH", f"{shown} is {actual}", where="attachment content",
+                     text=f"{name or part.content_type} starts with the bytes of an executable")
+        elif actual and declared and actual != declared[0]:
+            # A .docx is a zip and a .msi an OLE file: only a different kind contradicts.
+            hits.add("MIME_TYPE_MISMATCH", f"{declared[1]} is {actual}", where="attachment content",
+                     text=f"{name or part.content_type}: declared {declared[0]}, bytes say {actual}")
+        if actual == "zip" and len(data) <= max_bytes and (declared is None or declared[1] in _PLAIN_ZIP):
+            _judge_zip(name, data, max_entries, policy, hits)
+
+
+def _judge_zip(name: str, data: bytes, max_entries: int, policy, hits: Hits) -> None:
+    try:
+        names, encrypted, _cut = zip_names(data, max_entries)
+    except zipfile.BadZipFile:
+        return  # a broken archive cannot be opened by the recipient either
+    if encrypted:
+        hits.add("MIME_ARCHIVE_ENCRYPTED", name or "zip", where="attachment content",
+                 text=f"{name or 'zip'}: password-protected entries, which no scanner can look into")
+    for inner in names:
+        base = inner.replace("\\", "/").rpartition("/")[2].lower()
+        judged = [s for s in policy.judge(base) if s in ("MIME_EXEC_ATTACHMENT", "MIME_ATTACH_OFFICE_MACRO")]
+        if judged:
+            hits.add("MIME_ARCHIVE_EXEC", f"{name or 'zip'}:{base}", where="archive entry", text=f"{inner} in {name}")
