@@ -401,6 +401,20 @@ SETTINGS: list[Setting] = [
             "nothing is decompressed.", since="0.2"),
     Setting("attachments.archive_max_entries", Int(minimum=1), 1000,
             "At most this many names of one archive are looked at.", since="0.2"),
+    Setting("phishing.protected_names", MapOf(ListOf(Str()), r"[^\s].*", "brand or person name"),
+            {"paypal": ["paypal.com"], "apple": ["apple.com", "icloud.com"],
+             "microsoft": ["microsoft.com", "office.com", "outlook.com", "live.com", "office365.com"],
+             "amazon": ["amazon.com", "amazon.co.uk", "amazon.de", "amazon.fr", "amazonses.com"],
+             "netflix": ["netflix.com"], "docusign": ["docusign.com", "docusign.net"], "dhl": ["dhl.com", "dhl.de"],
+             "fedex": ["fedex.com"], "wells fargo": ["wellsfargo.com"], "chase": ["chase.com", "jpmorgan.com"]},
+            "Names (brands, people: whole words, any case) that only the listed domains may put in a From "
+            "display name (PHISH_DISPLAY_NAME); the domains are also protected from lookalikes. The "
+            "recipient's own domain is always protected.", since="0.2", merge=True),
+    Setting("phishing.protected_domains", ListOf(Str()), [],
+            "More domains protected from lookalikes (PHISH_LOOKALIKE_*): your own and your partners'.", since="0.2"),
+    Setting("phishing.lookalike_distance", Int(minimum=0, maximum=3), 1,
+            "Largest edit distance (insertions, deletions, changes, swaps) at which a domain counts as a "
+            "lookalike of a protected one.", since="0.2"),
 ]
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
