@@ -369,6 +369,35 @@ SETTINGS: list[Setting] = [
             "After a failure a server is not asked for 1 s, then twice as long each time, up to this.", since="0.2"),
     Setting("redis.read_only", Bool(), False,
             "This node never writes to Redis (no learning, no autolearn), even with a master configured.", since="0.2"),
+    Setting("bayes.enabled", Bool(), True, "Classify with Bayes when Redis is configured.", since="0.2"),
+    Setting("bayes.min_learns", Int(minimum=0), 200,
+            "Bayes stays silent until this many spam and this many ham messages have been learned.", since="0.2"),
+    Setting("bayes.spam_probability", Float(minimum=0.5), 0.6,
+            "Spam probability at or above which BAYES_SPAM is added (its weight scales with the probability).",
+            since="0.2"),
+    Setting("bayes.ham_probability", Float(minimum=0.0), 0.4,
+            "Spam probability at or below which BAYES_HAM is added.", since="0.2"),
+    Setting("bayes.max_tokens", Int(minimum=1000), 5_000_000,
+            "Tokens kept in Redis (about 30 bytes each); past this, learning drops the rarest tokens "
+            "(`milterguard bayes expire` does it on demand).", since="0.2"),
+    Setting("bayes.autolearn", Bool(), False,
+            "Learn scanned mail on its own: spam at or above `bayes.autolearn_spam`, ham at or below "
+            "`bayes.autolearn_ham` (only where this node may write to Redis).", since="0.2"),
+    Setting("bayes.autolearn_spam", Float(), 15.0, "Score at or above which autolearn learns a message as spam.",
+            since="0.2"),
+    Setting("bayes.autolearn_ham", Float(), -2.0, "Score at or below which autolearn learns a message as ham.",
+            since="0.2"),
+    Setting("ml.enabled", Bool(), True, "Classify with the model trained by `milterguard train`, once there is one.",
+            since="0.2"),
+    Setting("ml.spam_probability", Float(minimum=0.5), 0.6,
+            "Probability at or above which ML_SPAM is added (its weight scales with the probability).", since="0.2"),
+    Setting("ml.ham_probability", Float(minimum=0.0), 0.4, "Probability at or below which ML_HAM is added.",
+            since="0.2"),
+    Setting("ml.poll_interval", Seconds(), 10.0,
+            "How often a running filter asks Redis for a new model version and swaps it in.", since="0.2"),
+    Setting("ml.max_samples", Int(minimum=100), 20000,
+            "Learned messages kept (as token hashes, about 2 KB each) for `milterguard train`; the oldest go first.",
+            since="0.2"),
     # --- content: ClamAV, attachments, content hashes, phishing, lists
     Setting("clamav.address", Str(), "",
             "clamd to scan with: `HOST:PORT` (`[v6]:PORT`) for TCP, or the path of its unix socket. "
@@ -415,6 +444,12 @@ SETTINGS: list[Setting] = [
     Setting("phishing.lookalike_distance", Int(minimum=0, maximum=3), 1,
             "Largest edit distance (insertions, deletions, changes, swaps) at which a domain counts as a "
             "lookalike of a protected one.", since="0.2"),
+    Setting("lists.dir", Str(), "{etc}/lists",
+            "Directory of the allow and block lists: `allow.map` and `block.map` for all mail, "
+            "`DOMAIN/allow.map` and `DOMAIN/block.map` for recipients at DOMAIN. Empty turns lists off.",
+            since="0.2"),
+    Setting("lists.check_interval", Seconds(), 1.0,
+            "How often the list files are looked at for changes; a changed file is read again.", since="0.2"),
 ]
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

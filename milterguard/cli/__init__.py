@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("milterguard.cli.corpus", "hit rates of each rule on a spam and a ham corpus"),
     "config": ("milterguard.cli.config", "show the effective configuration"),
     "bench": ("milterguard.cli.bench", "measure the engine's speed on a set of messages"),
+    "list": ("milterguard.cli.list", "show and edit the allow and block lists"),
 }
 
 
