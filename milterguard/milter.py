@@ -367,6 +367,10 @@ class MilterguardMilter(Milter.Base):
                 # Highest index first, so that the lower ones keep their numbers.
                 for index in range(count, 0, -1):
                     self.chgheader(name, index, None)
+        for name, index in self.engine.headers_to_remove(verdict, self.txn):
+            self.chgheader(name, index, None)
+        for name, value in self.engine.headers_to_prepend(verdict, self.txn):
+            self.addheader(name, value, 0)
         for name, value in self.engine.headers_for(verdict):
             self.addheader(name, value)
         subject = self.engine.subject_for(verdict, self._subject())

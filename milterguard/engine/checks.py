@@ -21,7 +21,7 @@ from milterguard.engine.model import Hits, Stage
 class CheckSpec:
     name: str
     stage: Stage
-    emits: frozenset[str]
+    emits: "Emits"
     fn: Callable
     after: tuple[str, ...] = ()
     priority: int = 50  # lower runs earlier within a stage: cheap checks first
@@ -30,6 +30,27 @@ class CheckSpec:
 
 
 CHECKS: dict[str, CheckSpec] = {}
+# Starters: functions `fn(scan)` that begin a check's slow work (DNS lookups) at an
+# earlier stage than the check itself runs, keyed by stage: (check name, fn).
+STARTERS: dict[Stage, list[tuple[str, Callable]]] = {}
+
+
+class Emits(frozenset):
+    """The symbols a check declares.  A name ending in `*` is a family (`RBL_*`):
+    the check may emit any symbol of it that a rule file declares, as the DNS
+    blocklists do, whose symbols are named in the configuration."""
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(s[:-1] for s in self if s.endswith("*"))
+
+    def __contains__(self, symbol: object) -> bool:
+        if frozenset.__contains__(self, symbol):
+            return True
+        return isinstance(symbol, str) and any(symbol.startswith(p) for p in self.families)
+
+    def concrete(self) -> list[str]:
+        return [s for s in self if not s.endswith("*")]
 
 
 def check(stage: Stage, emits: tuple[str, ...], after: tuple[str, ...] = (), priority: int = 50, name: str | None = None):
@@ -40,12 +61,46 @@ def check(stage: Stage, emits: tuple[str, ...], after: tuple[str, ...] = (), pri
         if check_name in CHECKS and CHECKS[check_name].fn is not fn:
             raise RuntimeError(f"check {check_name} registered twice")
         CHECKS[check_name] = CheckSpec(
-            name=check_name, stage=stage, emits=frozenset(emits), fn=fn, after=tuple(after),
+            name=check_name, stage=stage, emits=Emits(emits), fn=fn, after=tuple(after),
             priority=priority, module=fn.__module__, doc=(fn.__doc__ or "").strip().split("\n")[0],
         )
         return fn
 
     return register
+
+
+def starter(check_name: str, stage: Stage):
+    """Register `fn(scan)` to run at STAGE, before that stage's checks, for the check
+    CHECK_NAME of a later stage (when that check is enabled): it starts lookups
+    whose answers the check collects."""
+
+    def register(fn: Callable) -> Callable:
+        entries = STARTERS.setdefault(stage, [])
+        if (check_name, fn) not in entries:
+            entries.append((check_name, fn))
+        return fn
+
+    return register
+
+
+SYMBOL_POLICIES: list[Callable] = []
+
+
+def symbol_policy(fn: Callable) -> Callable:
+    """Register `fn(config) -> {symbol: {key: value}}`: overrides of rule-file
+    declarations that follow from a check's settings (a fixed action, say).
+    The `symbols:` setting still wins over them."""
+    if fn not in SYMBOL_POLICIES:
+        SYMBOL_POLICIES.append(fn)
+    return fn
+
+
+def symbol_overrides(config) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for fn in SYMBOL_POLICIES:
+        for symbol, change in fn(config).items():
+            out.setdefault(symbol, {}).update(change)
+    return out
 
 
 def ordered(specs: list[CheckSpec]) -> list[CheckSpec]:
@@ -71,9 +126,15 @@ def all_declared() -> dict[str, str]:
     """symbol -> name of the check that declares it."""
     out: dict[str, str] = {}
     for spec in CHECKS.values():
-        for symbol in spec.emits:
+        for symbol in spec.emits.concrete():
             out[symbol] = spec.name
     return out
 
 
-__all__ = ["CHECKS", "CheckSpec", "Hits", "Stage", "check", "ordered", "all_declared"]
+def declared_families() -> dict[str, str]:
+    """symbol prefix (`RBL_`) -> name of the check that declares the family."""
+    return {prefix: spec.name for spec in CHECKS.values() for prefix in spec.emits.families}
+
+
+__all__ = ["CHECKS", "STARTERS", "CheckSpec", "Emits", "Hits", "Stage", "check", "starter", "ordered", "all_declared",
+           "declared_families", "symbol_policy", "symbol_overrides"]

@@ -167,8 +167,11 @@ class Engine:
         for stage in Stage:
             specs = [s for s in registry.CHECKS.values() if s.stage == stage and s.name not in disabled]
             # A check whose every symbol is disabled need not run at all.
-            specs = [s for s in specs if any(ruleset.active(sym) for sym in s.emits)]
+            specs = [s for s in specs if any(ruleset.active(sym) for sym in ruleset.rules if sym in s.emits)]
             self.checks[stage] = registry.ordered(specs)
+        enabled = {s.name for specs in self.checks.values() for s in specs}
+        self.starters = {stage: [(name, fn) for name, fn in registry.STARTERS.get(stage, ()) if name in enabled]
+                         for stage in Stage}
         self.budget = config["checks.message_budget"]
         self.check_budget = config["checks.check_budget"]
 
@@ -198,6 +201,7 @@ class Engine:
         hits._enter(stage, "rules", None)
         self._run_rules(stage, scan, hits)
         timings[f"rules:{stage.label}"] = timings.get(f"rules:{stage.label}", 0.0) + time.perf_counter() - t0
+        self._run_starters(stage, scan, timings)
         for spec in self.checks[stage]:
             if started is not None and time.monotonic() - started > self.budget:
                 hits._enter(stage, "engine", _ENGINE_EMITS)
@@ -217,6 +221,19 @@ class Engine:
             verdict.timings = dict(timings)
             return verdict
         return None
+
+    def _run_starters(self, stage: Stage, scan: Scan, timings: dict[str, float]) -> None:
+        """Let later checks start their lookups now, so that they run while the MTA talks on."""
+        for name, fn in self.starters[stage]:
+            t0 = time.perf_counter()
+            try:
+                fn(scan)
+            except Exception as exc:  # noqa: BLE001 - the check itself reports what went wrong
+                if self.strict:
+                    raise
+                ref = scan.txn.queue_id if scan.txn and scan.txn.queue_id else scan.conn.ident
+                log.error("starting %s failed for %s: %s: %s", name, ref, type(exc).__name__, exc)
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
     def _run_check(self, spec: registry.CheckSpec, scan: Scan, hits: Hits, timings: dict[str, float]) -> None:
         hits._enter(scan.stage, spec.name, spec.emits)
@@ -344,6 +361,21 @@ class Engine:
             return []
         return scoring.spam_headers(verdict, self.config["headers.symbols"])
 
+    def headers_to_prepend(self, verdict: Verdict, txn: Transaction) -> list[tuple[str, str]]:
+        """Headers that go on top of the message: the Authentication-Results (RFC 8601 5)."""
+        results = txn.facts.get("auth_results")
+        if verdict.mode == "shadow" or results is None:
+            return []
+        return [("Authentication-Results", results.header())]
+
+    def headers_to_remove(self, verdict: Verdict, txn: Transaction) -> list[tuple[str, int]]:
+        """(name, 1-based index among headers of that name), highest index first: the
+        Authentication-Results that claim our authserv-id."""
+        results = txn.facts.get("auth_results")
+        if verdict.mode == "shadow" or results is None:
+            return []
+        return [("Authentication-Results", index) for index in sorted(results.remove, reverse=True)]
+
     def subject_for(self, verdict: Verdict, subject: str | None) -> str | None:
         """The new Subject when the applied action tags, else None."""
         tag = self.config["actions.subject_tag"]
@@ -355,17 +387,37 @@ class Engine:
         return f"{tag} {subject}".rstrip()
 
 
+def _symbol_overrides(config: Config) -> dict[str, dict]:
+    """What the checks' settings imply for their symbols, then the `symbols:` setting over it."""
+    overrides = registry.symbol_overrides(config)
+    for symbol, change in config["symbols"].items():
+        overrides.setdefault(symbol, {}).update(change)
+    return overrides
+
+
+class _Declared(dict):
+    """symbol -> check; a symbol of a declared family (`RBL_*`) counts as declared too."""
+
+    def __init__(self, symbols: dict[str, str], families: dict[str, str]) -> None:
+        super().__init__(symbols)
+        self.families = families
+
+    def __contains__(self, symbol: object) -> bool:
+        return dict.__contains__(self, symbol) or (
+            isinstance(symbol, str) and any(symbol.startswith(p) for p in self.families))
+
+
 def load_ruleset(config: Config) -> RuleSet:
     """Load the rule files named by CONFIG, cross-checked with the Python checks."""
     import milterguard.checks  # noqa: F401 - registers the checks
 
-    declared = registry.all_declared()
+    declared = _Declared(registry.all_declared(), registry.declared_families())
     declared.update(ENGINE_SYMBOLS)
     return load_rules(
         config.paths("rules.files"),
         share_dir=config.share_dir,
         maps_dirs=[config.expand(p) for p in config["rules.maps_dirs"]],
-        overrides=config["symbols"],
+        overrides=_symbol_overrides(config),
         group_caps=config["groups"],
         check_symbols=declared,
     )

@@ -1,0 +1,223 @@
+"""What the sender authentication checks share: the message as received,
+the hop to judge, registered domains and Authentication-Results syntax.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from milterguard import dns as mgdns
+
+
+def active_dns(scan) -> bool:
+    """Whether signatures (DKIM, ARC) are checked: DNS on, and not a logged-in client."""
+    if not mgdns.enabled(scan.config):
+        return False
+    return not (scan.config["auth.skip_authenticated"] and scan.conn.authenticated)
+
+
+def active(scan) -> bool:
+    """Whether the client's own authorisation (SPF, DMARC, blocklists) is judged:
+    DNS on, and a remote client that did not log in."""
+    if not active_dns(scan):
+        return False
+    return not (scan.config["auth.skip_authenticated"] and scan.conn.client_ip is None)
+
+
+# ---------------------------------------------------------------- the raw message
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def raw_message(txn) -> bytes:
+    """The message as received, with CRLF line ends, for signature verification.
+
+    Milters get header values without the one space after the colon and with
+    continuation lines joined by a newline; this puts both back.
+    """
+    out = []
+    for name, value in txn.headers:
+        value = value.replace("\r\n", "\n").replace("\n", "\r\n")
+        sep = ":" if value[:1] in (" ", "\t", "\r") else ": "
+        out.append(f"{name}{sep}{value}\r\n".encode("utf-8", "surrogateescape"))
+    out.append(b"\r\n")
+    out.append(_BARE_LF.sub(b"\r\n", body_bytes(txn)))
+    return b"".join(out)
+
+
+def body_bytes(txn) -> bytes:
+    body = txn.body
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if body is None:
+        return b""
+    # A spooled body: read it whole from the start and leave the position as it was.
+    pos = body.tell()
+    try:
+        body.seek(0)
+        return body.read()
+    finally:
+        body.seek(pos)
+
+
+def header_values(txn, name: str) -> list[str]:
+    lowered = name.lower()
+    return [v for n, v in txn.headers if n.lower() == lowered]
+
+
+# ---------------------------------------------------------------- relays and hops
+
+
+@lru_cache(maxsize=64)
+def _networks(entries: tuple[str, ...]) -> tuple:
+    nets = []
+    for entry in entries:
+        try:
+            nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            continue
+    return tuple(nets)
+
+
+def in_networks(ip: str | None, entries: list[str]) -> bool:
+    if not ip or not entries:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in _networks(tuple(entries)))
+
+
+_RECEIVED_IP = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]")
+
+
+def received_ips(txn) -> list[str]:
+    """Client addresses of the Received headers, newest first (the bracketed ones)."""
+    out = []
+    for value in header_values(txn, "Received"):
+        # Only the "from" clause: the part before " by ".
+        part = re.split(r"\sby\s", value, maxsplit=1)[0]
+        for m in _RECEIVED_IP.finditer(part):
+            try:
+                out.append(str(ipaddress.ip_address(m.group(1))))
+                break
+            except ValueError:
+                continue
+    return out
+
+
+def spf_hop(scan) -> tuple[str | None, bool]:
+    """(the IP SPF is judged on, whether it came from Received behind a trusted relay)."""
+    ip = scan.conn.client_ip
+    relays = scan.config["auth.trusted_relays"]
+    if not in_networks(ip, relays):
+        return ip, False
+    if scan.txn is None or not scan.txn.headers:
+        return None, True  # only the headers tell: wait for them
+    for hop in received_ips(scan.txn):
+        if not in_networks(hop, relays):
+            return hop, True
+    return None, True
+
+
+# ---------------------------------------------------------------- domains
+
+
+@lru_cache(maxsize=1)
+def _psl():
+    import publicsuffixlist
+
+    return publicsuffixlist.PublicSuffixList()  # ships its list: nothing is fetched
+
+
+@lru_cache(maxsize=4096)
+def org_domain(domain: str) -> str:
+    """The organisational (registered) domain, by the public suffix list (RFC 7489 3.2)."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        return ""
+    return _psl().privatesuffix(domain) or domain
+
+
+def aligned(a: str, b: str, mode: str) -> bool:
+    """RFC 7489 3.1: strict means equal, relaxed means the same organisational domain."""
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    if not a or not b:
+        return False
+    if mode == "s":
+        return a == b
+    return org_domain(a) == org_domain(b)
+
+
+def under(domain: str, roots: list[str]) -> bool:
+    domain = domain.lower().rstrip(".")
+    for root in roots:
+        root = root.lower().strip().rstrip(".")
+        if root and (domain == root or domain.endswith("." + root)):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- Authentication-Results
+
+
+def authserv_id(scan) -> str:
+    configured = scan.config["auth.authserv_id"]
+    if configured:
+        return configured
+    return scan.conn.macros.get("j") or _hostname()
+
+
+@lru_cache(maxsize=1)
+def _hostname() -> str:
+    return socket.getfqdn() or socket.gethostname()
+
+
+_TOKEN_OK = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@]+$")
+
+
+def value(text: str) -> str:
+    """A method property value: a token as it is, anything else quoted (RFC 8601 2.2)."""
+    if _TOKEN_OK.match(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def comment(text: str) -> str:
+    return "(" + re.sub(r"[()\\\r\n]", " ", text)[:120] + ")"
+
+
+def claimed_authserv_id(header_value: str) -> str:
+    """The authserv-id an Authentication-Results value begins with (comments skipped)."""
+    text = header_value.strip()
+    while text.startswith("("):
+        depth, i = 0, 0
+        for i, ch in enumerate(text):
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+        text = text[i + 1:].strip()
+    m = re.match(r"[^\s;()]+", text)
+    return m.group(0).strip('"').lower() if m else ""
+
+
+@dataclass
+class Results:
+    """The Authentication-Results header of this message, and the forged ones to remove."""
+
+    authserv_id: str
+    methods: list[str] = field(default_factory=list)
+    remove: list[int] = field(default_factory=list)  # 1-based indexes among Authentication-Results
+
+    def header(self) -> str:
+        if not self.methods:
+            return f"{self.authserv_id}; none"
+        return f"{self.authserv_id};\n\t" + ";\n\t".join(self.methods)

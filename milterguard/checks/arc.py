@@ -1,0 +1,78 @@
+"""ARC (RFC 8617): verify the chain of a forwarded message with dkimpy.
+
+The keys of the ARC-Seal and ARC-Message-Signature headers are looked up
+from end of headers on, through our resolver.  A valid chain whose latest
+seal comes from a domain in `auth.trusted_arc_sealers` lets DMARC spare a
+forwarded message its policy (checks/dmarc.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dkim as dkimpy
+
+from milterguard import auth
+from milterguard import dns as mgdns
+from milterguard.checks.dkim import KeyAbsent, KeyUnavailable, key_lookup, start_key_lookups
+from milterguard.engine.checks import check, starter
+from milterguard.engine.model import Hits, Stage
+
+
+@dataclass
+class ArcResult:
+    """What the ARC check found; `txn.facts["arc"]`."""
+
+    result: str  # pass, fail, none, temperror
+    sealer: str = ""  # d= of the latest ARC-Seal
+    instances: int = 0
+    trusted: bool = False
+    reason: str = ""
+    results: list[str] = field(default_factory=list)  # ARC-Authentication-Results values, oldest first
+
+
+@starter("arc", Stage.HEADERS)
+def _start(scan) -> None:
+    start_key_lookups(scan, "ARC-Seal")
+    start_key_lookups(scan, "ARC-Message-Signature")
+
+
+@check(stage=Stage.EOM, emits=("ARC_ALLOW", "ARC_REJECT", "ARC_NA", "ARC_TEMPFAIL"), priority=42)
+def arc(scan, hits: Hits) -> None:
+    """Verify the ARC chain of the message."""
+    if not auth.active_dns(scan):
+        return
+    txn = scan.txn
+    if not auth.header_values(txn, "ARC-Seal"):
+        txn.facts["arc"] = ArcResult("none")
+        hits.add("ARC_NA", where="ARC-Seal", text="no ARC set")
+        return
+    raw = auth.raw_message(txn)
+    dnsfunc = key_lookup(mgdns.session(scan))
+    try:
+        cv, sets, reason = dkimpy.arc_verify(raw, dnsfunc=dnsfunc)
+    except KeyUnavailable as exc:
+        txn.facts["arc"] = ArcResult("temperror", reason=str(exc))
+        hits.add("ARC_TEMPFAIL", where="ARC-Seal", text=str(exc))
+        return
+    except KeyAbsent as exc:
+        cv, sets, reason = b"fail", [], str(exc)
+    except dkimpy.DKIMException as exc:
+        cv, sets, reason = b"fail", [], f"broken ARC set: {exc}"
+    result = cv.decode() if isinstance(cv, bytes) else str(cv)
+    sets = sorted(sets or [], key=lambda s: s.get("instance", 0))
+    latest = sets[-1] if sets else {}
+    sealer = (latest.get("as-domain") or b"").decode("ascii", "replace").lower()
+    found = ArcResult(result if result in ("pass", "fail", "none") else "fail", sealer=sealer, instances=len(sets),
+                      reason=reason.decode() if isinstance(reason, bytes) else str(reason),
+                      results=[(s.get("aar-value") or b"").decode("utf-8", "replace").strip() for s in sets])
+    found.trusted = bool(sealer) and auth.under(sealer, scan.config["auth.trusted_arc_sealers"])
+    txn.facts["arc"] = found
+    where = f"ARC-Seal i={found.instances}" if found.instances else "ARC-Seal"
+    text = f"cv={found.result} ({found.reason})" + (f", sealed by {sealer}" if sealer else "")
+    if found.trusted:
+        text += " (trusted sealer)"
+    if found.result == "pass":
+        hits.add("ARC_ALLOW", sealer, f"i={found.instances}", where=where, text=text)
+    else:
+        hits.add("ARC_REJECT", sealer or "?", where=where, text=text)

@@ -1,0 +1,59 @@
+"""The Authentication-Results header (RFC 8601) of what SPF, DKIM, DMARC and ARC found.
+
+Headers that arrived claiming our authserv-id are forged (or ours from an
+earlier pass): they are removed before ours is added, and reported.
+"""
+
+from __future__ import annotations
+
+from milterguard import auth
+from milterguard.engine.checks import check
+from milterguard.engine.model import Hits, Stage
+
+HEADER = "Authentication-Results"
+
+
+def _methods(txn) -> list[str]:
+    out = []
+    spf = txn.facts.get("spf")
+    if spf is not None:
+        prop = "smtp.mailfrom" if spf.identity == "mailfrom" else "smtp.helo"
+        ident = spf.sender if spf.identity == "mailfrom" else spf.domain
+        out.append(f"spf={spf.result} {auth.comment('client ' + spf.ip)} {prop}={auth.value(ident)}")
+    dkim = txn.facts.get("dkim")
+    if dkim is not None:
+        if not dkim.signatures:
+            out.append("dkim=none")
+        for sig in dkim.signatures:
+            note = f" {auth.comment(sig.reason)}" if sig.reason else ""
+            out.append(f"dkim={sig.result}{note} header.d={auth.value(sig.domain or 'unknown')} "
+                       f"header.s={auth.value(sig.selector or 'unknown')}")
+    arc = txn.facts.get("arc")
+    if arc is not None:
+        note = f" {auth.comment(arc.sealer)}" if arc.sealer else ""
+        out.append(f"arc={arc.result}{note}")
+    dmarc = txn.facts.get("dmarc")
+    if dmarc is not None:
+        policy = f" {auth.comment('p=' + dmarc.policy + (' applied ' + dmarc.applied if dmarc.applied else ''))}" \
+            if dmarc.policy else ""
+        out.append(f"dmarc={dmarc.result}{policy} header.from={auth.value(dmarc.domain)}")
+    return out
+
+
+@check(stage=Stage.EOM, emits=("AUTH_RESULTS_FORGED",), after=("spf", "dkim", "arc", "dmarc"), priority=90)
+def auth_results(scan, hits: Hits) -> None:
+    """Build the Authentication-Results header; find the forged ones to remove."""
+    cfg = scan.config
+    if not cfg["auth.results_header"] or not auth.active_dns(scan):
+        return
+    txn = scan.txn
+    results = auth.Results(auth.authserv_id(scan))
+    ours = results.authserv_id.lower()
+    for index, value in enumerate(auth.header_values(txn, HEADER), start=1):
+        if auth.claimed_authserv_id(value) == ours:
+            results.remove.append(index)
+    if results.remove:
+        hits.add("AUTH_RESULTS_FORGED", ours, where=HEADER,
+                 text=f"{len(results.remove)} header(s) claiming {ours} removed")
+    results.methods = _methods(txn)
+    txn.facts["auth_results"] = results

@@ -1,0 +1,177 @@
+"""DMARC (RFC 7489): the From domain's policy, and whether SPF or DKIM align with it.
+
+The record of the From domain and that of its organisational domain (the
+fallback of RFC 7489 6.6.3) are both looked up from end of headers on;
+checkdmarc parses the record.  The public suffix list that decides the
+organisational domain ships with the publicsuffixlist package: nothing is
+fetched at run time.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from checkdmarc.dmarc import DMARCError, parse_dmarc_record
+
+from milterguard import auth
+from milterguard import dns as mgdns
+from milterguard.checks.dkim import tags as record_tags
+from milterguard.engine.checks import check, starter, symbol_policy
+from milterguard.engine.model import Hits, Stage
+
+SYMBOLS = ("DMARC_POLICY_ALLOW", "DMARC_POLICY_REJECT", "DMARC_POLICY_QUARANTINE", "DMARC_POLICY_SOFTFAIL",
+           "DMARC_NA", "DMARC_BAD_POLICY", "DMARC_TEMPFAIL", "DMARC_ARC_OVERRIDE")
+
+
+@dataclass
+class DmarcResult:
+    """What the DMARC check found; `txn.facts["dmarc"]`.
+
+    `result` is pass, fail, none, temperror or permerror; `domain` the
+    RFC5322.From domain; `policy` the policy that applies to it (reject,
+    quarantine, none; "" without a record); `override` names what spared a
+    failing message its policy ("arc:<sealer>").
+    """
+
+    result: str
+    domain: str
+    policy: str = ""
+    record_domain: str = ""  # where the record was found
+    spf_aligned: bool = False
+    dkim_aligned: bool = False
+    applied: str = ""  # the policy after pct/t=: reject, quarantine or none
+    reason: str = ""
+    override: str = ""
+
+
+def _from_domain(scan) -> str:
+    msg = scan.message
+    return msg.from_domain if msg is not None else ""
+
+
+@starter("dmarc", Stage.HEADERS)
+def _start(scan) -> None:
+    if not auth.active(scan):
+        return
+    domain = _from_domain(scan)
+    if not domain:
+        return
+    sess = mgdns.session(scan)
+    sess.start(f"_dmarc.{domain}", "TXT")
+    org = auth.org_domain(domain)
+    if org != domain:
+        sess.start(f"_dmarc.{org}", "TXT")
+
+
+def _records(answer: mgdns.Answer) -> list[str]:
+    return [t for t in answer.texts() if re.match(r"v\s*=\s*DMARC1\b", t.strip(), re.I)]
+
+
+def _fetch(sess: mgdns.Session, domain: str) -> tuple[str, str, str]:
+    """(status, record, where): status ok, none or temperror (RFC 7489 6.6.3)."""
+    org = auth.org_domain(domain)
+    for name in dict.fromkeys((domain, org)):
+        answer = sess.get(f"_dmarc.{name}", "TXT")
+        if answer.temporary:
+            return "temperror", answer.error or answer.status, name
+        found = _records(answer)
+        if len(found) == 1:
+            return "ok", found[0], name
+        # No record, or several (which counts as none): try the organisational domain.
+    return "none", "", domain
+
+
+@symbol_policy
+def _reject_at_smtp(config) -> dict:
+    """auth.dmarc_reject gives DMARC_POLICY_REJECT a fixed reject action."""
+    return {"DMARC_POLICY_REJECT": {"action": "reject"}} if config["auth.dmarc_reject"] else {}
+
+
+@check(stage=Stage.EOM, emits=SYMBOLS, after=("spf", "dkim", "arc"), priority=45)
+def dmarc(scan, hits: Hits) -> None:
+    """The From domain's DMARC policy against aligned SPF and DKIM results."""
+    if not auth.active(scan):
+        return
+    txn = scan.txn
+    domain = _from_domain(scan)
+    if not domain:
+        return
+    sess = mgdns.session(scan)
+    status, record, where = _fetch(sess, domain)
+    if status == "temperror":
+        txn.facts["dmarc"] = DmarcResult("temperror", domain, reason=record)
+        hits.add("DMARC_TEMPFAIL", domain, where=f"_dmarc.{where}", text=record)
+        return
+    if status == "none":
+        txn.facts["dmarc"] = DmarcResult("none", domain, reason="no record")
+        hits.add("DMARC_NA", domain, where="_dmarc." + domain, text="no DMARC record")
+        return
+    # Report addresses are not used, and checking them would query DNS: leave them out.
+    bare = ";".join(p for p in record.split(";") if not re.match(r"\s*ru[af]\s*=", p, re.I))
+    try:
+        parsed = parse_dmarc_record(bare, where)["tags"]
+    except DMARCError as exc:
+        txn.facts["dmarc"] = DmarcResult("permerror", domain, record_domain=where, reason=str(exc))
+        hits.add("DMARC_BAD_POLICY", domain, where=f"_dmarc.{where}", text=f"{record}: {exc}")
+        return
+    value = {k: str(v["value"]).lower() for k, v in parsed.items() if not isinstance(v["value"], list)}
+    raw = record_tags(record)
+    policy = value.get("p", "none") if where == domain else value.get("sp", value.get("p", "none"))
+    adkim, aspf = value.get("adkim", "r"), value.get("aspf", "r")
+
+    spf = txn.facts.get("spf")
+    dkim = txn.facts.get("dkim")
+    spf_aligned = bool(spf and spf.result == "pass" and auth.aligned(spf.domain, domain, aspf))
+    dkim_domains = dkim.passing_domains if dkim else []
+    dkim_aligned = any(auth.aligned(d, domain, adkim) for d in dkim_domains)
+    mode = {"r": "relaxed", "s": "strict"}
+    reasons = [f"record at _dmarc.{where} (p={value.get('p', 'none')}"
+               + (f", sp={value['sp']}" if "sp" in raw else "") + f", adkim={adkim}, aspf={aspf})"]
+    if spf is None:
+        reasons.append("SPF not evaluated")
+    elif spf.result != "pass":
+        reasons.append(f"SPF {spf.result} for {spf.domain}")
+    else:
+        reasons.append(f"SPF pass for {spf.domain} " + ("aligned" if spf_aligned else f"not aligned ({mode[aspf]})"))
+    if not dkim or not dkim.signatures:
+        reasons.append("no DKIM signature")
+    else:
+        for sig in dkim.signatures:
+            if sig.result != "pass":
+                reasons.append(f"DKIM d={sig.domain} {sig.result}")
+            else:
+                ok = auth.aligned(sig.domain, domain, adkim)
+                reasons.append(f"DKIM d={sig.domain} pass " + ("aligned" if ok else f"not aligned ({mode[adkim]})"))
+    reason = "; ".join(reasons)
+    found = DmarcResult("pass" if spf_aligned or dkim_aligned else "fail", domain, policy, where,
+                        spf_aligned, dkim_aligned, reason=reason)
+    txn.facts["dmarc"] = found
+    if found.result == "pass":
+        found.applied = "none"
+        hits.add("DMARC_POLICY_ALLOW", domain, policy, where=f"_dmarc.{where}", text=reason)
+        return
+
+    # RFC 7489 6.6.4: a policy applies to pct% of failing mail, the rest gets the next milder one;
+    # DMARCbis t=y (testing) applies none of it.
+    applied = policy
+    try:
+        pct = int(raw.get("pct", "100"))
+    except ValueError:
+        pct = 100
+    if raw.get("t") == "y":
+        pct = 0
+    if policy in ("reject", "quarantine") and random.random() * 100 >= pct:
+        applied = "quarantine" if policy == "reject" else "none"
+        reason += f"; pct={pct}: {policy} not applied, {applied} instead"
+    found.applied = applied
+    arc = txn.facts.get("arc")
+    if arc is not None and arc.result == "pass" and arc.trusted:
+        found.override = f"arc:{arc.sealer}"
+        hits.add("DMARC_ARC_OVERRIDE", domain, arc.sealer, where=f"_dmarc.{where}",
+                 text=f"{reason}; ARC chain sealed by trusted {arc.sealer}")
+        return
+    symbol = {"reject": "DMARC_POLICY_REJECT", "quarantine": "DMARC_POLICY_QUARANTINE"}.get(applied,
+                                                                                           "DMARC_POLICY_SOFTFAIL")
+    hits.add(symbol, domain, policy, where=f"_dmarc.{where}", text=reason)
