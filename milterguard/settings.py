@@ -215,6 +215,27 @@ ACTION_NAMES = ("accept", "tag", "review", "discard", "tempfail", "reject")
 _SYMBOL_RE = r"[A-Z][A-Z0-9_]*"
 _DOMAIN_RE = r"[A-Za-z0-9*][A-Za-z0-9.-]*"
 
+# The common public blocklists, off until rbl.public is true (the default install must not
+# depend on the network, and their operators refuse queries from public resolvers).
+RBL_PUBLIC_LISTS = {
+    "spamhaus_zen": {"zone": "zen.spamhaus.org", "kind": "ip", "public": True, "symbol": "RBL_SPAMHAUS",
+                     "codes": {"127.0.0.2": "RBL_SPAMHAUS_SBL", "127.0.0.3": "RBL_SPAMHAUS_CSS",
+                               "127.0.0.4/30": "RBL_SPAMHAUS_XBL", "127.0.0.9": "RBL_SPAMHAUS_DROP",
+                               "127.0.0.10/31": "RBL_SPAMHAUS_PBL"}},
+    "spamhaus_dbl": {"zone": "dbl.spamhaus.org", "kind": "uri", "public": True, "symbol": "URIBL_SPAMHAUS_DBL",
+                     "codes": {"127.0.1.4/30": "URIBL_SPAMHAUS_DBL_PHISH",
+                               "127.0.1.102/31": "URIBL_SPAMHAUS_DBL_ABUSED"}},
+    "spamhaus_dbl_from": {"zone": "dbl.spamhaus.org", "kind": "from", "public": True,
+                          "symbol": "RHSBL_SPAMHAUS_DBL_FROM"},
+    "surbl": {"zone": "multi.surbl.org", "kind": "uri", "public": True, "bitmask": True,
+              "blocked": ["127.0.0.1/32"],
+              "codes": {"127.0.0.8": "URIBL_SURBL_PH", "127.0.0.16": "URIBL_SURBL_MW",
+                        "127.0.0.64": "URIBL_SURBL_ABUSE", "127.0.0.128": "URIBL_SURBL_CR"}},
+    "uribl": {"zone": "multi.uribl.com", "kind": "uri", "public": True, "bitmask": True,
+              "blocked": ["127.0.0.1/32"],
+              "codes": {"127.0.0.2": "URIBL_BLACK", "127.0.0.4": "URIBL_GREY", "127.0.0.8": "URIBL_RED"}},
+}
+
 THRESHOLDS = Struct("thresholds", reject=Float(), review=Float(), tag=Float())
 
 SETTINGS: list[Setting] = [
@@ -339,11 +360,15 @@ SETTINGS: list[Setting] = [
     Setting("rbl.lists", MapOf(Struct("blocklist", zone=Str(), kind=Choice("ip", "received", "sender", "from", "helo",
                                                                             "uri", "uri_ip"),
                                       symbol=Str(), codes=MapOf(Str(), r"127\.[0-9.]+(/[0-9]+)?", "return code"),
-                                      enabled=Bool(), public=Bool(), description=Str()),
-                               r"[a-z0-9_-]+", "list name"), {},
-            "DNS blocklists by name: `zone`, `kind` (ip, received, sender, from, helo, uri, uri_ip), the "
-            "`symbol` for any listing, `codes` mapping return addresses (127.0.0.2, or a /CIDR) to "
-            "symbols, `enabled`, `public`. See docs/authentication.md.", since="0.2", merge=True),
+                                      bitmask=Bool(), blocked=ListOf(Str()), enabled=Bool(), public=Bool(),
+                                      description=Str()),
+                               r"[a-z0-9_-]+", "list name"), RBL_PUBLIC_LISTS,
+            "DNS blocklists by name: `zone`, `kind` (ip, received, sender, from, helo, uri, uri_ip), `symbol` "
+            "for any other 127.x answer, `codes` mapping answers (127.0.0.2, or a /CIDR) to symbols, "
+            "`bitmask` (codes are bits of the last octet, as SURBL and URIBL answer), `blocked` (answers "
+            "that mean the list refuses us; default 127.255.255.0/24), `enabled`, `public` (on only with "
+            "rbl.public). Symbols must be declared in a rule file. See docs/authentication.md.",
+            since="0.2", merge=True),
     Setting("rbl.skip_domains", ListOf(Str()), [],
             "Domains (and their subdomains) never looked up in domain and URI lists: our own and "
             "allowlisted ones.", since="0.2"),
@@ -450,6 +475,16 @@ SETTINGS: list[Setting] = [
             since="0.2"),
     Setting("lists.check_interval", Seconds(), 1.0,
             "How often the list files are looked at for changes; a changed file is read again.", since="0.2"),
+    Setting("fuzzy.enabled", Bool(), True,
+            "Compare messages with the content hashes of reported spam in Redis (needs redis.url, "
+            "replicas or sentinels).", since="0.2"),
+    Setting("fuzzy.max_distance", Int(minimum=0, maximum=7), 5,
+            "Largest Hamming distance (bits of 64) at which a SimHash counts as a near copy (FUZZY_DENIED).",
+            since="0.2"),
+    Setting("fuzzy.min_words", Int(minimum=1), 20,
+            "Messages with fewer words than this are not hashed: short texts are too alike.", since="0.2"),
+    Setting("fuzzy.ttl", Seconds(), 30 * 86400.0,
+            "How long a reported hash is kept (seconds); reporting it again starts its time anew.", since="0.2"),
 ]
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("milterguard.cli.config", "show the effective configuration"),
     "bench": ("milterguard.cli.bench", "measure the engine's speed on a set of messages"),
     "list": ("milterguard.cli.list", "show and edit the allow and block lists"),
+    "fuzzy": ("milterguard.cli.fuzzy", "report spam by its content hashes, forget it, or check files"),
 }
 
 

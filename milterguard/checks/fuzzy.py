@@ -1,0 +1,47 @@
+"""Reported spam and its mutated resends: exact and SimHash content hashes in Redis.
+
+Runs first among the end-of-message checks (one Redis round trip), so that
+a known spam is decided before the costly checks (DNS, clamd) of the stage.
+Off when Redis is (no redis.url, replicas or sentinels) or fuzzy.enabled is false.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from milterguard.engine.checks import check
+from milterguard.engine.model import Hits, Stage
+from milterguard.fuzzy import FuzzyStore, digest
+from milterguard.redisstore import RedisUnavailable, get_store
+
+log = logging.getLogger("milterguard.fuzzy")
+
+
+@check(stage=Stage.EOM, emits=("HASH_DENIED", "FUZZY_DENIED", "FUZZY_TEMPFAIL"), priority=2)
+def fuzzy(scan, hits: Hits) -> None:
+    """Look the message's exact hash and SimHash up among the reported ones."""
+    config = scan.config
+    if not config["fuzzy.enabled"]:
+        return
+    store = get_store(config)
+    if store is None:
+        return
+    d = digest(scan.message.text)
+    if d.words < config["fuzzy.min_words"]:
+        return
+    max_distance = config["fuzzy.max_distance"]
+    try:
+        match = FuzzyStore(store, config["fuzzy.ttl"]).lookup(d, max_distance)
+    except RedisUnavailable as exc:
+        log.warning("fuzzy look-up failed for %s: %s", scan.txn.queue_id or scan.conn.ident, exc)
+        hits.add("FUZZY_TEMPFAIL", where="redis", text=str(exc)[:160])
+        return
+    if match is None:
+        return
+    if match.kind == "exact":
+        hits.add("HASH_DENIED", d.exact[:16], where="body hash", text=f"exact hash {d.exact[:16]}... of a reported message")
+    else:
+        # The weight shrinks with the distance: half of it at the largest distance allowed.
+        factor = 1.0 - 0.5 * match.distance / (max_distance + 1)
+        hits.add("FUZZY_DENIED", f"distance {match.distance}", where="body simhash", factor=factor,
+                 text=f"simhash {d.simhex} is {match.distance} bits from reported {match.simhash}")

@@ -1,0 +1,147 @@
+"""Content hashes of reported spam, kept in Redis (milterguard/redisstore.py).
+
+Two hashes of a message's text (HTML reduced to text):
+
+- the exact hash: SHA-256 of the normalised text (lower case, each run of
+  digits made one `#`, white space collapsed), so that a resend with other
+  line breaks or other numbers is the same message;
+- a 64-bit SimHash of its word 3-shingles (same normalisation): texts that
+  share most of their shingles get hashes a few bits apart, and the
+  Hamming distance between two hashes measures how far the texts are.
+
+Keys (under redis.prefix)::
+
+    fuzzy:h:<exact hash>          -> the SimHash, with an expiry (fuzzy.ttl)
+    fuzzy:b:<band>:<8 bits>       sorted set: SimHash -> expiry time
+
+Each SimHash is filed under its eight 8-bit bands: two hashes at most 7 bits
+apart share at least one band whole (pigeonhole), so a look-up reads eight
+small sets in one round trip and compares only the hashes found there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+
+BANDS = 8
+BAND_BITS = 64 // BANDS
+MAX_DISTANCE = BANDS - 1  # what the band index can find
+_DIGITS = re.compile(r"\d+")
+_WORD = re.compile(r"[^\W_]+|#", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Digest:
+    exact: str  # hex SHA-256 of the normalised text
+    simhash: int  # 64 bits
+    words: int
+
+    @property
+    def simhex(self) -> str:
+        return f"{self.simhash:016x}"
+
+
+def normalise(text: str) -> str:
+    return " ".join(_DIGITS.sub("#", text.lower()).split())
+
+
+def digest(text: str) -> Digest:
+    """The exact hash and the SimHash of TEXT."""
+    norm = normalise(text)
+    words = _WORD.findall(norm)
+    exact = hashlib.sha256(norm.encode("utf-8", "surrogatepass")).hexdigest()
+    return Digest(exact, simhash(words), len(words))
+
+
+def simhash(words: list[str]) -> int:
+    """64-bit SimHash of the word 3-shingles of WORDS (single words when there are fewer than 3)."""
+    shingles = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)] or words
+    counts = [0] * 64
+    for shingle in shingles:
+        value = int.from_bytes(hashlib.blake2b(shingle.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+        for bit in range(64):
+            counts[bit] += 1 if value >> bit & 1 else -1
+    out = 0
+    for bit in range(64):
+        if counts[bit] > 0:
+            out |= 1 << bit
+    return out
+
+
+def distance(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def bands(value: int) -> list[str]:
+    return [f"{i}:{(value >> (i * BAND_BITS)) & ((1 << BAND_BITS) - 1):02x}" for i in range(BANDS)]
+
+
+@dataclass(frozen=True)
+class Match:
+    kind: str  # "exact" or "fuzzy"
+    distance: int
+    simhash: str  # the stored hash that matched
+
+
+class FuzzyStore:
+    """Exact and SimHash entries in a RedisStore."""
+
+    def __init__(self, store, ttl: float) -> None:
+        self.store = store
+        self.ttl = int(ttl)
+
+    def _keys(self, d: Digest) -> tuple[str, list[str]]:
+        return self.store.key("fuzzy", "h", d.exact), [self.store.key("fuzzy", "b", b) for b in bands(d.simhash)]
+
+    def add(self, d: Digest) -> None:
+        """File D (again): its expiry starts anew. Raises RedisUnavailable."""
+        exact_key, band_keys = self._keys(d)
+        now = time.time()
+        expires = now + self.ttl
+        with self.store.writer().pipeline() as pipe:
+            pipe.set(exact_key, d.simhex, ex=self.ttl)
+            for key in band_keys:
+                pipe.zadd(key, {d.simhex: expires})
+                pipe.zremrangebyscore(key, "-inf", now)  # what expired meanwhile
+                pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def delete(self, d: Digest) -> bool:
+        """Remove D's exact entry and its SimHash; True when it was there."""
+        exact_key, band_keys = self._keys(d)
+        with self.store.writer().pipeline() as pipe:
+            pipe.delete(exact_key)
+            for key in band_keys:
+                pipe.zrem(key, d.simhex)
+            results = pipe.execute()
+        return bool(results[0]) or any(results[1:])
+
+    def lookup(self, d: Digest, max_distance: int) -> Match | None:
+        """The closest entry within MAX_DISTANCE bits, exact first. Raises RedisUnavailable."""
+        exact_key, band_keys = self._keys(d)
+        now = time.time()
+        with self.store.reader().pipeline() as pipe:
+            pipe.get(exact_key)
+            for key in band_keys:
+                pipe.zrangebyscore(key, now, "+inf")
+            results = pipe.execute()
+        if results[0] is not None:
+            return Match("exact", 0, _text(results[0]))
+        best: Match | None = None
+        for members in results[1:]:
+            for member in members or ():
+                text = _text(member)
+                try:
+                    dist = distance(int(text, 16), d.simhash)
+                except ValueError:
+                    continue
+                if dist <= max_distance and (best is None or dist < best.distance):
+                    best = Match("fuzzy", dist, text)
+        return best
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
