@@ -350,7 +350,8 @@ SETTINGS: list[Setting] = [
             "Reject at SMTP a message that fails DMARC under the sender's p=reject. By default it only "
             "scores (enough to be held for review).", since="0.2"),
     Setting("auth.skip_authenticated", Bool(), True,
-            "Skip SPF and DMARC for clients that logged in (SASL) and for local clients.", since="0.2"),
+            "Skip SPF, DMARC and blocklists for clients that logged in (SASL) and for local clients (a unix "
+            "socket or loopback address), and DKIM and ARC for the former.", since="0.2"),
     Setting("rbl.enabled", Bool(), True,
             "Query the DNS blocklists declared in `rbl.lists` (the shipped public lists are off "
             "until `rbl.public` is true).", since="0.2"),
@@ -439,7 +440,7 @@ SETTINGS: list[Setting] = [
             since="0.2"),
     Setting("attachments.dangerous_extensions", ListOf(Str()),
             ("exe scr pif com bat cmd cpl msi msp msix appx appxbundle hta jar js jse vbs vbe wsf wsh wsc sct ps1 "
-             "psm1 lnk url scf reg iso img vhd vhdx dmg chm dll sys xll application gadget msc inf "
+             "psm1 lnk scf reg iso img vhd vhdx dmg chm dll sys xll application gadget msc inf "
              "settingcontent-ms").split(),
             "Extensions of executables, scripts, shortcuts and disk images (MIME_EXEC_ATTACHMENT; inside a zip "
             "MIME_ARCHIVE_EXEC). Lower case, without the dot.", since="0.2"),
@@ -461,8 +462,8 @@ SETTINGS: list[Setting] = [
              "amazon": ["amazon.com", "amazon.co.uk", "amazon.de", "amazon.fr", "amazonses.com"],
              "netflix": ["netflix.com"], "docusign": ["docusign.com", "docusign.net"], "dhl": ["dhl.com", "dhl.de"],
              "fedex": ["fedex.com"], "wells fargo": ["wellsfargo.com"], "chase": ["chase.com", "jpmorgan.com"]},
-            "Names (brands, people: whole words, any case) that only the listed domains may put in a From "
-            "display name (PHISH_DISPLAY_NAME); the domains are also protected from lookalikes. The "
+            "Names (brands, people: whole words, any case) that only the listed domains may begin a From "
+            "display name with (PHISH_DISPLAY_NAME); the domains are also protected from lookalikes. The "
             "recipient's own domain is always protected.", since="0.2", merge=True),
     Setting("phishing.protected_domains", ListOf(Str()), [],
             "More domains protected from lookalikes (PHISH_LOOKALIKE_*): your own and your partners'.", since="0.2"),

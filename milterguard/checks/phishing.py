@@ -9,9 +9,9 @@
   `confusable_homoglyphs` package.
 - PHISH_DISPLAY_ADDRESS: the From display name carries an address of
   another domain than the real sender's.
-- PHISH_DISPLAY_NAME: the display name names a protected brand or person
-  (phishing.protected_names) or the recipient's own domain, while the
-  sender's domain is not one of theirs.
+- PHISH_DISPLAY_NAME: the display name starts with a protected brand or
+  person (phishing.protected_names) or the recipient's organisation name,
+  while the sender's domain is not one of theirs.
 - PHISH_LOOKALIKE_URL / PHISH_LOOKALIKE_FROM: a domain a small edit distance
   away from (or spelled with rn for m, 0 for o...) a protected domain or the
   recipient's own, without being it.
@@ -203,11 +203,13 @@ def phishing(scan, hits: Hits) -> None:
         if m and org_domain(m.group(1).lower()) != from_org:
             hits.add("PHISH_DISPLAY_ADDRESS", m.group(0).lower(), where="header From",
                      text=f'"{display[:60]}" <{msg.from_addr}>')
-        words = _name_words(_ADDRESS_IN_NAME.sub(" ", display))  # an address in the name is judged above
-        claimed = [(name, domains) for name, domains in names.items() if f" {name} " in words]
-        # The recipient's own organisation: its name (example in example.org) in the display name.
+        # A name the display name starts with: "PayPal Security", not "Lockergnome Apple Core" (a
+        # newsletter about the brand). An address in the name is judged above.
+        words = _name_words(_ADDRESS_IN_NAME.sub(" ", display)).lstrip()
+        claimed = [(name, domains) for name, domains in names.items() if words.startswith(f"{name} ")]
+        # The recipient's own organisation: its name (example in example.org).
         claimed += [(org.split(".")[0], frozenset({org})) for org in rcpt_domains
-                    if len(org.split(".")[0]) >= 4 and f" {org.split('.')[0]} " in words]
+                    if len(org.split(".")[0]) >= 4 and words.startswith(f"{org.split('.')[0]} ")]
         for name, domains in claimed:
             if not any(from_domain == d or from_domain.endswith("." + d) for d in domains):
                 hits.add("PHISH_DISPLAY_NAME", f"{name}<>{from_domain}", where="header From",
