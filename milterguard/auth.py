@@ -25,7 +25,10 @@ def active(scan) -> bool:
     DNS on, and a remote client that did not log in."""
     if not active_dns(scan):
         return False
-    return not (scan.config["auth.skip_authenticated"] and scan.conn.client_ip is None)
+    if not scan.config["auth.skip_authenticated"]:
+        return True
+    ip = scan.conn.ip
+    return ip is not None and not ip.is_loopback
 
 
 # ---------------------------------------------------------------- the raw message
