@@ -20,6 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("milterguard.cli.corpus", "hit rates of each rule on a spam and a ham corpus"),
     "config": ("milterguard.cli.config", "show the effective configuration"),
     "bench": ("milterguard.cli.bench", "measure the engine's speed on a set of messages"),
+    "learn": ("milterguard.cli.learn", "learn messages as spam or ham (Bayes and classifier samples in Redis)"),
+    "unlearn": ("milterguard.cli.unlearn", "forget learned messages"),
+    "bayes": ("milterguard.cli.bayes", "Bayes database statistics and token expiry"),
+    "train": ("milterguard.cli.train", "train the classifier on the learned messages and publish it"),
+    "evaluate": ("milterguard.cli.evaluate", "accuracy on a spam and a ham corpus: learn, train and test on a fixed split"),
     "list": ("milterguard.cli.list", "show and edit the allow and block lists"),
     "fuzzy": ("milterguard.cli.fuzzy", "report spam by its content hashes, forget it, or check files"),
 }

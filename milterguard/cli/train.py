@@ -1,0 +1,35 @@
+"""Train the classifier on the learned samples and publish it in Redis for every node."""
+
+from __future__ import annotations
+
+import time
+
+from milterguard.cli.common import CliError, load, report
+from milterguard.learn import model as ml
+from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--c", type=float, default=ml.DEFAULT_C, dest="c",
+                        help=f"inverse regularisation strength of the logistic regression (default {ml.DEFAULT_C})")
+
+
+def run(args) -> int:
+    try:
+        config = load(args)
+        store = RedisStore.from_config(config)
+        if store is None:
+            raise CliError("Redis is not configured: set redis.url (or redis.sentinels)")
+        t0 = time.monotonic()
+        model = ml.train(store, c=args.c)
+    except RedisReadOnly as exc:
+        return report(CliError(str(exc)))
+    except RedisUnavailable as exc:
+        return report(CliError(f"Redis not reachable: {exc}", status=75))
+    except ValueError as exc:
+        return report(CliError(str(exc)))
+    except CliError as exc:
+        return report(exc)
+    print(f"model version {model.version} trained on {model.samples} samples in {time.monotonic() - t0:.1f}s; "
+          f"running filters load it within ml.poll_interval ({config['ml.poll_interval']:g}s)")
+    return 0

@@ -1,0 +1,183 @@
+"""The learned classifier: logistic regression on hashed tokens, shared through Redis.
+
+Features are the tokens of `milterguard.learn.tokens` (words, OSB bigrams,
+header, URL, attachment and structural tokens), each hashed into one of
+`DIM` columns, a message's row scaled to unit length.  `milterguard train`
+fits a scikit-learn LogisticRegression on the samples kept by learning
+(`ml:samples`), and stores the model in Redis:
+
+- `ml:model`: the non-zero weights (column indices and float32 values),
+  the intercept and the version, zlib-packed;
+- `ml:version`: a counter raised in the same transaction.
+
+Every node polls `ml:version` (every `ml.poll_interval` seconds, from a
+replica) and, when it changed, loads the new model and swaps it in with
+one assignment: a message is scored by one model or the other, never a mix,
+and no restart is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from milterguard.learn.bayes import token_hash, unpack_sample
+from milterguard.redisstore import RedisStore, RedisUnavailable
+
+log = logging.getLogger("milterguard.learn")
+
+DIM = 1 << 20
+DEFAULT_C = 4.0
+
+
+def columns(hashes: list[int]) -> np.ndarray:
+    """The feature columns of a message's token hashes (unique, sorted)."""
+    return np.unique(np.asarray([h & 0xFFFFFFFF for h in hashes], dtype=np.uint64) % DIM).astype(np.int64)
+
+
+@dataclass
+class Model:
+    weights: np.ndarray  # float32, DIM long
+    intercept: float
+    version: int
+    samples: int = 0
+
+    def probability(self, hashes: list[int]) -> float:
+        """Spam probability of a message given its token hashes."""
+        cols = columns(hashes)
+        if len(cols) == 0:
+            z = self.intercept
+        else:
+            z = float(self.weights[cols].sum()) / np.sqrt(len(cols)) + self.intercept
+        return float(1.0 / (1.0 + np.exp(-z)))
+
+    def pack(self) -> bytes:
+        nz = np.flatnonzero(self.weights).astype(np.uint32)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, idx=nz, val=self.weights[nz].astype(np.float32),
+                            meta=np.asarray([self.intercept, self.version, self.samples], dtype=np.float64))
+        return buf.getvalue()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Model":
+        with np.load(io.BytesIO(data)) as npz:
+            weights = np.zeros(DIM, dtype=np.float32)
+            weights[npz["idx"].astype(np.int64)] = npz["val"]
+            intercept, version, samples = npz["meta"]
+        return cls(weights, float(intercept), int(version), int(samples))
+
+
+def load_samples(store: RedisStore) -> tuple[list[np.ndarray], list[int]]:
+    """(columns per sample, 1 for spam / 0 for ham) of every kept sample, from the master."""
+    from milterguard.learn.bayes import Bayes
+
+    bayes = Bayes(store)
+    writer = store.writer()
+    labels = {k: v for k, v in writer.hgetall(bayes.digests_key).items()}
+    rows, y = [], []
+    cursor = 0
+    while True:
+        cursor, batch = writer.hscan(bayes.samples_key, cursor, count=1000)
+        for digest, data in batch.items():
+            label = labels.get(digest)
+            if label not in (b"spam", b"ham"):
+                continue
+            rows.append(columns(unpack_sample(data)))
+            y.append(1 if label == b"spam" else 0)
+        if cursor == 0:
+            break
+    return rows, y
+
+
+def fit(rows: list[np.ndarray], y: list[int], c: float = DEFAULT_C, version: int = 0) -> Model:
+    """Fit logistic regression on hashed, unit-length binary rows."""
+    from scipy.sparse import csr_matrix
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(y)) < 2:
+        raise ValueError("training needs both spam and ham samples")
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(r) for r in rows])
+    indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    data = np.concatenate([np.full(len(r), 1.0 / np.sqrt(max(len(r), 1)), dtype=np.float64) for r in rows])
+    x = csr_matrix((data, indices, indptr), shape=(len(rows), DIM))
+    clf = LogisticRegression(C=c, solver="liblinear", class_weight="balanced", max_iter=200)
+    clf.fit(x, np.asarray(y))
+    return Model(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), version, len(rows))
+
+
+def train(store: RedisStore, c: float = DEFAULT_C) -> Model:
+    """Fit on the kept samples and publish the model as the next version."""
+    rows, y = load_samples(store)
+    writer = store.writer()
+    version = int(writer.get(store.key("ml", "version")) or 0) + 1
+    model = fit(rows, y, c=c, version=version)
+    publish(store, model)
+    return model
+
+
+def publish(store: RedisStore, model: Model) -> None:
+    """Store the model and raise the version in one transaction."""
+    with store.writer().pipeline(transaction=True) as pipe:
+        pipe.set(store.key("ml", "model"), model.pack())
+        pipe.set(store.key("ml", "version"), model.version)
+        pipe.execute()
+
+
+class ModelCache:
+    """The current model of one store, reloaded when its version changes."""
+
+    def __init__(self, store: RedisStore, poll_interval: float) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self.model: Model | None = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+
+    def current(self) -> Model | None:
+        """The model to score with; polls Redis at most every poll_interval.
+
+        Raises RedisUnavailable only when no model was ever loaded and Redis
+        cannot be asked; a loaded model keeps serving through an outage.
+        """
+        now = time.monotonic()
+        if now - self._checked < self.poll_interval:
+            return self.model
+        if not self._lock.acquire(blocking=False):
+            return self.model  # another thread is polling
+        try:
+            self._checked = now
+            try:
+                reader = self.store.reader()
+                version = int(reader.get(self.store.key("ml", "version")) or 0)
+                if version and (self.model is None or version != self.model.version):
+                    data = reader.get(self.store.key("ml", "model"))
+                    if data:
+                        model = Model.unpack(data)
+                        self.model = model  # one assignment: the swap is atomic
+                        log.info("classifier model version %d loaded (%d samples)", model.version, model.samples)
+            except RedisUnavailable:
+                if self.model is None:
+                    raise
+            return self.model
+        finally:
+            self._lock.release()
+
+
+_CACHES: dict[int, ModelCache] = {}
+
+
+def model_cache(store: RedisStore, poll_interval: float) -> ModelCache:
+    cache = _CACHES.get(id(store))
+    if cache is None or cache.store is not store:
+        cache = _CACHES[id(store)] = ModelCache(store, poll_interval)
+    cache.poll_interval = poll_interval
+    return cache
+
+
+__all__ = ["DIM", "Model", "ModelCache", "columns", "fit", "load_samples", "model_cache", "publish", "token_hash", "train"]

@@ -1,0 +1,163 @@
+"""milterguard.redisstore against real redis-server processes: replicas, outages, Sentinel failover."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from milterguard.config import load_config
+from milterguard.learn.bayes import Bayes
+from milterguard.message import Message
+from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable, get_store
+from support import wait_until
+from support.mailgen import make_message
+from support.redis import RedisSentinel, RedisServer, redis_available
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server and redis-sentinel are not installed")
+
+
+@pytest.fixture
+def master(tmp_path):
+    server = RedisServer.start(tmp_path / "master")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replica(tmp_path, master):
+    server = RedisServer.start(tmp_path / "replica", replica_of=master)
+    server.wait_synced()
+    yield server
+    server.stop()
+
+
+def test_off_without_servers_and_prefixed_keys(tmp_path):
+    assert RedisStore.from_config(load_config(etc_dir=tmp_path)) is None
+    assert get_store(load_config(etc_dir=tmp_path)) is None
+    store = RedisStore.from_config(load_config(etc_dir=tmp_path, sets=["redis.url=redis://127.0.0.1:1/0",
+                                                                      "redis.prefix=site-a:"]))
+    assert store.key("bayes", "t", 7) == "site-a:bayes:t:7"
+
+
+def test_writes_go_to_the_master_and_reads_to_the_replica(master, replica):
+    store = RedisStore(url=master.url, replicas=[replica.url])
+    store.writer().set(store.key("k"), "v")
+    master.wait_replicated(replica)
+    reader = store.reader()
+    assert reader.name == replica.url
+    assert reader.get(store.key("k")) == b"v"
+    with store.writer().pipeline() as pipe:
+        pipe.incr(store.key("n")).incr(store.key("n"))
+        assert pipe.execute() == [1, 2]
+    # A node that only knows the replica never writes.
+    replica_only = RedisStore(replicas=[replica.url])
+    assert replica_only.reader().get(store.key("k")) == b"v"
+    with pytest.raises(RedisReadOnly):
+        replica_only.writer()
+    # Nor does a node told to be read-only.
+    with pytest.raises(RedisReadOnly):
+        RedisStore(url=master.url, read_only=True).writer()
+
+
+def test_a_dead_replica_falls_back_to_the_master(master, replica, caplog):
+    store = RedisStore(url=master.url, replicas=[replica.url], timeout=0.5)
+    store.writer().set(store.key("k"), "v")
+    replica.kill()
+    with caplog.at_level(logging.WARNING, logger="milterguard.redis"):
+        for _ in range(5):
+            assert store.reader().get(store.key("k")) == b"v"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "using the others" in lines[0], lines
+
+
+def test_outage_is_logged_once_calls_fail_fast_and_recovery_follows(master, caplog):
+    store = RedisStore(url=master.url, timeout=0.5, retry_max=0.3)
+    store.writer().set(store.key("k"), "v")
+    master.stop()
+    with caplog.at_level(logging.INFO, logger="milterguard.redis"):
+        started = time.monotonic()
+        failures = 0
+        while time.monotonic() - started < 1.5:
+            with pytest.raises(RedisUnavailable):
+                store.reader().get(store.key("k"))
+            failures += 1
+            time.sleep(0.02)
+        assert failures > 20  # the back-off answers at once: no time lost per message
+        down = [r for r in caplog.records if "not reachable" in r.getMessage()]
+        assert len(down) == 1, [r.getMessage() for r in caplog.records]
+        assert "learning/hash checks off until it is" in down[0].getMessage()
+        master.restart()  # same port, empty (no persistence)
+        wait_until(lambda: _answers(store), timeout=5, what="reconnect after restart")
+        up = [r for r in caplog.records if "reachable again" in r.getMessage()]
+        assert len(up) == 1
+
+
+def _answers(store: RedisStore) -> bool:
+    try:
+        store.writer().set(store.key("k"), "again")
+        return True
+    except RedisUnavailable:
+        return False
+
+
+def test_start_with_redis_down_logs_once(tmp_path, caplog):
+    config = load_config(etc_dir=tmp_path, sets=["redis.url=redis://127.0.0.1:9/0", "redis.prefix=down-test:"])
+    with caplog.at_level(logging.WARNING, logger="milterguard.redis"):
+        store = get_store(config)
+        assert get_store(config) is store  # cached per process
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "learning/hash checks off until it is" in lines[0]
+
+
+@pytest.mark.slow
+def test_sentinel_failover_keeps_classifying_and_learning_resumes(tmp_path, master, replica):
+    sentinel = RedisSentinel.start(tmp_path / "sentinel", master, service="mg")
+    try:
+        sentinel.wait_replicas_known(1)
+        store = RedisStore(sentinels=[sentinel.address], sentinel_service="mg", timeout=0.5, retry_max=0.5)
+        bayes = Bayes(store)
+        for i in range(5):
+            bayes.learn_message(Message.from_bytes(make_message("spam", i)), "spam")
+            bayes.learn_message(Message.from_bytes(make_message("ham", i)), "ham")
+        master.wait_replicated(replica)
+        probe = Message.from_bytes(make_message("spam", 99))
+        prob_before = Bayes(store).classify(_tokens(probe))[0]
+        assert prob_before > 0.9
+
+        old_port = master.port
+        master.kill()
+        # Classification never stops: it reads from the replica all along.
+        deadline = time.monotonic() + 30
+        new_port = None
+        while time.monotonic() < deadline:
+            prob = bayes.classify(_tokens(probe))[0]
+            assert prob == pytest.approx(prob_before)
+            new_port = sentinel.master_port()
+            if new_port and new_port != old_port:
+                break
+            time.sleep(0.1)
+        assert new_port == replica.port, "Sentinel did not promote the replica"
+        # Learning resumes against the promoted master.
+        extra = Message.from_bytes(make_message("ham", 50))
+        learned = wait_until(lambda: _try_learn(bayes, extra), timeout=15, what="learning on the new master")
+        assert learned.outcome == "learned"
+        assert replica.role() == "master"
+        assert bayes.totals() == (5, 6)
+        assert bayes.classify(_tokens(probe))[0] == pytest.approx(prob_before, abs=0.05)
+    finally:
+        sentinel.stop()
+
+
+def _tokens(msg):
+    from milterguard.learn.tokens import tokenize
+
+    return tokenize(msg)
+
+
+def _try_learn(bayes, msg):
+    try:
+        return bayes.learn_message(msg, "ham")
+    except RedisUnavailable:
+        return None
