@@ -179,6 +179,15 @@ def _evaluate(args, config, cleanup: bool) -> int:
         "ms_per_message": round(sum(r["ms"] for r in rows) / max(len(rows), 1), 2),
         "learned_ms_per_message": round(sum(r["learned_ms"] for r in rows) / max(len(rows), 1), 2),
     }
+    # The messages that decide the miss rate at low false positives: the
+    # highest scoring ham and the lowest scoring spam.
+    def brief(r: dict) -> dict:
+        return {"path": r["path"], "score": round(r["score"], 2), "bayes": round(r["bayes"], 4),
+                "classifier": round(r["classifier"], 4)}
+
+    by_score = sorted(rows, key=lambda r: r["score"])
+    result["hardest"] = {"ham": [brief(r) for r in reversed(by_score) if not r["label"]][:5],
+                         "spam": [brief(r) for r in by_score if r["label"]][:5]}
     for action in ("tag", "review", "reject"):
         result["thresholds"][action] = {
             "at": th[action],

@@ -18,7 +18,8 @@ Redis layout (all keys under `redis.prefix`):
 
 Learning a message is one Lua script on the master (atomic, one round
 trip); classifying reads all of a message's tokens with one read-only
-script on a replica (one round trip).
+script on a replica (one round trip); a message's tokens go to either script as one string of
+7 bytes per token, which costs the client far less than an argument each.
 """
 
 from __future__ import annotations
@@ -72,20 +73,26 @@ else
   redis.call('LREM', KEYS[4], 1, ARGV[1])
 end
 local d = string.format('%d', delta)
-for i = 6, #ARGV, 2 do
-  local key = ARGV[3] .. ARGV[i]
-  if redis.call('HINCRBY', key, ARGV[i + 1], d) <= 0 then redis.call('HDEL', key, ARGV[i + 1]) end
+local blob = ARGV[6]
+for i = 1, #blob, 7 do
+  local hi, lo = string.byte(blob, i, i + 1)
+  local key = ARGV[3] .. (hi * 256 + lo)
+  local field = string.sub(blob, i + 2, i + 6)
+  if redis.call('HINCRBY', key, field, d) <= 0 then redis.call('HDEL', key, field) end
 end
 if prev then return 2 end
 return 1
 """
 
 _FETCH = """
-local out = redis.call('HMGET', KEYS[1], 'spam', 'ham')
-for i = 2, #ARGV, 2 do
-  out[#out + 1] = redis.call('HGET', ARGV[1] .. ARGV[i], ARGV[i + 1]) or 0
+local totals = redis.call('HMGET', KEYS[1], 'spam', 'ham')
+local out = {totals[1] or '0', totals[2] or '0'}
+local blob = ARGV[2]
+for i = 1, #blob, 7 do
+  local hi, lo = string.byte(blob, i, i + 1)
+  out[#out + 1] = redis.call('HGET', ARGV[1] .. (hi * 256 + lo), string.sub(blob, i + 2, i + 6)) or '0'
 end
-return out
+return table.concat(out, ' ')
 """
 
 _SHA_FETCH = hashlib.sha1(_FETCH.encode()).hexdigest()
@@ -97,9 +104,9 @@ def token_hash(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def slot(h: int) -> tuple[str, bytes]:
-    """(hash key suffix, field) of a token hash."""
-    return str(h >> 48), ((h >> 8) & 0xFFFFFFFFFF).to_bytes(5, "big")
+def slots_blob(hashes: list[int]) -> bytes:
+    """Tokens as the scripts read them: 7 bytes each, 2 of hash key number and 5 of field."""
+    return b"".join((h >> 8).to_bytes(7, "big") for h in hashes)
 
 
 def message_digest(msg: "Message") -> str:
@@ -180,16 +187,15 @@ class Bayes:
 
     def fetch(self, hashes: list[int]) -> tuple[int, int, list[tuple[int, int]]]:
         """(spam learned, ham learned, (spam, ham) per token) in one round trip to a reader."""
-        args: list[str | bytes] = [self.token_prefix]
-        for h in hashes:
-            args.extend(slot(h))
+        args = (self.token_prefix, slots_blob(hashes))
         reader = self.store.reader()
         try:
             reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, *args)
         except redis.exceptions.NoScriptError:
             reply = reader.eval_ro(_FETCH, 1, self.totals_key, *args)
-        n_spam, n_ham = int(reply[0] or 0), int(reply[1] or 0)
-        counts = [divmod(int(v), SPAM_UNIT) for v in reply[2:]]
+        values = [int(v) for v in reply.split()]
+        n_spam, n_ham = values[0], values[1]
+        counts = [divmod(v, SPAM_UNIT) for v in values[2:]]
         return n_spam, n_ham, counts
 
     def totals(self) -> tuple[int, int]:
@@ -214,9 +220,7 @@ class Bayes:
             raise ValueError(f"label must be spam, ham or empty, got {label!r}")
         hashes = [token_hash(t) for t in tokens]
         packed = pack_sample(hashes) if sample and label else b""
-        args: list[str | bytes | int] = [digest, label, self.token_prefix, packed, self.max_samples]
-        for h in hashes:
-            args.extend(slot(h))
+        args = (digest, label, self.token_prefix, packed, self.max_samples, slots_blob(hashes))
         keys = (self.digests_key, self.totals_key, self.samples_key, self.order_key)
         writer = self.store.writer()
         try:
@@ -285,5 +289,5 @@ class Bayes:
         return {"tokens_before": total, "removed": removed, "tokens": total - removed}
 
 
-__all__ = ["Bayes", "Learned", "RedisUnavailable", "combine", "message_digest", "token_hash", "slot",
+__all__ = ["Bayes", "Learned", "RedisUnavailable", "combine", "message_digest", "token_hash", "slots_blob",
            "pack_sample", "unpack_sample"]
