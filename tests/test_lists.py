@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from types import SimpleNamespace
-
 import pytest
 
+from milterguard.checks.dmarc import DmarcResult
 from milterguard.cli import main
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
@@ -97,11 +96,12 @@ def test_allow_never_lifts_a_fixed_action(etc):
 
 def test_from_domain_allow_does_not_apply_when_dmarc_fails(etc):
     cli(etc, "add", "allow", "sender.example")
-    failing = {"dmarc": SimpleNamespace(result="fail", domain="sender.example")}
+    # The DMARC check is disabled in run(): its fact is put in place here.
+    failing = {"dmarc": DmarcResult(result="fail", domain="sender.example", policy="reject")}
     verdict = run(etc, facts=failing)
     assert "LIST_ALLOW" not in verdict.symbols
     assert verdict.hit("LIST_ALLOW_IGNORED").options == ["domain:sender.example"]
-    passing = {"dmarc": SimpleNamespace(result="pass", domain="sender.example")}
+    passing = {"dmarc": DmarcResult(result="pass", domain="sender.example", policy="reject")}
     assert "LIST_ALLOW" in run(etc, facts=passing).symbols
 
 
