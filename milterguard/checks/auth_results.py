@@ -34,9 +34,10 @@ def _methods(txn) -> list[str]:
         out.append(f"arc={arc.result}{note}")
     dmarc = txn.facts.get("dmarc")
     if dmarc is not None:
-        policy = f" {auth.comment('p=' + dmarc.policy + (' applied ' + dmarc.applied if dmarc.applied else ''))}" \
-            if dmarc.policy else ""
-        out.append(f"dmarc={dmarc.result}{policy} header.from={auth.value(dmarc.domain)}")
+        # Only result and domain are promised to other writers of this fact.
+        policy, applied = getattr(dmarc, "policy", ""), getattr(dmarc, "applied", "")
+        note = f" {auth.comment('p=' + policy + (' applied ' + applied if applied else ''))}" if policy else ""
+        out.append(f"dmarc={dmarc.result}{note} header.from={auth.value(dmarc.domain or 'unknown')}")
     return out
 
 
