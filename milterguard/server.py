@@ -20,6 +20,7 @@ Signals reach the supervisor, whose handlers only queue them:
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -145,6 +146,9 @@ class Supervisor:
 
     def _spawn(self) -> None:
         read_end, write_end = os.pipe()
+        # Keep the objects the workers inherit (the engine, the loaded modules) out of the
+        # collector's reach, so that its passes do not copy the shared pages into each worker.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             os.close(write_end)

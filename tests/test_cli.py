@@ -373,6 +373,24 @@ def test_corpus_text_with_an_extra_rule_file(capsys, etc, small_corpus, tmp_path
     assert "all split: 3 spam, 3 ham;" in out
 
 
+def test_corpus_markdown_table_matches_the_json(capsys, etc, small_corpus):
+    spam, ham = small_corpus
+    common = ("corpus", "--etc-dir", str(etc), "--spam", str(spam), "--ham", str(ham), "--split", "all", "--jobs", "1")
+    status, out, err = run(capsys, *common, "--json")
+    assert status == 0, err
+    rows = {r["symbol"]: r for r in json.loads(out)["symbols"]}
+    status, out, err = run(capsys, *common, "--markdown")
+    assert status == 0, err
+    assert out.startswith("all split: 3 spam, 3 ham.")
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line.count("|") == 7]
+    assert table[0][0].strip() == "symbol"
+    listed = {cells[0].strip(): cells for cells in table[1:]}
+    assert set(listed) == set(rows)
+    for name, cells in listed.items():
+        assert float(cells[2]) == pytest.approx(rows[name]["spam_pct"], abs=0.01)
+        assert float(cells[3]) == pytest.approx(rows[name]["ham_pct"], abs=0.01)
+
+
 def test_corpus_needs_a_spam_or_ham_dir(capsys, etc):
     status, out, err = run(capsys, "corpus", "--etc-dir", str(etc))
     assert status == 2

@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", choices=("train", "test", "all"), default="train", help="which part of the corpus (default train)")
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/rules-qa.md)")
     parser.add_argument("--all-symbols", action="store_true", help="with extra rule files: list every symbol, not only theirs")
     parser.add_argument("--progress", action="store_true", default=None, help="draw a progress bar even when stderr is not a terminal")
 
@@ -102,12 +103,15 @@ def run(args) -> int:
         "ham_rejected": sum(1 for r in results if r.label == "ham" and r.score >= th["reject"]),
         "mean_ms": round(1000 * sum(r.elapsed for r in results) / max(len(results), 1), 3),
     }
+    hits_of = {st.symbol: st.spam + st.ham for st in symbol_stats(results)}
     rows = []
     for st in stats:
         spam_pct = 100.0 * st.spam / n_spam if n_spam else 0.0
         ham_pct = 100.0 * st.ham / n_ham if n_ham else 0.0
         so = spam_pct / (spam_pct + ham_pct) if spam_pct + ham_pct else 0.0
-        top = max(st.overlaps.items(), key=lambda kv: kv[1], default=("", 0))
+        # Symbols that hit most messages (R_DKIM_NA, say) overlap with everything and tell nothing.
+        top = max(((o, n) for o, n in st.overlaps.items() if hits_of.get(o, 0) < len(results) / 2),
+                  key=lambda kv: kv[1], default=("", 0))
         rule = _ENGINE.ruleset.rules.get(st.symbol)
         rows.append({
             "symbol": st.symbol, "weight": rule.weight if rule else 0.0, "spam_pct": round(spam_pct, 2),
@@ -116,6 +120,9 @@ def run(args) -> int:
         })
     if args.json:
         print(json.dumps({"summary": summary, "symbols": rows}, indent=1))
+        return 0
+    if args.markdown:
+        print(_markdown(summary, rows))
         return 0
     print(f"{'symbol':<28} {'weight':>6} {'spam%':>7} {'ham%':>7} {'S/O':>6}  overlap")
     for r in rows:
@@ -133,3 +140,28 @@ def run(args) -> int:
         file=sys.stdout,
     )
     return 0
+
+
+def _markdown(summary: dict, rows: list[dict]) -> str:
+    """The summary and the per-symbol table as Markdown."""
+    s = summary
+
+    def pct(a: int, b: int) -> str:
+        return f"{100.0 * a / b:.1f} %" if b else "-"
+
+    lines = [
+        f"{s['split']} split: {s['spam']} spam, {s['ham']} ham.",
+        "",
+        "| | spam | ham |",
+        "|---|---|---|",
+        f"| score >= tag | {pct(s['spam_tagged'], s['spam'])} | {pct(s['ham_tagged'], s['ham'])} |",
+        f"| score >= review | {pct(s['spam_review'], s['spam'])} | {pct(s['ham_review'], s['ham'])} |",
+        f"| score >= reject | {pct(s['spam_rejected'], s['spam'])} | {pct(s['ham_rejected'], s['ham'])} |",
+        "",
+        "| symbol | weight | spam % | ham % | S/O | overlaps most with |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ov = f"{r['overlap']} ({r['overlap_pct']:.0f} %)" if r["overlap"] else ""
+        lines.append(f"| {r['symbol']} | {r['weight']:g} | {r['spam_pct']:.2f} | {r['ham_pct']:.2f} | {r['so']:.3f} | {ov} |")
+    return "\n".join(lines)
