@@ -181,3 +181,10 @@ def test_public_lists_are_off_by_default(engine):
 
     assert "spamhaus_zen" not in active_lists(engine.config)
     assert "spamhaus_zen" in active_lists(engine.config.with_sets(["rbl.public=true"]))
+
+
+def test_a_list_symbol_no_rule_file_declares_stops_loading(nsd, tmp_path):
+    from milterguard.engine.core import RulesError
+
+    with pytest.raises(RulesError, match="RBL_UNDECLARED, which no rule file declares"):
+        make_engine(tmp_path, nsd, "rbl.lists.extra={zone: x.test, kind: ip, symbol: RBL_UNDECLARED}")

@@ -63,6 +63,13 @@ def test_spf_result(engine, domain, symbol):
     assert verdict.hit(symbol).options == [domain, CLIENT]
 
 
+def test_explain_text_names_the_deciding_term(engine):
+    verdict, _ = scan(engine, message(), ip=CLIENT, mail_from="alice@fail.spf.test")
+    assert "matched -all" in verdict.hit("R_SPF_FAIL").text
+    verdict, _ = scan(engine, message(), ip=CLIENT, mail_from="alice@incl.spf.test")
+    assert "matched include:inner.spf.test" in verdict.hit("R_SPF_ALLOW").text
+
+
 def test_permerror_says_why(engine):
     verdict, _ = scan(engine, message(), ip=CLIENT, mail_from="alice@void.spf.test")
     assert "void" in verdict.hit("R_SPF_PERMFAIL").text.lower()

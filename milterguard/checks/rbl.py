@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from milterguard import auth
 from milterguard import dns as mgdns
-from milterguard.engine.checks import check, starter
+from milterguard.engine.checks import check, configured_symbols, starter
 from milterguard.engine.model import Hits, Stage
 
 FAMILIES = ("RBL_*", "RHSBL_*", "URIBL_*")
@@ -222,6 +222,18 @@ def _collect(scan, hits: Hits, kinds: tuple[str, ...]) -> None:
             for symbol in symbols_for(spec, address):
                 hits.add(symbol, query.value, where=query.where,
                          text=f"{query.value} listed by {spec['zone']} ({address})")
+
+
+@configured_symbols
+def _list_symbols(config) -> dict[str, str]:
+    """The symbols rbl.lists names (of every list, on or off), so that the rule files must declare them."""
+    out = {}
+    for name, spec in config["rbl.lists"].items():
+        collector = "rbl_envelope" if spec.get("kind", "ip") in ENVELOPE_KINDS else "rbl_content"
+        for symbol in [spec.get("symbol", ""), *spec.get("codes", {}).values()]:
+            if symbol:
+                out[symbol] = f"{collector} (rbl.lists.{name})"
+    return out
 
 
 @check(stage=Stage.MAIL_FROM, emits=FAMILIES, priority=30)

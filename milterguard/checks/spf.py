@@ -74,6 +74,10 @@ def _evaluate(resolver: mgdns.Resolver, ip: str, sender: str, helo: str, timeout
     try:
         query = pyspf.query(i=ip, s=sender, h=helo, timeout=timeout, querytime=querytime)
         result, _code, explanation = query.check()
+        mechanism = getattr(query, "mechanism", "") or ""
+        if mechanism and result in ("pass", "fail", "softfail", "neutral"):
+            # Which term of the record decided, for scan --explain.
+            explanation = f"{explanation} (matched {mechanism})" if explanation else f"matched {mechanism}"
         return result, explanation
     finally:
         _local.resolver = None

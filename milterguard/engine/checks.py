@@ -83,6 +83,21 @@ def starter(check_name: str, stage: Stage):
     return register
 
 
+PREPARERS: dict[str, Callable] = {}
+
+
+def preparer(check_name: str):
+    """Register `fn(config)` to run when an engine is loaded with the check CHECK_NAME
+    enabled: it builds what the check needs from its settings (tables, compiled
+    patterns) once, in the supervisor before workers fork, instead of per message."""
+
+    def register(fn: Callable) -> Callable:
+        PREPARERS[check_name] = fn
+        return fn
+
+    return register
+
+
 SYMBOL_POLICIES: list[Callable] = []
 
 
@@ -92,6 +107,18 @@ def symbol_policy(fn: Callable) -> Callable:
     The `symbols:` setting still wins over them."""
     if fn not in SYMBOL_POLICIES:
         SYMBOL_POLICIES.append(fn)
+    return fn
+
+
+CONFIGURED_SYMBOLS: list[Callable] = []
+
+
+def configured_symbols(fn: Callable) -> Callable:
+    """Register `fn(config) -> {symbol: check name}`: symbols of a family that a check
+    will emit because the configuration names them (a blocklist's codes).  Each must be
+    declared in a rule file, as a check's own symbols must."""
+    if fn not in CONFIGURED_SYMBOLS:
+        CONFIGURED_SYMBOLS.append(fn)
     return fn
 
 
@@ -136,5 +163,6 @@ def declared_families() -> dict[str, str]:
     return {prefix: spec.name for spec in CHECKS.values() for prefix in spec.emits.families}
 
 
-__all__ = ["CHECKS", "STARTERS", "CheckSpec", "Emits", "Hits", "Stage", "check", "starter", "ordered", "all_declared",
-           "declared_families", "symbol_policy", "symbol_overrides"]
+__all__ = ["CHECKS", "STARTERS", "CheckSpec", "Emits", "Hits", "Stage", "check", "starter", "preparer", "ordered", "all_declared",
+           "declared_families", "symbol_policy", "symbol_overrides",
+           "configured_symbols"]

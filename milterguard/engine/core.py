@@ -172,6 +172,8 @@ class Engine:
         enabled = {s.name for specs in self.checks.values() for s in specs}
         self.starters = {stage: [(name, fn) for name, fn in registry.STARTERS.get(stage, ()) if name in enabled]
                          for stage in Stage}
+        for name in sorted(enabled & registry.PREPARERS.keys()):
+            registry.PREPARERS[name](config)
         self.budget = config["checks.message_budget"]
         self.check_budget = config["checks.check_budget"]
 
@@ -412,6 +414,8 @@ def load_ruleset(config: Config) -> RuleSet:
     import milterguard.checks  # noqa: F401 - registers the checks
 
     declared = _Declared(registry.all_declared(), registry.declared_families())
+    for fn in registry.CONFIGURED_SYMBOLS:
+        declared.update(fn(config))
     declared.update(ENGINE_SYMBOLS)
     return load_rules(
         config.paths("rules.files"),
