@@ -44,7 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ham", action="append", default=[], metavar="DIR", help="ham messages (repeatable)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--progress", action="store_true", default=None, help="draw progress bars even when not on a terminal")
-    parser.add_argument("--c", type=float, default=ml.DEFAULT_C, dest="c", help="regularisation of the classifier (see train)")
+    parser.add_argument("--details", metavar="FILE", help="write one JSON line per test message (scores and probabilities)")
+    parser.add_argument("--alpha", type=float, default=ml.DEFAULT_ALPHA, help="regularisation of the classifier (see train)")
 
 
 def _free_port() -> int:
@@ -135,7 +136,7 @@ def _evaluate(args, config, cleanup: bool) -> int:
             learn_paths(bayes, config, train, label, Progress(len(train), f"learning {label}", enabled=args.progress))
         learn_time = time.monotonic() - t0
         t0 = time.monotonic()
-        model = ml.train(store, c=args.c)
+        model = ml.train(store, alpha=args.alpha)
         train_time = time.monotonic() - t0
         engine = load_engine(args, config)
         test = [(p, 1) for p in select(spam, "test")] + [(p, 0) for p in select(ham, "test")]
@@ -167,6 +168,10 @@ def _evaluate(args, config, cleanup: bool) -> int:
     finally:
         if cleanup:
             _delete_prefix(store)
+    if args.details:
+        with open(args.details, "w", encoding="utf-8") as out:
+            for r in rows:
+                out.write(json.dumps(r) + "\n")
     labels = [r["label"] for r in rows]
     th = config["thresholds"]
     result = {

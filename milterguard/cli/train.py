@@ -10,8 +10,8 @@ from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--c", type=float, default=ml.DEFAULT_C, dest="c",
-                        help=f"inverse regularisation strength of the logistic regression (default {ml.DEFAULT_C})")
+    parser.add_argument("--alpha", type=float, default=ml.DEFAULT_ALPHA,
+                        help=f"regularisation strength of the classifier (default {ml.DEFAULT_ALPHA:g})")
 
 
 def run(args) -> int:
@@ -21,7 +21,7 @@ def run(args) -> int:
         if store is None:
             raise CliError("Redis is not configured: set redis.url (or redis.sentinels)")
         t0 = time.monotonic()
-        model = ml.train(store, c=args.c)
+        model = ml.train(store, alpha=args.alpha)
     except RedisReadOnly as exc:
         return report(CliError(str(exc)))
     except RedisUnavailable as exc:

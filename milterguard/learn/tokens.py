@@ -11,7 +11,10 @@ A message yields, in this order and each token once:
   `a _ _ b`...), so that phrases count beyond single words;
 - selected header tokens (`h:NAME:VALUE`): sender and reply domains,
   mailer, charsets, content types, the shape of Message-ID and Received;
-- URL hosts and their registered domain (`u:`), attachment types (`a:`).
+- URL hosts and their registered domain (`u:`), attachment types (`a:`);
+- the shape of the message (`st:`): size, words, links, hosts, HTML or
+  text parts, attachments, capitals and `!` in the Subject, `!` and `$` in
+  the text, images, each as a count bucket.
 
 Only the first `MAX_WORDS` words of the text are read and at most
 `MAX_TOKENS` tokens are returned, so the work per message is bounded; the
@@ -142,6 +145,36 @@ def url_tokens(msg: "Message") -> list[str]:
     return out
 
 
+def _bucket(n: int) -> int:
+    """0, 1, 2, 3-4, 5-8, 9-16...: counts by order of magnitude."""
+    return n if n < 3 else 1 + (n - 1).bit_length()
+
+
+def structure_tokens(msg: "Message") -> list[str]:
+    """The shape of the message: sizes, links, HTML, capitals and exclamations, as tokens."""
+    parts = [p for p in msg.parts if p.text is not None and not p.is_attachment]
+    html = any(p.is_html for p in parts)
+    plain = any(not p.is_html for p in parts)
+    text = msg.text
+    subject = msg.subject
+    letters = [c for c in subject if c.isalpha()]
+    caps = sum(1 for c in letters if c.isupper()) / len(letters) if letters else 0.0
+    hosts = {u.host for u in msg.urls if u.host}
+    return [
+        f"st:size:{_bucket(msg.size // 1024)}",
+        f"st:words:{_bucket(len(text.split()) // 10)}",
+        f"st:urls:{_bucket(len(msg.urls))}",
+        f"st:hosts:{_bucket(len(hosts))}",
+        f"st:parts:{'html+text' if html and plain else 'html' if html else 'text' if plain else 'none'}",
+        f"st:attachments:{_bucket(len(msg.attachments))}",
+        f"st:subjcaps:{int(caps * 4)}",
+        f"st:subjbang:{min(subject.count('!'), 3)}",
+        f"st:bang:{_bucket(text.count('!'))}",
+        f"st:dollar:{_bucket(text.count('$'))}",
+        f"st:images:{_bucket(msg.html.lower().count('<img'))}" if html else "st:images:none",
+    ]
+
+
 def tokenize(msg: "Message") -> list[str]:
     """The tokens of a message: unique, in a fixed order, at most MAX_TOKENS."""
     subject = words(msg.subject, 40)
@@ -149,6 +182,7 @@ def tokenize(msg: "Message") -> list[str]:
     seq = ["s:" + w for w in subject]
     seq += [f"s:{b}" for b in osb(subject)]
     seq += header_tokens(msg)
+    seq += structure_tokens(msg)
     seq += url_tokens(msg)
     seq += body
     seq += osb(body)
