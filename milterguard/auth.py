@@ -178,7 +178,8 @@ def authserv_id(scan) -> str:
 
 @lru_cache(maxsize=1)
 def _hostname() -> str:
-    return socket.getfqdn() or socket.gethostname()
+    # Not getfqdn(): that asks DNS, and the MTA's j macro is the name that counts anyway.
+    return socket.gethostname()
 
 
 _TOKEN_OK = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@]+$")

@@ -129,3 +129,17 @@ def test_server_stopped_mid_test(tmp_path, key):
     verdict, _ = scan(engine, raw, ip="192.0.2.10", mail_from="a@sub.slow.test")
     assert time.monotonic() - t0 < 2.5
     assert {"R_SPF_DNSFAIL", "R_DKIM_TEMPFAIL", "DMARC_TEMPFAIL"} <= set(verdict.symbols)
+
+
+def test_a_message_already_refused_starts_no_lookups(nsd, tmp_path):
+    """192.0.2.66 is in the shipped block map: refused at the first RCPT, so MAIL FROM starts nothing."""
+    from milterguard.engine.model import Connection, Stage, Transaction
+
+    engine = engine_for(tmp_path, f"dns.nameservers={nsd.address}")
+    conn = Connection(client_ip="192.0.2.66", client_name="[192.0.2.66]", helo="mail.cache.test")
+    conn.hits = engine.new_hits()
+    assert engine.run_stage(Stage.CONNECT, conn, None, conn.hits) is not None
+    txn = Transaction(mail_from="a@cache.test")
+    hits = engine.start_transaction(conn, txn)
+    engine.run_stage(Stage.MAIL_FROM, conn, txn, hits)
+    assert "spf_job" not in txn.facts and "dns" not in txn.facts

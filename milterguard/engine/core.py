@@ -203,7 +203,7 @@ class Engine:
         hits._enter(stage, "rules", None)
         self._run_rules(stage, scan, hits)
         timings[f"rules:{stage.label}"] = timings.get(f"rules:{stage.label}", 0.0) + time.perf_counter() - t0
-        self._run_starters(stage, scan, timings)
+        self._run_starters(stage, scan, hits, timings)
         for spec in self.checks[stage]:
             if started is not None and time.monotonic() - started > self.budget:
                 hits._enter(stage, "engine", _ENGINE_EMITS)
@@ -224,8 +224,13 @@ class Engine:
             return verdict
         return None
 
-    def _run_starters(self, stage: Stage, scan: Scan, timings: dict[str, float]) -> None:
+    def _run_starters(self, stage: Stage, scan: Scan, hits: Hits, timings: dict[str, float]) -> None:
         """Let later checks start their lookups now, so that they run while the MTA talks on."""
+        if not self.starters[stage]:
+            return
+        decided = scoring.forced_action(hits, self.ruleset)
+        if decided is not None and decided[0] in _DECIDED:
+            return  # the message is settled: nothing later will collect them
         for name, fn in self.starters[stage]:
             t0 = time.perf_counter()
             try:
