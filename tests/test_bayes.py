@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import mailbox
-import time
-
 import pytest
 
 from milterguard.cli import main as cli_main
@@ -19,6 +17,7 @@ from milterguard.learn.tokens import MAX_TOKENS, tokenize
 from milterguard.message import Message
 from milterguard.rawmail import split_message
 from milterguard.redisstore import RedisStore
+from support import wait_until
 from support.mailgen import make_message, write_corpus
 from support.redis import RedisServer, redis_available
 
@@ -186,9 +185,12 @@ def test_a_new_model_is_picked_up_by_a_running_engine(tmp_path, master):
     rows, y = ml.load_samples(store)
     flipped = ml.fit(rows, [1 - v for v in y], version=2)
     ml.publish(store, flipped)
-    time.sleep(0.3)
-    verdict, txn = scan(engine, make_message("spam", 200))
-    assert txn.facts["classifier"]["version"] == 2
+
+    def swapped():
+        verdict, txn = scan(engine, make_message("spam", 200))
+        return (verdict, txn) if txn.facts["classifier"]["version"] == 2 else None
+
+    verdict, txn = wait_until(swapped, timeout=5, interval=0.1, what="the running engine to load version 2")
     assert verdict.hit("ML_HAM") is not None and verdict.hit("ML_SPAM") is None
 
 

@@ -154,31 +154,55 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def current(self) -> Model | None:
-        """The model to score with; polls Redis at most every poll_interval.
+        """The model to score with; asks Redis for the version at most every poll_interval.
 
-        Raises RedisUnavailable only when no model was ever loaded and Redis
-        cannot be asked; a loaded model keeps serving through an outage.
+        The first model is loaded at once; later versions are loaded in a
+        background thread while the old one keeps scoring, so no message
+        waits for a load.  Raises RedisUnavailable only when no model was
+        ever loaded and Redis cannot be asked: a loaded model keeps serving
+        through an outage.
         """
         now = time.monotonic()
         if now - self._checked < self.poll_interval:
             return self.model
         if not self._lock.acquire(blocking=False):
-            return self.model  # another thread is polling
+            return self.model  # another thread is polling or loading
+        self._checked = now
         try:
-            self._checked = now
-            try:
-                reader = self.store.reader()
-                version = int(reader.get(self.store.key("ml", "version")) or 0)
-                if version and (self.model is None or version != self.model.version):
-                    data = reader.get(self.store.key("ml", "model"))
-                    if data:
-                        model = Model.unpack(data)
-                        self.model = model  # one assignment: the swap is atomic
-                        log.info("classifier model version %d loaded (%d samples)", model.version, model.samples)
-            except RedisUnavailable:
-                if self.model is None:
-                    raise
+            version = int(self.store.reader().get(self.store.key("ml", "version")) or 0)
+        except RedisUnavailable:
+            self._lock.release()
+            if self.model is None:
+                raise
             return self.model
+        if not version or (self.model is not None and version == self.model.version):
+            self._lock.release()
+        elif self.model is None:
+            try:
+                self._load()
+            finally:
+                self._lock.release()
+        else:
+            threading.Thread(target=self._load_in_background, name="model-load", daemon=True).start()
+        return self.model
+
+    def _load(self) -> None:
+        data = self.store.reader().get(self.store.key("ml", "model"))
+        if not data:
+            return
+        try:
+            model = Model.unpack(data)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("classifier model in Redis cannot be read (%s): keeping the one loaded", exc)
+            return
+        self.model = model  # one assignment: a message is scored by the old model or the new one
+        log.info("classifier model version %d loaded (%d samples)", model.version, model.samples)
+
+    def _load_in_background(self) -> None:
+        try:
+            self._load()
+        except RedisUnavailable:
+            pass  # logged once by the store; the next poll tries again
         finally:
             self._lock.release()
 
