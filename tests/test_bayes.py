@@ -168,6 +168,24 @@ def test_redis_down_mail_flows_with_tempfail_and_one_log_line(tmp_path, master, 
     assert len(lines) == 1, lines
 
 
+@needs_redis
+def test_autolearn_learns_new_mail_by_score_and_never_overrules(tmp_path, master, replica):
+    bayes = Bayes(RedisStore(url=master.url))
+    taught = make_message("ham", 400)
+    bayes.learn_message(Message.from_bytes(taught), "ham")
+    # Every score is at or above -1000: everything new is learned as spam.
+    engine = engine_for(tmp_path, f"redis.url={master.url}", "bayes.autolearn=true", "bayes.autolearn_spam=-1000")
+    scan(engine, make_message("spam", 400))
+    scan(engine, make_message("spam", 400))  # the same message again: counted once
+    scan(engine, taught)  # taught as ham by an operator: left alone
+    assert bayes.totals() == (1, 1)
+    # Off by default, and a node reading a replica never writes.
+    scan(engine_for(tmp_path, f"redis.url={master.url}"), make_message("spam", 401))
+    scan(engine_for(tmp_path, f"redis.replicas={replica.url}", "bayes.autolearn=true",
+                    "bayes.autolearn_spam=-1000"), make_message("spam", 402))
+    assert bayes.totals() == (1, 1)
+
+
 # ---------------------------------------------------------------- classifier
 
 

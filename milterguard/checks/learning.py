@@ -5,16 +5,28 @@ while classifying.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
 and the message goes on; the first failure of an outage is logged once by
 milterguard.redisstore.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
+
+Autolearn (off by default) learns a scanned message once it is scored: as
+spam at or above `bayes.autolearn_spam`, as ham at or below
+`bayes.autolearn_ham`, where the score leaves out the learned symbols
+themselves (so that the classifiers do not feed on their own opinion, as
+SpamAssassin does), only on a node that may write to the master, and never
+over a message learned before.
 """
 
 from __future__ import annotations
 
-from milterguard.engine.checks import check
+import logging
+
+from milterguard.engine.checks import check, on_verdict
 from milterguard.engine.model import Hits, Stage
-from milterguard.learn.bayes import Bayes, token_hash
+from milterguard.learn.bayes import Bayes, message_digest, token_hash
 from milterguard.learn.model import model_cache
 from milterguard.learn.tokens import tokenize
 from milterguard.redisstore import RedisUnavailable, get_store
+
+log = logging.getLogger("milterguard.learn")
+LEARNED_PREFIXES = ("BAYES_", "ML_")
 
 _BAYES: dict[int, Bayes] = {}
 
@@ -28,10 +40,10 @@ def tokens_of(scan) -> list[str]:
     return facts["tokens"]
 
 
-def bayes_for(store) -> Bayes:
+def bayes_for(store, config) -> Bayes:
     bayes = _BAYES.get(id(store))
     if bayes is None or bayes.store is not store:
-        bayes = _BAYES[id(store)] = Bayes(store)
+        bayes = _BAYES[id(store)] = Bayes(store, max_samples=config["ml.max_samples"])
     return bayes
 
 
@@ -54,7 +66,7 @@ def bayes(scan, hits: Hits) -> None:
         return
     tokens = tokens_of(scan)
     try:
-        prob, used, n_spam, n_ham = bayes_for(store).classify(tokens)
+        prob, used, n_spam, n_ham = bayes_for(store, config).classify(tokens)
     except RedisUnavailable as exc:
         hits.add("BAYES_TEMPFAIL", where="Redis", text=str(exc)[:200])
         return
@@ -87,3 +99,28 @@ def classifier(scan, hits: Hits) -> None:
     scan.txn.facts["classifier"] = {"probability": prob, "version": model.version}
     _emit(hits, "ML", prob, config["ml.spam_probability"], config["ml.ham_probability"],
           f"model version {model.version}")
+
+
+@on_verdict("bayes")
+def autolearn(scan, verdict) -> None:
+    """Learn the message by its score, when bayes.autolearn is on."""
+    config = scan.config
+    if not config["bayes.autolearn"] or scan.message is None:
+        return
+    score = verdict.score - sum(h.weight for h in verdict.hits if h.symbol.startswith(LEARNED_PREFIXES))
+    if score >= config["bayes.autolearn_spam"]:
+        label = "spam"
+    elif score <= config["bayes.autolearn_ham"]:
+        label = "ham"
+    else:
+        return
+    store = get_store(config)
+    if store is None or not store.can_write:
+        return
+    try:
+        result = bayes_for(store, config).learn(message_digest(scan.message), tokens_of(scan), label, only_new=True)
+    except RedisUnavailable:
+        return  # logged once per outage by the store
+    if result.outcome == "learned":
+        log.info("autolearn %s as %s (score %.2f without learned symbols)", scan.txn.queue_id or scan.conn.ident,
+                 label, score)

@@ -106,7 +106,8 @@ def _learned_weight(verdict, prefixes: tuple[str, ...]) -> float:
 def run(args) -> int:
     if not args.spam or not args.ham:
         return report(CliError("give --spam DIR and --ham DIR"))
-    sets = ["dns.enabled=false"] if "dns.enabled" in S.BY_KEY else []
+    # Offline, as the figures are compared, and without autolearn, which would learn the test split.
+    sets = ["bayes.autolearn=false"] + (["dns.enabled=false"] if "dns.enabled" in S.BY_KEY else [])
     try:
         config = load(args, extra_sets=sets)
         if RedisStore.from_config(config) is None:

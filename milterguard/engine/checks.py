@@ -83,6 +83,23 @@ def starter(check_name: str, stage: Stage):
     return register
 
 
+# Functions `fn(scan, verdict)` told the final verdict of each message (autolearn),
+# keyed by the check whose module registers them: they run only when it is enabled.
+VERDICT_HOOKS: list[tuple[str, Callable]] = []
+
+
+def on_verdict(check_name: str):
+    """Register `fn(scan, verdict)` to run after a message is scored, while CHECK_NAME
+    is enabled.  It may record or learn; it cannot change the verdict."""
+
+    def register(fn: Callable) -> Callable:
+        if (check_name, fn) not in VERDICT_HOOKS:
+            VERDICT_HOOKS.append((check_name, fn))
+        return fn
+
+    return register
+
+
 PREPARERS: dict[str, Callable] = {}
 
 
@@ -163,6 +180,6 @@ def declared_families() -> dict[str, str]:
     return {prefix: spec.name for spec in CHECKS.values() for prefix in spec.emits.families}
 
 
-__all__ = ["CHECKS", "STARTERS", "CheckSpec", "Emits", "Hits", "Stage", "check", "starter", "preparer", "ordered", "all_declared",
+__all__ = ["CHECKS", "STARTERS", "VERDICT_HOOKS", "on_verdict", "CheckSpec", "Emits", "Hits", "Stage", "check", "starter", "preparer", "ordered", "all_declared",
            "declared_families", "symbol_policy", "symbol_overrides",
            "configured_symbols"]

@@ -174,6 +174,7 @@ class Engine:
                          for stage in Stage}
         for name in sorted(enabled & registry.PREPARERS.keys()):
             registry.PREPARERS[name](config)
+        self.verdict_hooks = [(name, fn) for name, fn in registry.VERDICT_HOOKS if name in enabled]
         self.budget = config["checks.message_budget"]
         self.check_budget = config["checks.check_budget"]
 
@@ -223,6 +224,19 @@ class Engine:
             verdict.timings = dict(timings)
             return verdict
         return None
+
+    def _run_verdict_hooks(self, conn: Connection, txn: Transaction, verdict: Verdict) -> None:
+        """Tell the checks that asked for it (autolearn) how the message was scored."""
+        for name, fn in self.verdict_hooks:
+            t0 = time.perf_counter()
+            try:
+                fn(Scan(conn, txn, self.config, Stage.FINAL), verdict)
+            except Exception as exc:  # noqa: BLE001 - the verdict stands whatever a hook does
+                if self.strict:
+                    raise
+                log.error("after-verdict %s failed for %s: %s: %s", name, txn.queue_id or conn.ident,
+                          type(exc).__name__, exc)
+            txn.timings[f"{name}:verdict"] = time.perf_counter() - t0
 
     def _run_starters(self, stage: Stage, scan: Scan, hits: Hits, timings: dict[str, float]) -> None:
         """Let later checks start their lookups now, so that they run while the MTA talks on."""
@@ -325,6 +339,7 @@ class Engine:
         self._run_composites(hits)
         verdict = scoring.score(hits, self.ruleset, self.config, txn.rcpt_domains, Stage.FINAL)
         txn.timings["composites+scoring"] = time.perf_counter() - t1
+        self._run_verdict_hooks(conn, txn, verdict)
         verdict.timings = dict(conn.timings) | dict(txn.timings)
         verdict.elapsed = time.monotonic() - txn.started
         return verdict

@@ -48,7 +48,7 @@ MAX_SIGNIFICANT = 150  # the most telling tokens that are combined (as SpamAssas
 _LEARN = """
 local prev = redis.call('HGET', KEYS[1], ARGV[1])
 local label = ARGV[2]
-if prev == label or (label == '' and not prev) then return 0 end
+if prev == label or (label == '' and not prev) or (prev and ARGV[7] == '1') then return 0 end
 local function unit(cls) if cls == 'spam' then return 4294967296 else return 1 end end
 local delta = 0
 if prev then
@@ -210,17 +210,19 @@ class Bayes:
 
     # ------------------------------------------------------------ writing (master only)
 
-    def learn(self, digest: str, tokens: list[str], label: str, sample: bool = True) -> Learned:
+    def learn(self, digest: str, tokens: list[str], label: str, sample: bool = True, only_new: bool = False) -> Learned:
         """Learn a message as 'spam' or 'ham', or forget it with label ''.
 
         Atomic on the master: the digest decides whether this is new, a
         repeat (nothing changes) or a relearn (the counts move class).
+        With `only_new` a message learned before is left as it is
+        (autolearn never overrules what an operator taught).
         """
         if label not in ("spam", "ham", ""):
             raise ValueError(f"label must be spam, ham or empty, got {label!r}")
         hashes = [token_hash(t) for t in tokens]
         packed = pack_sample(hashes) if sample and label else b""
-        args = (digest, label, self.token_prefix, packed, self.max_samples, slots_blob(hashes))
+        args = (digest, label, self.token_prefix, packed, self.max_samples, slots_blob(hashes), "1" if only_new else "0")
         keys = (self.digests_key, self.totals_key, self.samples_key, self.order_key)
         writer = self.store.writer()
         try:
