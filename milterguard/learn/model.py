@@ -87,18 +87,22 @@ def load_samples(store: RedisStore) -> tuple[list[np.ndarray], list[int]]:
     bayes = Bayes(store)
     writer = store.writer()
     labels = {k: v for k, v in writer.hgetall(bayes.digests_key).items()}
-    rows, y = [], []
+    samples: dict[bytes, bytes] = {}
     cursor = 0
     while True:
         cursor, batch = writer.hscan(bayes.samples_key, cursor, count=1000)
-        for digest, data in batch.items():
-            label = labels.get(digest)
-            if label not in (b"spam", b"ham"):
-                continue
-            rows.append(columns(unpack_sample(data)))
-            y.append(1 if label == b"spam" else 0)
+        samples.update(batch)
         if cursor == 0:
             break
+    rows, y = [], []
+    # In digest order: Redis returns a hash in an order seeded per server, and
+    # the fit depends on the order, so the same samples give the same model.
+    for digest in sorted(samples):
+        label = labels.get(digest)
+        if label not in (b"spam", b"ham"):
+            continue
+        rows.append(columns(unpack_sample(samples[digest])))
+        y.append(1 if label == b"spam" else 0)
     return rows, y
 
 
