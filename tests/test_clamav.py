@@ -183,3 +183,34 @@ def test_paused_clamd_budget_holds(postfix_factory, milterguard_factory, sink, c
     verdict = mg.verdict_for(msgid)
     assert verdict.has("CLAMAV_TEMPFAIL")
     assert elapsed < 5.0, f"the session took {elapsed:.1f}s"
+
+
+LAZY_IMPORT = r"""
+import sys, tempfile
+from milterguard.config import load_config
+from milterguard.engine.core import Engine
+from milterguard.engine.model import Connection, Transaction
+from milterguard.rawmail import split_message
+
+headers, body = split_message(b"From: a@example.com\nTo: b@example.net\nSubject: hi\n\nHello.\n")
+config = load_config(etc_dir=tempfile.mkdtemp(), sets=sys.argv[1:])
+verdict = Engine.load(config).evaluate(Connection(client_ip="198.51.100.7"),
+                                       Transaction(mail_from="a@example.com", rcpts=["b@example.net"], headers=headers,
+                                                   body=body, body_size=len(body)))
+print(" ".join(verdict.symbols), "clamd" in sys.modules, "pkg_resources" in sys.modules)
+"""
+
+
+def test_clamd_library_is_imported_only_when_scanning_is_on():
+    import subprocess
+    import sys
+
+    def run(*sets):
+        out = subprocess.run([sys.executable, "-c", LAZY_IMPORT, *sets], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert run()[-2:] == ["False", "False"]
+    port = free_port()  # nothing listens there: clamd is down
+    symbols = run(f"clamav.address={LOOPBACK}:{port}", "clamav.timeout=0.5")
+    assert "CLAMAV_TEMPFAIL" in symbols and symbols[-2] == "True"

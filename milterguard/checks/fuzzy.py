@@ -12,7 +12,6 @@ import logging
 from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
 from milterguard.fuzzy import FuzzyStore, digest
-from milterguard.redisstore import RedisUnavailable, get_store
 
 log = logging.getLogger("milterguard.fuzzy")
 
@@ -23,6 +22,9 @@ def fuzzy(scan, hits: Hits) -> None:
     config = scan.config
     if not config["fuzzy.enabled"]:
         return
+    # Imported here: the Redis client library is only needed when fuzzy hashing is on.
+    from milterguard.redisstore import RedisUnavailable, get_store
+
     store = get_store(config)
     if store is None:
         return

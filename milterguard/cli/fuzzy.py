@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from milterguard.cli.common import CliError, load, report
 from milterguard.fuzzy import FuzzyStore, digest
-from milterguard.message import Message
 from milterguard.rawmail import iter_message_files, read_message
-from milterguard.redisstore import RedisUnavailable, get_store
 
 
 def add_arguments(parser) -> None:
@@ -22,6 +20,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    # Imported here: every command's module is imported to build the command line, and the
+    # Redis client library is only needed by this one.
+    from milterguard.message import Message
+    from milterguard.redisstore import RedisUnavailable, get_store
+
     try:
         config = load(args)
         store = get_store(config)
