@@ -19,24 +19,10 @@ from milterguard.rawmail import split_message
 from milterguard.redisstore import RedisStore
 from support import wait_until
 from support.mailgen import make_message, write_corpus
-from support.redis import RedisServer, redis_available
+from support.redis import redis_available
+from support.redis_fixtures import master, replica  # noqa: F401  (fixtures)
 
 needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
-
-
-@pytest.fixture
-def master(tmp_path):
-    server = RedisServer.start(tmp_path / "master")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def replica(tmp_path, master):
-    server = RedisServer.start(tmp_path / "replica", replica_of=master)
-    server.wait_synced()
-    yield server
-    server.stop()
 
 
 def msg(label: str, index: int, extra: str = "") -> Message:

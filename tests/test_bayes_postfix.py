@@ -17,20 +17,11 @@ from milterguard.message import Message
 from milterguard.redisstore import RedisStore
 from support import wait_until
 from support.mailgen import make_message
-from support.redis import RedisServer, redis_available
+from support.redis import redis_available
+from support.redis_fixtures import master, replica  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.postfix,
               pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")]
-
-
-@pytest.fixture
-def redis_pair(tmp_path):
-    master = RedisServer.start(tmp_path / "master")
-    replica = RedisServer.start(tmp_path / "replica", replica_of=master)
-    replica.wait_synced()
-    yield master, replica
-    replica.stop()
-    master.stop()
 
 
 def with_id(raw: bytes, msgid: str) -> bytes:
@@ -38,8 +29,7 @@ def with_id(raw: bytes, msgid: str) -> bytes:
 
 
 def test_running_filter_classifies_from_a_replica_and_swaps_in_a_new_model(
-        tmp_path, redis_pair, milterguard_factory, postfix_factory, sink):
-    master, replica = redis_pair
+        tmp_path, master, replica, milterguard_factory, postfix_factory, sink):
     store = RedisStore(url=master.url)
     bayes = Bayes(store)
     for i in range(12):

@@ -13,24 +13,10 @@ from milterguard.message import Message
 from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable, get_store
 from support import wait_until
 from support.mailgen import make_message
-from support.redis import RedisSentinel, RedisServer, redis_available
+from support.redis import RedisSentinel, redis_available
+from support.redis_fixtures import master, replica  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server and redis-sentinel are not installed")
-
-
-@pytest.fixture
-def master(tmp_path):
-    server = RedisServer.start(tmp_path / "master")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def replica(tmp_path, master):
-    server = RedisServer.start(tmp_path / "replica", replica_of=master)
-    server.wait_synced()
-    yield server
-    server.stop()
 
 
 def test_off_without_servers_and_prefixed_keys(tmp_path):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from milterguard.cli.common import CliError, load, report
+from milterguard.cli.learn import open_store
 from milterguard.learn.bayes import Bayes
-from milterguard.redisstore import RedisStore, RedisUnavailable
+from milterguard.redisstore import RedisUnavailable
 
 
 def add_arguments(parser) -> None:
@@ -18,9 +19,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         config = load(args)
-        store = RedisStore.from_config(config)
-        if store is None:
-            raise CliError("Redis is not configured: set redis.url (or redis.sentinels)")
+        store = open_store(config)
         bayes = Bayes(store)
         if args.action == "expire":
             result = bayes.expire(args.max_tokens or config["bayes.max_tokens"])

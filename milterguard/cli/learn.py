@@ -33,11 +33,17 @@ def add_paths(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
-def open_bayes(config) -> Bayes:
-    """The Bayes store of the configuration, for writing; CliError when there is none."""
+def open_store(config) -> RedisStore:
+    """The Redis of the configuration; CliError when there is none."""
     store = RedisStore.from_config(config)
     if store is None:
         raise CliError("Redis is not configured: set redis.url (or redis.sentinels)")
+    return store
+
+
+def open_bayes(config) -> Bayes:
+    """The Bayes store of the configuration, for writing; CliError when there is none."""
+    store = open_store(config)
     if not store.can_write:
         raise CliError("this node only reads Redis (replicas without redis.url, or redis.read_only): "
                        "learn on a node that knows the master")

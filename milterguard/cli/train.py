@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from milterguard.cli.common import CliError, load, report
+from milterguard.cli.learn import open_store
 from milterguard.learn import model as ml
-from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable
+from milterguard.redisstore import RedisReadOnly, RedisUnavailable
 
 
 def add_arguments(parser) -> None:
@@ -17,9 +18,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         config = load(args)
-        store = RedisStore.from_config(config)
-        if store is None:
-            raise CliError("Redis is not configured: set redis.url (or redis.sentinels)")
+        store = open_store(config)
         t0 = time.monotonic()
         model = ml.train(store, alpha=args.alpha)
     except RedisReadOnly as exc:
