@@ -8,6 +8,7 @@ import time
 import pytest
 
 from milterguard.config import load_config
+from milterguard.engine.core import Engine
 from milterguard.learn.bayes import Bayes
 from milterguard.message import Message
 from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable, get_store
@@ -91,6 +92,8 @@ def _answers(store: RedisStore) -> bool:
 def test_start_with_redis_down_logs_once(tmp_path, caplog):
     config = load_config(etc_dir=tmp_path, sets=["redis.url=redis://127.0.0.1:9/0", "redis.prefix=down-test:"])
     with caplog.at_level(logging.WARNING, logger="milterguard.redis"):
+        Engine.load(config)  # the engine asks Redis when it loads, before any message
+        assert len(caplog.records) == 1
         store = get_store(config)
         assert get_store(config) is store  # cached per process
     lines = [r.getMessage() for r in caplog.records]

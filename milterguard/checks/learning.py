@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from milterguard.engine.checks import check, on_verdict
+from milterguard.engine.checks import check, on_verdict, preparer
 from milterguard.engine.model import Hits, Stage
 from milterguard.learn.bayes import Bayes, message_digest, token_hash
 from milterguard.learn.model import model_cache
@@ -45,6 +45,12 @@ def bayes_for(store, config) -> Bayes:
     if bayes is None or bayes.store is not store:
         bayes = _BAYES[id(store)] = Bayes(store, max_samples=config["ml.max_samples"])
     return bayes
+
+
+@preparer("bayes")
+def connect_at_load(config) -> None:
+    """Ask Redis once when the engine loads, so that a Redis down at start is logged then."""
+    get_store(config)
 
 
 def _emit(hits: Hits, prefix: str, prob: float, spam_at: float, ham_at: float, detail: str) -> None:
