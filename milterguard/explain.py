@@ -52,7 +52,11 @@ def explain_text(verdict: Verdict, name: str = "") -> str:
     if verdict.mode != "enforce" or verdict.applied != verdict.action:
         lines.append(f"mode {verdict.mode}: the milter would apply {verdict.applied.label}")
     if verdict.stage.label != "final":
-        lines.append(f"decided at {verdict.stage.label}")
+        lines.append(f"decided at {verdict.stage.label}" + (f" for recipient {verdict.rcpt} alone" if verdict.rcpt else ""))
+    for refused in verdict.refused:
+        hit = refused.hit(refused.reason)
+        shown = f"{hit.symbol}({', '.join(hit.options)})" if hit is not None and hit.options else refused.reason
+        lines.append(f"recipient {refused.rcpt} refused at {refused.stage.label}: {shown}")
     if verdict.timings:
         parts = [f"{k} {v * 1000:.2f}ms" for k, v in sorted(verdict.timings.items(), key=lambda kv: -kv[1]) if v > 0]
         lines.append("time: " + ", ".join(parts) + f"; total {verdict.elapsed * 1000:.2f}ms")

@@ -362,6 +362,9 @@ class MilterguardMilter(Milter.Base):
             return Milter.DISCARD
         if verdict.mode == "shadow":
             return Milter.ACCEPT
+        for rcpt, why in self.txn.drop_rcpts.items():
+            log.info("recipient %s removed from %s: %s", rcpt, self._ref(), why)
+            self.delrcpt(f"<{rcpt}>")
         if cfg["headers.remove_upstream"]:
             for name, count in self.upstream.items():
                 # Highest index first, so that the lower ones keep their numbers.

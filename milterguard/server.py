@@ -52,7 +52,7 @@ def _register_callbacks(name: str) -> None:
     # ours runs; a name that is not UTF-8 would otherwise tempfail the whole session.
     # Our callbacks catch their own errors, so CONTINUE only covers that decoding.
     milter.set_exception_policy(milter.CONTINUE)
-    milter.set_flags(milter.ADDHDRS | milter.CHGHDRS | milter.QUARANTINE | milter.SETSYMLIST)
+    milter.set_flags(milter.ADDHDRS | milter.CHGHDRS | milter.DELRCPT | milter.QUARANTINE | milter.SETSYMLIST)
     milter.set_connect_callback(Milter.connect_callback)
     milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
     milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))

@@ -6,6 +6,7 @@ import uuid
 import pytest
 
 from milterguard.checks.dmarc import DmarcResult
+from milterguard.checks.spf import SpfResult
 from milterguard.cli import main
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
@@ -19,6 +20,10 @@ def mail(sender="Alice <alice@sender.example>", body="Hello Bob, the notes of th
         f"From: {sender}\nTo: bob@example.org\nSubject: notes\nDate: Mon, 02 Sep 2002 10:00:00 +0000\n"
         f"Message-ID: <{uuid.uuid4().hex}@sender.example>\n\n{body}\n"
     ).encode()
+
+
+def message_id(raw: bytes) -> str:
+    return next(line.split(b":", 1)[1].strip().decode() for line in raw.splitlines() if line.startswith(b"Message-ID:"))
 
 
 @pytest.fixture
@@ -70,6 +75,55 @@ def test_per_domain_block_applies_to_that_domain_only(etc):
     # Subdomains of the recipient domain share its lists; other domains do not.
     assert run(etc, rcpts=("carol@dept.example.org",)).reason == "LIST_BLOCK"
     assert "LIST_BLOCK" not in run(etc, rcpts=("dave@example.com",)).symbols
+
+
+def test_per_domain_block_at_rcpt_refuses_that_recipient_alone(etc):
+    cli(etc, "add", "block", "alice@sender.example", "--domain", "example.org")
+    raw = mail()
+    verdict = run(etc, raw, rcpts=("bob@example.org", "carol@example.com"))
+    # bob's RCPT was refused; the message goes on to carol, scored without the block entry.
+    assert verdict.action != Action.REJECT and "LIST_BLOCK" not in verdict.symbols
+    assert [(v.rcpt, v.reason, v.stage) for v in verdict.refused] == [("bob@example.org", "LIST_BLOCK", Stage.RCPT)]
+    assert verdict.refused[0].hit("LIST_BLOCK").options == ["email:alice@sender.example"]
+    # Refused for every recipient: the message is refused.
+    verdict = run(etc, raw, rcpts=("bob@example.org", "eve@dept.example.org"))
+    assert verdict.action == Action.REJECT and verdict.rcpt == "eve@dept.example.org"
+    assert [v.rcpt for v in verdict.refused] == ["bob@example.org"]
+
+
+def test_global_block_still_refuses_every_recipient(etc):
+    cli(etc, "add", "block", "alice@sender.example")
+    verdict = run(etc, rcpts=("bob@example.org", "carol@example.com"))
+    assert verdict.action == Action.REJECT and verdict.stage == Stage.MAIL_FROM and not verdict.rcpt
+
+
+def test_per_domain_block_of_the_from_header_removes_that_domains_recipients(etc):
+    cli(etc, "add", "block", "boss@evil.example", "--domain", "example.org")
+    raw = mail("Boss <boss@evil.example>")
+    config = load_config(etc_dir=etc, sets=["lists.check_interval=0", "checks.disabled=[dmarc]"])
+    engine = Engine.load(config, strict=True)
+    headers, body = split_message(raw)
+    txn = Transaction(mail_from="bounce@bulk.example", rcpts=["bob@example.org", "carol@example.com"],
+                      headers=headers, body=body, body_size=len(body))
+    verdict = engine.evaluate(Connection(client_ip="198.51.100.7"), txn)
+    assert verdict.action != Action.REJECT and verdict.hit("LIST_BLOCK_RCPT").options == ["bob@example.org"]
+    assert list(txn.drop_rcpts) == ["bob@example.org"] and "boss@evil.example" in txn.drop_rcpts["bob@example.org"]
+    # Every recipient's domain blocks it: the message is refused at end of headers.
+    verdict = run(etc, raw, mail_from="bounce@bulk.example", rcpts=("bob@example.org", "eve@dept.example.org"))
+    assert verdict.reason == "LIST_BLOCK" and verdict.stage == Stage.HEADERS
+
+
+def test_allow_entries_match_the_envelope_sender_unless_it_fails_spf(etc):
+    cli(etc, "add", "allow", "bounces.partner.example")
+    sets = ["checks.disabled=[dmarc,spf]"]
+    verdict = run(etc, mail_from="list@bounces.partner.example", sets=sets)
+    assert verdict.hit("LIST_ALLOW").text == "sender list@bounces.partner.example matches bounces.partner.example"
+    # The SPF check is disabled here: its fact is put in place.
+    failing = {"spf": SpfResult(result="fail", domain="bounces.partner.example", identity="mailfrom",
+                                sender="list@bounces.partner.example", ip="198.51.100.7")}
+    verdict = run(etc, mail_from="list@bounces.partner.example", facts=failing, sets=sets)
+    assert "LIST_ALLOW" not in verdict.symbols and verdict.hit("LIST_ALLOW_IGNORED")
+    assert "LIST_ALLOW" not in run(etc, mail_from="other@elsewhere.example", sets=sets).symbols
 
 
 @pytest.mark.parametrize("entry, kind", [
@@ -157,3 +211,29 @@ def test_block_added_while_running_refuses_through_postfix(postfix_factory, milt
 
     result = wait_until(refused, 10, interval=0.5, what="the new block entry to take effect", on_timeout=mg.log_tail)
     assert result.stage == "rcpt"
+
+
+@pytest.mark.postfix
+def test_message_to_two_domains_reaches_only_the_one_that_does_not_block_the_sender(postfix_factory, milterguard_factory,
+                                                                                    sink):
+    mg = milterguard_factory(workers=1, sets={"lists.check_interval": 0})
+    pf = postfix_factory(mg)
+    assert main(["list", "add", "block", "alice@sender.example", "--domain", "example.org",
+                 "--etc-dir", str(mg.etc_dir)]) == 0
+    client = {"ADDR": "203.0.113.9", "NAME": "mx.sender.example"}
+
+    # The envelope sender: example.org's RCPT is refused, example.com's accepted.
+    raw = mail(body="the notes MILTERGUARD-CANARY-CLEAN")
+    result = pf.send(raw, "alice@sender.example", ["bob@example.org", "carol@example.com"], xclient=client)
+    assert result.code == 250, result
+    assert result.rcpt_codes["bob@example.org"][0] == 550 and result.rcpt_codes["carol@example.com"][0] == 250
+    got = sink.wait_for_message_id(message_id(raw))
+    assert got.rcpt_tos == ["carol@example.com"]
+
+    # Only the From header: both RCPTs accepted, example.org's recipient removed at end of message.
+    raw = mail("Alice <alice@sender.example>", body="again MILTERGUARD-CANARY-CLEAN")
+    result = pf.send(raw, "bounce@bulk.example", ["bob@example.org", "carol@example.com"], xclient=client)
+    assert result.code == 250 and all(code == 250 for code, _ in result.rcpt_codes.values()), result
+    got = sink.wait_for_message_id(message_id(raw))
+    assert got.rcpt_tos == ["carol@example.com"]
+    assert "recipient bob@example.org removed" in mg.log_tail()

@@ -5,12 +5,15 @@ Each list holds four kinds of entry: email address, domain, IP address, CIDR.
 - Block entries act at the earliest stage that knows the value: the client
   address at connect, the envelope sender at MAIL FROM, both again against
   the recipient domain's lists at RCPT, the header From at end of headers.
-  LIST_BLOCK has a fixed reject action.
+  LIST_BLOCK has a fixed reject action.  A global entry refuses the message;
+  a recipient domain's entry refuses that domain's recipients only: at RCPT
+  the engine answers that RCPT alone (Verdict.rcpt), after it the recipients
+  are removed at end of message (LIST_BLOCK_RCPT, Transaction.drop_rcpts).
 - Allow entries lower the score (LIST_ALLOW); they never lift a fixed
   action such as CLAMAV_VIRUS.  Address and domain entries match the header
-  From, and not when the From domain fails DMARC (LIST_ALLOW_IGNORED
-  instead): anyone can put a domain in From.  IP and CIDR entries match the
-  client address.
+  From, and not when the From domain fails DMARC, then the envelope sender,
+  and not when it fails SPF (LIST_ALLOW_IGNORED instead): anyone can write
+  an address.  IP and CIDR entries match the client address.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
 from milterguard.lists import GLOBAL, store_for
 
-EMITS = ("LIST_BLOCK", "LIST_ALLOW", "LIST_ALLOW_IGNORED")
+EMITS = ("LIST_BLOCK", "LIST_BLOCK_RCPT", "LIST_ALLOW", "LIST_ALLOW_IGNORED")
 
 
 def _entry_kind(entry: str) -> str:
@@ -104,33 +107,79 @@ def lists_rcpt(scan, hits: Hits) -> None:
 
 @check(stage=Stage.HEADERS, emits=EMITS, priority=1, name="lists_from_block")
 def lists_from_block(scan, hits: Hits) -> None:
-    """The header From against the global and the recipient domains' block lists."""
+    """The header From against the global block list, then each recipient domain's lists.
+
+    A global entry refuses the message.  A recipient domain's entry concerns that
+    domain's recipients alone: when every recipient is blocked the message is
+    refused, else those recipients are removed at end of message (LIST_BLOCK_RCPT)
+    and the others get it.  The domains' lists are also asked for the client and
+    the envelope sender here, for recipients that RCPT did not refuse already
+    (with actions.early_reject off, no recipient is refused at RCPT).
+    """
+    txn = scan.txn
     sender = scan.message.from_addr
-    if not sender:
+    if sender and _block(scan, hits, GLOBAL, [("From", sender, False)]):
         return
-    for domain in [GLOBAL, *scan.txn.rcpt_domains]:
-        if _block(scan, hits, domain, [("From", sender, False)]):
-            return
-
-
-@check(stage=Stage.EOM, emits=EMITS, after=("dmarc",), priority=5, name="lists_from_allow")
-def lists_from_allow(scan, hits: Hits) -> None:
-    """The header From against the allow lists, unless its domain fails DMARC."""
     store = store_for(scan.config)
-    sender = scan.message.from_addr
-    if store is None or not sender:
+    if store is None:
         return
+    ip = _client_ip(scan)
+    values = ([("From", sender, False)] if sender else []) + ([("sender", txn.mail_from, False)] if txn.mail_from else []) \
+        + ([("client", ip, True)] if ip else [])
+    blocked: dict[str, tuple[str, str, str, str]] = {}  # recipient -> (domain, what, value, entry)
+    for rcpt in txn.rcpts:
+        domain = rcpt.rpartition("@")[2].lower()
+        for what, value, is_ip in values if domain else ():
+            entry = store.lookup("block", domain, value, is_ip=is_ip)
+            if entry is not None:
+                blocked[rcpt] = (domain, what, value, entry)
+                break
+    if not blocked:
+        return
+    if len(blocked) == len(txn.rcpts):
+        domain, what, value, entry = next(iter(blocked.values()))
+        _hit(hits, "LIST_BLOCK", value, entry, domain, what)
+        return
+    for rcpt, (domain, what, value, entry) in blocked.items():
+        txn.drop_rcpts[rcpt] = f"{what} {value} matches {entry} of the {_where(domain)}"
+    hits.add("LIST_BLOCK_RCPT", *blocked, where="recipient lists",
+             text="; ".join(f"{rcpt}: {why}" for rcpt, why in txn.drop_rcpts.items()))
+
+
+@check(stage=Stage.EOM, emits=EMITS, after=("dmarc", "spf"), priority=5, name="lists_from_allow")
+def lists_from_allow(scan, hits: Hits) -> None:
+    """The header From and the envelope sender against the allow lists, unless the From
+    domain fails DMARC or the envelope sender fails SPF."""
+    store = store_for(scan.config)
+    if store is None:
+        return
+    txn = scan.txn
+    sender = scan.message.from_addr
     from_domain = scan.message.from_domain
-    for domain in [GLOBAL, *scan.txn.rcpt_domains]:
+    domains = [GLOBAL, *txn.rcpt_domains]
+    for domain in domains if sender else ():
         entry = store.lookup("allow", domain, sender)
         if entry is None:
             continue
         # Contract with the DMARC check: txn.facts["dmarc"] has .result and .domain.
-        dmarc = scan.txn.facts.get("dmarc")
+        dmarc = txn.facts.get("dmarc")
         if dmarc is not None and getattr(dmarc, "result", "") == "fail" and (
                 getattr(dmarc, "domain", "") or from_domain).lower() == from_domain:
             hits.add("LIST_ALLOW_IGNORED", f"{_entry_kind(entry)}:{entry}", where=_where(domain),
                      text=f"From {sender} matches {entry}, but {from_domain} fails DMARC")
             return
         _hit(hits, "LIST_ALLOW", sender, entry, domain, "From")
+        return
+    for domain in domains if txn.mail_from else ():
+        entry = store.lookup("allow", domain, txn.mail_from)
+        if entry is None:
+            continue
+        # Contract with the SPF check: txn.facts["spf"] has .result and .identity.
+        spf = txn.facts.get("spf")
+        if spf is not None and getattr(spf, "identity", "mailfrom") == "mailfrom" and \
+                getattr(spf, "result", "") in ("fail", "softfail"):
+            hits.add("LIST_ALLOW_IGNORED", f"{_entry_kind(entry)}:{entry}", where=_where(domain),
+                     text=f"envelope sender {txn.mail_from} matches {entry}, but fails SPF ({spf.result})")
+            return
+        _hit(hits, "LIST_ALLOW", txn.mail_from, entry, domain, "sender")
         return

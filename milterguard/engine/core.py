@@ -200,6 +200,7 @@ class Engine:
         timings = txn.timings if txn is not None else conn.timings
         scan = Scan(conn, txn, self.config, stage)
         started = txn.started if txn is not None else None
+        mark = hits.mark()
         t0 = time.perf_counter()
         hits._enter(stage, "rules", None)
         self._run_rules(stage, scan, hits)
@@ -222,6 +223,11 @@ class Engine:
         if forced and forced[0] in _DECIDED and stage < Stage.EOM and self.config["actions.early_reject"]:
             verdict = scoring.score(hits, self.ruleset, self.config, txn.rcpt_domains if txn else [], stage)
             verdict.timings = dict(timings)
+            if stage == Stage.RCPT and txn.rcpts and forced[1] in hits.names_since(mark):
+                # Decided by this recipient's own hits: only it is refused (the MTA answers its
+                # RCPT alone); the transaction forgets them and goes on with the others.
+                verdict.rcpt = txn.rcpts[-1]
+                hits.rollback(mark)
             return verdict
         return None
 
@@ -365,17 +371,28 @@ class Engine:
         hits = self.start_transaction(conn, txn)
         rcpts, txn.rcpts = list(txn.rcpts), []
         verdict = self.run_stage(Stage.MAIL_FROM, conn, txn, hits)
+        refused: list[Verdict] = []
         for rcpt in rcpts:
             if verdict is not None:
                 break
             txn.rcpts.append(rcpt)
             verdict = self.run_stage(Stage.RCPT, conn, txn, hits)
+            if verdict is not None and verdict.rcpt:
+                # As the milter does: that recipient is refused, the others go on.
+                txn.rcpts.pop()
+                refused.append(verdict)
+                verdict = None
+        if verdict is None and refused and not txn.rcpts:
+            verdict = refused.pop()  # every recipient refused: no message follows
         if verdict is None:
             verdict = self.run_stage(Stage.HEADERS, conn, txn, hits)
         if verdict is not None:
+            verdict.refused = refused
             verdict.elapsed = time.monotonic() - txn.started
             return verdict
-        return self.finish(conn, txn, hits)
+        verdict = self.finish(conn, txn, hits)
+        verdict.refused = refused
+        return verdict
 
     def headers_for(self, verdict: Verdict) -> list[tuple[str, str]]:
         """X-Spam-* headers to add for VERDICT (none in shadow mode)."""

@@ -85,6 +85,10 @@ class Transaction:
     # Results that one check leaves for later ones (the SPF, DKIM and DMARC results that
     # list and phishing checks consult), keyed by the name of the check that made them.
     facts: dict[str, Any] = field(default_factory=dict)
+    # Recipients that a check found must not get this message, once past RCPT (a block entry
+    # of their domain's list matching the From header): recipient -> why.  Unless the whole
+    # message is refused, the milter removes them at end of message and delivers to the others.
+    drop_rcpts: dict[str, str] = field(default_factory=dict)
 
     @property
     def rcpt_domains(self) -> list[str]:
@@ -171,6 +175,19 @@ class Hits:
             factor=factor,
             source=self._emitter,
         )
+
+    def mark(self) -> int:
+        """A point to roll back to (see `rollback`)."""
+        return len(self._hits)
+
+    def names_since(self, mark: int) -> list[str]:
+        """The symbols first hit since MARK."""
+        return list(self._hits)[mark:]
+
+    def rollback(self, mark: int) -> None:
+        """Forget the symbols first hit since MARK: a refused recipient's own hits."""
+        for symbol in list(self._hits)[mark:]:
+            del self._hits[symbol]
 
     def merge(self, other: "Hits") -> None:
         for symbol, hit in other._hits.items():
@@ -269,6 +286,11 @@ class Verdict:
     timings: dict[str, float] = field(default_factory=dict)  # check or rule kind -> seconds
     elapsed: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # Set on a verdict taken at RCPT by hits of that recipient's own stage (a block entry of its
+    # domain's list): it refuses that recipient alone, and the transaction goes on without it.
+    rcpt: str = ""
+    # Recipients refused that way during the transaction, with their verdicts (for the CLI).
+    refused: list["Verdict"] = field(default_factory=list)
 
     @property
     def symbols(self) -> list[str]:
