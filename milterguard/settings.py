@@ -456,6 +456,10 @@ SETTINGS: list[Setting] = [
             "nothing is decompressed.", since="0.2"),
     Setting("attachments.archive_max_entries", Int(minimum=1), 1000,
             "At most this many names of one archive are looked at.", since="0.2"),
+    Setting("attachments.nested_max_bytes", Size(), 1024 * 1024,
+            "A zip inside a zip attachment is opened (one level down, its directory read) when it declares "
+            "at most this size; only such zips are decompressed, and never past this size. 0 turns it off.",
+            since="0.2"),
     Setting("phishing.protected_names", MapOf(ListOf(Str()), r"[^\s].*", "brand or person name"),
             {"paypal": ["paypal.com"], "apple": ["apple.com", "icloud.com"],
              "microsoft": ["microsoft.com", "office.com", "outlook.com", "live.com", "office365.com"],

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in postfix libmilter-dev miltertest gcc redis-server redis-sentinel clamav-daemon nsd; do
+for pkg in postfix libmilter-dev miltertest gcc redis-server redis-sentinel clamav-daemon nsd 7zip; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,17 +1,18 @@
-"""What attachments really are: magic bytes against the declared type, and zip archives.
+"""What attachments really are: magic bytes against the declared type, and archives.
 
-Archives are judged by their central directory alone (names, sizes, the
-encryption flag): nothing is decompressed, so a zip bomb costs no more than
-its directory, and at most attachments.archive_max_entries names are read.
-The extension lists are the ones `attachment_names` (checks/mime.py) uses.
+Archives are judged by their directories and headers alone (milterguard/archives.py):
+zip central directories, and one level down those of the small zips a zip holds;
+RAR 4 and 5 block headers; the 7z end header.  Nothing large is decompressed, so a
+zip bomb costs no more than its directory, and at most
+attachments.archive_max_entries names are read per archive.  The extension lists
+are the ones `attachment_names` (checks/mime.py) uses.
 """
 
 from __future__ import annotations
 
-import io
-import struct
 import zipfile
 
+from milterguard.archives import BadArchive, Listing, rar_listing, sevenzip_listing, zip_listing
 from milterguard.checks.mime import name_policy
 from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
@@ -77,13 +78,10 @@ def zip_names(data: bytes, max_entries: int) -> tuple[list[str], bool, bool]:
     Reads the central directory only; raises zipfile.BadZipFile on a broken archive.
     """
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.LargeZipFile, ValueError, EOFError, struct.error, NotImplementedError, OSError) as exc:
+        listing = zip_listing(data, max_entries)
+    except BadArchive as exc:
         raise zipfile.BadZipFile(str(exc)) from None
-    infos = archive.infolist()
-    cut = len(infos) > max_entries
-    infos = infos[:max_entries]
-    return [i.filename for i in infos], any(i.flag_bits & 0x1 for i in infos), cut
+    return listing.names, listing.encrypted, listing.cut
 
 
 @check(stage=Stage.EOM, emits=("MIME_TYPE_MISMATCH", "MIME_ARCHIVE_EXEC", "MIME_ARCHIVE_ENCRYPTED"), priority=25)
@@ -93,6 +91,7 @@ def archive_contents(scan, hits: Hits) -> None:
     policy = name_policy(config)
     max_bytes = config["attachments.archive_max_bytes"]
     max_entries = config["attachments.archive_max_entries"]
+    nested_max = config["attachments.nested_max_bytes"]
     for part in scan.message.attachments:
         data = part.payload
         if not data:
@@ -109,20 +108,34 @@ def archive_contents(scan, hits: Hits) -> None:
             # A .docx is a zip and a .msi an OLE file: only a different kind contradicts.
             hits.add("MIME_TYPE_MISMATCH", f"{declared[1]} is {actual}", where="attachment content",
                      text=f"{name or part.content_type}: declared {declared[0]}, bytes say {actual}")
-        if actual == "zip" and len(data) <= max_bytes and (declared is None or declared[1] in _PLAIN_ZIP):
-            _judge_zip(name, data, max_entries, policy, hits)
+        if len(data) > max_bytes:
+            continue
+        if actual == "zip" and (declared is None or declared[1] in _PLAIN_ZIP):
+            _judge_archive(name, "zip", lambda: zip_listing(data, max_entries, nested_max), policy, hits)
+        elif actual == "rar":
+            _judge_archive(name, "rar", lambda: rar_listing(data, max_entries), policy, hits)
+        elif actual == "7z":
+            _judge_archive(name, "7z", lambda: sevenzip_listing(data), policy, hits)
 
 
-def _judge_zip(name: str, data: bytes, max_entries: int, policy, hits: Hits) -> None:
+def _judge_archive(name: str, kind: str, read, policy, hits: Hits) -> None:
     try:
-        names, encrypted, _cut = zip_names(data, max_entries)
-    except zipfile.BadZipFile:
+        listing = read()
+    except BadArchive:
         return  # a broken archive cannot be opened by the recipient either
-    if encrypted:
-        hits.add("MIME_ARCHIVE_ENCRYPTED", name or "zip", where="attachment content",
-                 text=f"{name or 'zip'}: password-protected entries, which no scanner can look into")
-    for inner in names:
+    shown = name or kind
+    _judge_listing(shown, listing, policy, hits)
+    for inner_name, inner in listing.nested:
+        _judge_listing(f"{shown}:{inner_name.replace(chr(92), '/').rpartition('/')[2]}", inner, policy, hits)
+
+
+def _judge_listing(shown: str, listing: Listing, policy, hits: Hits) -> None:
+    if listing.encrypted:
+        hits.add("MIME_ARCHIVE_ENCRYPTED", shown, where="attachment content",
+                 text=f"{shown}: password-protected {'names' if not listing.names else 'entries'}, "
+                      "which no scanner can look into")
+    for inner in listing.names:
         base = inner.replace("\\", "/").rpartition("/")[2].lower()
         judged = [s for s in policy.judge(base) if s in ("MIME_EXEC_ATTACHMENT", "MIME_ATTACH_OFFICE_MACRO")]
         if judged:
-            hits.add("MIME_ARCHIVE_EXEC", f"{name or 'zip'}:{base}", where="archive entry", text=f"{inner} in {name}")
+            hits.add("MIME_ARCHIVE_EXEC", f"{shown}:{base}", where="archive entry", text=f"{inner} in {shown}")
