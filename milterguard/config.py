@@ -8,7 +8,8 @@ The order is fixed, each layer over the one before:
    deep-merged into what came before;
 3. `{etc}/override.d/*.yaml` in name order: each top-level section named
    there replaces that whole section;
-4. files given with `--config`: deep-merged;
+4. files named by the environment variable MILTERGUARD_CONFIG (several
+   separated by ":"), then files given with `--config`: deep-merged;
 5. `--set KEY=VALUE` flags.
 
 There is no search path where the first file found wins.  An unknown key
@@ -208,6 +209,10 @@ def load_config(
         merge_file(path, False)
     for path in sorted(glob.glob(str(etc / "override.d" / "*.yaml"))):
         merge_file(path, True)
+    for path in [p for p in os.environ.get("MILTERGUARD_CONFIG", "").split(os.pathsep) if p]:
+        if not Path(path).is_file():
+            raise ConfigError(str(path), "configuration file named by MILTERGUARD_CONFIG does not exist")
+        merge_file(path, False)
     for path in config_files:
         if not Path(path).is_file():
             raise ConfigError(str(path), "configuration file given on the command line does not exist")

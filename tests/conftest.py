@@ -16,7 +16,9 @@ Every fixture stops what it started, also when the test fails.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,64 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+# Every Python process of the tests reports traffic beyond loopback (support/netguard).
+_NETGUARD = str(Path(_TESTS) / "support" / "netguard")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_NETGUARD, os.environ.get("PYTHONPATH", "")) if p)
+os.environ.setdefault("MILTERGUARD_TEST_NETLOG", os.path.join(tempfile.mkdtemp(prefix="mg-netguard-"), "net.log"))
+if _NETGUARD not in sys.path:
+    sys.path.insert(0, _NETGUARD)
+import sitecustomize as _netguard  # noqa: E402,F401  (installs the hook in this process too)
+
 from support.milterguard_proc import MilterguardProcess  # noqa: E402
 from support.noop_milter import NoopMilterProcess  # noqa: E402
 from support.postfix import PostfixInstance, postfix_available  # noqa: E402
 from support.sink import SmtpSink  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dns_that_knows_nothing(tmp_path_factory):
+    """Point every milterguard of the tests at a local DNS server with no data.
+
+    The system's resolver is not loopback: lookups of the domains in test
+    messages and corpus mail would leave the machine.  This nsd answers
+    REFUSED at once for every name, so the checks report "no record" or a
+    DNS error without waiting.  Tests about DNS start servers of their own
+    and name them with --set dns.nameservers=..., which wins over this file.
+    """
+    from support.dns import NsdServer, Zone, nsd_available
+
+    workdir = tmp_path_factory.mktemp("dns-nothing")
+    conf = workdir / "dns.yaml"
+    server = None
+    if nsd_available() is None:
+        server = NsdServer(workdir / "nsd", [Zone("test.invalid.")]).start()
+        conf.write_text(f"dns:\n  nameservers: ['{server.address}']\n")
+    else:
+        conf.write_text("dns:\n  enabled: false\n")
+    old = os.environ.get("MILTERGUARD_CONFIG")
+    os.environ["MILTERGUARD_CONFIG"] = os.pathsep.join(p for p in (str(conf), old) if p)
+    try:
+        yield server
+    finally:
+        if old is None:
+            os.environ.pop("MILTERGUARD_CONFIG", None)
+        else:
+            os.environ["MILTERGUARD_CONFIG"] = old
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture(autouse=True)
+def loopback_only():
+    """Fail a test during which any of its Python processes talked to a non-loopback address."""
+    log = Path(os.environ["MILTERGUARD_TEST_NETLOG"])
+    before = log.stat().st_size if log.exists() else 0
+    yield
+    if log.exists() and log.stat().st_size > before:
+        with open(log) as fh:
+            fh.seek(before)
+            report = fh.read()
+        pytest.fail("traffic beyond loopback:\n" + report[:4000], pytrace=False)
 
 
 def _stop_all(things, errors_ok: bool = False) -> None:
