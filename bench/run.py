@@ -11,7 +11,8 @@ real ~4 KB spam from the shared corpus, one message per connection:
 
   a  Postfix alone (no milter)
   b  the no-op pymilter milter (tests/support/noop_milter.py)
-  c  milterguard serve, default rules, 2 workers, actions.mode=tag-only
+  c  milterguard serve, default rules, 2 workers, actions.mode=tag-only,
+     DNS answered by a local nsd authoritative for the sender's domain
   d  Rspamd 3.4 (Debian), proxy worker in milter mode, self_scan, offline
 
 Rounds are interleaved (for each round, for each concurrency: a b c d) so
@@ -110,6 +111,7 @@ class System:
     sink: SinkCounter
     postfix: PostfixInstance | None = None
     milter: object | None = None  # NoopMilterProcess | MilterguardProcess | RspamdInstance
+    dns: object | None = None  # the local nsd milterguard asks (c)
     socket: str | None = None
     error: str | None = None
     failures: int = 0
@@ -141,7 +143,7 @@ class System:
     def stop(self) -> None:
         if self in LIVE:
             LIVE.remove(self)
-        for thing in (self.postfix, self.milter, self.sink):
+        for thing in (self.postfix, self.milter, self.sink, self.dns):
             if thing is None:
                 continue
             try:
@@ -171,7 +173,8 @@ def milter_socket(workdir: Path, kind: str) -> str:
     return f"inet:{free_port()}@127.0.0.1"
 
 
-def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rspamd_procs: int) -> System:
+def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rspamd_procs: int,
+                 dns_domains: tuple[str, ...] = ()) -> System:
     workdir = _open_dir(root / key)
     sink = SinkCounter(workdir / "sink").start()
     system = System(key, CONFIG_NAMES[key], workdir, sink)
@@ -184,9 +187,17 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
             _chmod_socket(system.socket)
         elif key == "c":
             system.socket = milter_socket(workdir, socket_kind)
+            # DNS answered locally: an nsd authoritative for the sender's domain (no DMARC
+            # or SPF record there, so answers are NXDOMAIN, cached for their negative TTL);
+            # nothing is asked beyond loopback.
+            from support.dns import NsdServer, Zone
+
+            zones = [Zone(d.rstrip(".") + ".") for d in dict.fromkeys(dns_domains)] or [Zone("bench.invalid.")]
+            system.dns = NsdServer(workdir / "nsd", zones).start()
             system.milter = MilterguardProcess(
                 workdir / "mg", socket=system.socket, workers=mg_workers,
-                sets={"actions.mode": "tag-only", "milter.unix_socket_mode": "0666"})
+                sets={"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
+                      "dns.nameservers": [system.dns.address]})
             system.milter.start()
             _chmod_socket(system.socket)
         elif key == "d":
@@ -774,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 log(f"{key}: starting {CONFIG_NAMES[key]}")
                 systems[key] = start_system(key, root, kind, mg_workers=args.workers,
-                                            rspamd_procs=args.rspamd_procs)
+                                            rspamd_procs=args.rspamd_procs,
+                                            dns_domains=(sender.rpartition("@")[2],))
             except Exception as e:  # noqa: BLE001 - report and go on with the others
                 msg = f"{key} ({CONFIG_NAMES[key]}) did not start: {e}"
                 log(msg)
