@@ -108,6 +108,7 @@ class NsdServer:
                 verbosity: 1
                 hide-version: yes
                 reuseport: no
+                rrl-ratelimit: 0
             remote-control:
                 control-enable: no
             """) + "".join(zone_conf))
