@@ -18,6 +18,7 @@ from milterguard.checks.dkim import KeyAbsent, KeyUnavailable, key_lookup, start
 from milterguard.engine.checks import check, starter
 from milterguard.engine.model import Hits, Stage
 
+MAX_ARC_SETS = 50
 
 @dataclass
 class ArcResult:
@@ -33,8 +34,9 @@ class ArcResult:
 
 @starter("arc", Stage.HEADERS)
 def _start(scan) -> None:
-    start_key_lookups(scan, "ARC-Seal")
-    start_key_lookups(scan, "ARC-Message-Signature")
+    # At most 50 ARC sets are valid (RFC 8617 4.2.1); what lies beyond is never verified.
+    start_key_lookups(scan, "ARC-Seal", limit=MAX_ARC_SETS)
+    start_key_lookups(scan, "ARC-Message-Signature", limit=MAX_ARC_SETS)
 
 
 @check(stage=Stage.EOM, emits=("ARC_ALLOW", "ARC_REJECT", "ARC_NA", "ARC_TEMPFAIL"), priority=42)

@@ -18,6 +18,10 @@ from milterguard.engine.checks import check, starter
 from milterguard.engine.model import Hits, Stage
 
 HEADER = "DKIM-Signature"
+# Signatures verified per message, topmost (newest) first.  Each one costs a parse of
+# the whole message and a key lookup: a message with thousands of them (real mail
+# has one to three) must not keep a worker busy for seconds.
+MAX_SIGNATURES = 10
 
 
 def tags(value: str) -> dict[str, str]:
@@ -34,12 +38,12 @@ def key_name(sig_tags: dict[str, str]) -> str:
     return f"{sig_tags.get('s', '')}._domainkey.{sig_tags.get('d', '')}".lower()
 
 
-def start_key_lookups(scan, header: str) -> None:
-    """Start fetching the keys of every HEADER (DKIM-Signature, ARC-*) of the message."""
+def start_key_lookups(scan, header: str, limit: int = MAX_SIGNATURES) -> None:
+    """Start fetching the keys of the first LIMIT HEADERs (DKIM-Signature, ARC-*) of the message."""
     if not auth.active_dns(scan) or scan.txn is None:
         return
     sess = mgdns.session(scan)
-    for value in auth.header_values(scan.txn, header):
+    for value in auth.header_values(scan.txn, header)[:limit]:
         t = tags(value)
         if t.get("s") and t.get("d"):
             sess.start(key_name(t), "TXT")
@@ -157,7 +161,7 @@ def dkim(scan, hits: Hits) -> None:
     found = DkimResult("none")
     symbols = {"pass": "R_DKIM_ALLOW", "fail": "R_DKIM_REJECT", "temperror": "R_DKIM_TEMPFAIL",
                "permerror": "R_DKIM_PERMFAIL"}
-    for index, value in enumerate(values):
+    for index, value in enumerate(values[:MAX_SIGNATURES]):
         t = tags(value)
         domain, selector = t.get("d", "").lower(), t.get("s", "")
         result, reason = verify_one(raw, index, dnsfunc)
