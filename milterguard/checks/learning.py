@@ -49,8 +49,15 @@ def bayes_for(store, config) -> Bayes:
 
 @preparer("bayes")
 def connect_at_load(config) -> None:
-    """Ask Redis once when the engine loads, so that a Redis down at start is logged then."""
-    get_store(config)
+    """Ask Redis once when the engine loads, so that a Redis down at start is logged then,
+    and load the classifier's model before the workers fork (they share it)."""
+    store = get_store(config)
+    if store is None or not config["ml.enabled"]:
+        return
+    try:
+        model_cache(store, config["ml.poll_interval"]).current()
+    except RedisUnavailable:
+        pass  # logged by the store; the workers ask again
 
 
 def _emit(hits: Hits, prefix: str, prob: float, spam_at: float, ham_at: float, detail: str) -> None:
@@ -70,9 +77,9 @@ def bayes(scan, hits: Hits) -> None:
     store = get_store(config)
     if store is None:
         return
-    tokens = tokens_of(scan)
+    tokens_of(scan)
     try:
-        prob, used, n_spam, n_ham = bayes_for(store, config).classify(tokens)
+        prob, used, n_spam, n_ham = bayes_for(store, config).classify_hashes(scan.txn.facts["tokens"]["hashes"])
     except RedisUnavailable as exc:
         hits.add("BAYES_TEMPFAIL", where="Redis", text=str(exc)[:200])
         return

@@ -2,10 +2,12 @@
 
 Redis layout (all keys under `redis.prefix`):
 
-- `bayes:t:B` for B in 0..65535: a hash whose fields are tokens and whose
-  values are both counts in one integer, `spam * 2**32 + ham`.  A token is
-  the 64-bit BLAKE2b hash of its text: 16 bits choose the hash key, the
-  next 40 bits (5 bytes) are the field.  Small hashes are stored by Redis
+- `bayes:t:BB`, where BB is two bytes (65536 keys): a hash whose fields are
+  tokens and whose values are both counts in one integer,
+  `spam * 2**32 + ham`.  A token is the 64-bit BLAKE2b hash of its text:
+  its first 2 bytes are the BB of its hash key (raw bytes: building the key
+  name costs the scripts half as much as a decimal number would), the next
+  5 bytes are the field.  Small hashes are stored by Redis
   as compact listpacks (about 20 bytes a token, against some 90 for a key
   per token), and one HINCRBY moves a token's count for either class.
 - `bayes:totals`: hash `spam`, `ham`: messages learned of each class.
@@ -73,12 +75,10 @@ else
   redis.call('LREM', KEYS[4], 1, ARGV[1])
 end
 local d = string.format('%d', delta)
-local blob = ARGV[6]
+local blob, prefix, sub, call = ARGV[6], ARGV[3], string.sub, redis.call
 for i = 1, #blob, 7 do
-  local hi, lo = string.byte(blob, i, i + 1)
-  local key = ARGV[3] .. (hi * 256 + lo)
-  local field = string.sub(blob, i + 2, i + 6)
-  if redis.call('HINCRBY', key, field, d) <= 0 then redis.call('HDEL', key, field) end
+  local key, field = prefix .. sub(blob, i, i + 1), sub(blob, i + 2, i + 6)
+  if call('HINCRBY', key, field, d) <= 0 then call('HDEL', key, field) end
 end
 if prev then return 2 end
 return 1
@@ -87,10 +87,9 @@ return 1
 _FETCH = """
 local totals = redis.call('HMGET', KEYS[1], 'spam', 'ham')
 local out = {totals[1] or '0', totals[2] or '0'}
-local blob = ARGV[2]
+local blob, prefix, sub, call = ARGV[2], ARGV[1], string.sub, redis.call
 for i = 1, #blob, 7 do
-  local hi, lo = string.byte(blob, i, i + 1)
-  out[#out + 1] = redis.call('HGET', ARGV[1] .. (hi * 256 + lo), string.sub(blob, i + 2, i + 6)) or '0'
+  out[#out + 1] = call('HGET', prefix .. sub(blob, i, i + 1), sub(blob, i + 2, i + 6)) or '0'
 end
 return table.concat(out, ' ')
 """
@@ -179,9 +178,13 @@ class Bayes:
         self.max_samples = max_samples
         self.totals_key = store.key("bayes", "totals")
         self.digests_key = store.key("bayes", "digests")
-        self.token_prefix = store.key("bayes", "t", "")
+        self.token_prefix = store.key("bayes", "t", "").encode()
         self.samples_key = store.key("ml", "samples")
         self.order_key = store.key("ml", "order")
+
+    def bucket_key(self, bucket: int) -> bytes:
+        """The name of token hash number `bucket` (0..65535)."""
+        return self.token_prefix + bucket.to_bytes(2, "big")
 
     # ------------------------------------------------------------ reading
 
@@ -204,7 +207,11 @@ class Bayes:
 
     def classify(self, tokens: list[str]) -> tuple[float, int, int, int]:
         """(spam probability, tokens used, spam learned, ham learned)."""
-        n_spam, n_ham, counts = self.fetch([token_hash(t) for t in tokens])
+        return self.classify_hashes([token_hash(t) for t in tokens])
+
+    def classify_hashes(self, hashes: list[int]) -> tuple[float, int, int, int]:
+        """classify() for token hashes already computed."""
+        n_spam, n_ham, counts = self.fetch(hashes)
         prob, used = combine(counts, n_spam, n_ham)
         return prob, used, n_spam, n_ham
 
@@ -222,7 +229,8 @@ class Bayes:
             raise ValueError(f"label must be spam, ham or empty, got {label!r}")
         hashes = [token_hash(t) for t in tokens]
         packed = pack_sample(hashes) if sample and label else b""
-        args = (digest, label, self.token_prefix, packed, self.max_samples, slots_blob(hashes), "1" if only_new else "0")
+        args = (digest, label, self.token_prefix, packed, self.max_samples, slots_blob(hashes),
+                "1" if only_new else "0")
         keys = (self.digests_key, self.totals_key, self.samples_key, self.order_key)
         writer = self.store.writer()
         try:
@@ -248,7 +256,7 @@ class Bayes:
         n_spam, n_ham = self.totals()
         pipe = reader.pipeline()
         for bucket in range(BUCKETS):
-            pipe.hlen(self.token_prefix + str(bucket))
+            pipe.hlen(self.bucket_key(bucket))
         tokens = sum(pipe.execute())
         info = reader.info("memory")
         return {
@@ -267,14 +275,14 @@ class Bayes:
         writer = self.store.writer()
         pipe = writer.pipeline()
         for bucket in range(BUCKETS):
-            pipe.hlen(self.token_prefix + str(bucket))
+            pipe.hlen(self.bucket_key(bucket))
         total = sum(pipe.execute())
         removed = 0
         limit = 1
         while total - removed > max_tokens and limit < 1 << 20:
             for start in range(0, BUCKETS, batch):
                 pipe = writer.pipeline()
-                keys = [self.token_prefix + str(b) for b in range(start, min(start + batch, BUCKETS))]
+                keys = [self.bucket_key(b) for b in range(start, min(start + batch, BUCKETS))]
                 for key in keys:
                     pipe.hgetall(key)
                 contents = pipe.execute()
