@@ -147,7 +147,7 @@ def _resolve_charset(name: str) -> tuple[str | None, bool]:
         codec = _CHARSET_ALIASES.get(clean, clean)
         try:
             info = codecs.lookup(codec)
-        except LookupError:
+        except (LookupError, ValueError):  # ValueError: a NUL in the name
             result = (None, False)
         else:
             # _is_text_encoding is False for base64, zlib, rot13 ...

@@ -396,6 +396,12 @@ class TestMimeDefects:
         assert m.text == "café\n"  # utf-8 failed, windows-1252 guess
         assert m.parts[0].charset == "x-martian"
 
+    def test_charset_with_a_nul_is_unknown(self):
+        # codecs.lookup raises ValueError (not LookupError) for a name with a NUL in it.
+        m = msg(b"Subject: =?utf\x00-8?Q?caf=C3=A9?=\nContent-Type: text/plain; charset=\"us-ascii\x00\"\n\ncaf\xe9\n")
+        assert "MIME_BAD_CHARSET" in m.defects
+        assert m.text == "caf\xe9\n"
+
     def test_unknown_body_charset_utf8_guess(self):
         m = msg("Content-Type: text/plain; charset=x-martian\n\ncafé\n")
         assert m.text == "café\n"
