@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import mailbox
+import os
 import pytest
 
 from milterguard.cli import main as cli_main
@@ -196,6 +197,31 @@ def test_a_new_model_is_picked_up_by_a_running_engine(tmp_path, master):
 
     verdict, txn = wait_until(swapped, timeout=5, interval=0.1, what="the running engine to load version 2")
     assert verdict.hit("ML_HAM") is not None and verdict.hit("ML_SPAM") is None
+
+
+@needs_redis
+def test_a_worker_forked_during_a_load_still_polls(master):
+    store = RedisStore(url=master.url)
+    learn_some(Bayes(store), 6)
+    cache = ml.model_cache(store, 0.0)
+    assert cache.current() is None  # nothing trained yet
+    ml.train(store)
+    cache._lock.acquire()  # as if a background load were running in the supervisor
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                model = cache.current()
+                os.write(write_end, str(model.version if model else 0).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        assert os.read(read_end, 16) == b"1"
+        os.close(read_end)
+    finally:
+        cache._lock.release()
 
 
 # ---------------------------------------------------------------- command line

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 import warnings
@@ -156,6 +157,7 @@ class ModelCache:
         self.model: Model | None = None
         self._checked = float("-inf")
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def current(self) -> Model | None:
         """The model to score with; asks Redis for the version at most every poll_interval.
@@ -166,6 +168,10 @@ class ModelCache:
         ever loaded and Redis cannot be asked: a loaded model keeps serving
         through an outage.
         """
+        if self._pid != os.getpid():
+            # A worker forked while the supervisor was loading: the loading
+            # thread did not come along, its lock must not stay held here.
+            self._pid, self._lock, self._checked = os.getpid(), threading.Lock(), float("-inf")
         now = time.monotonic()
         if now - self._checked < self.poll_interval:
             return self.model
