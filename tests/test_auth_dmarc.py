@@ -3,6 +3,9 @@ and a forwarded message sealed by a (trusted or untrusted) ARC sealer."""
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 
 from milterguard.engine.model import Action
@@ -162,3 +165,15 @@ def test_arc_chain_broken_after_sealing(engine, key):
 def test_no_arc(engine):
     verdict, _ = scan(engine, message(from_addr="a@rej.test"), ip=SENDER_IP, mail_from="a@rej.test")
     assert "ARC_NA" in verdict.symbols
+
+
+def test_broken_arc_set_is_a_reason_not_an_error_logged(engine, key, caplog):
+    """dkimpy logs what it finds wrong with an ARC set as an error of its own logger,
+    which landed in milterguard's log without a queue id for every such message."""
+    raw = forwarded(key)
+    seal = re.search(rb"^ARC-Seal:.*?\r\n(?![ \t])", raw, re.M | re.S).group(0)
+    with caplog.at_level("INFO"):
+        verdict, txn = scan(engine, seal + raw, ip=OTHER_IP, mail_from="a@rej.test")
+    assert "ARC_REJECT" in verdict.symbols
+    assert "Duplicate ARC-Seal for instance 1" in txn.facts["arc"].reason
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -14,7 +14,7 @@ import dkim as dkimpy
 
 from milterguard import auth
 from milterguard import dns as mgdns
-from milterguard.checks.dkim import KeyAbsent, KeyUnavailable, key_lookup, start_key_lookups
+from milterguard.checks.dkim import DkimpyErrors, KeyAbsent, KeyUnavailable, key_lookup, start_key_lookups
 from milterguard.engine.checks import check, starter
 from milterguard.engine.model import Hits, Stage
 
@@ -52,7 +52,8 @@ def arc(scan, hits: Hits) -> None:
     raw = auth.raw_message(txn)
     dnsfunc = key_lookup(mgdns.session(scan))
     try:
-        cv, sets, reason = dkimpy.arc_verify(raw, dnsfunc=dnsfunc)
+        # dkimpy logs what is wrong with a set as an error of its own; the reason says it too.
+        cv, sets, reason = dkimpy.arc_verify(raw, logger=DkimpyErrors(), dnsfunc=dnsfunc)
     except KeyUnavailable as exc:
         txn.facts["arc"] = ArcResult("temperror", reason=str(exc))
         hits.add("ARC_TEMPFAIL", where="ARC-Seal", text=str(exc))

@@ -101,7 +101,7 @@ def _start(scan) -> None:
     start_key_lookups(scan, HEADER)
 
 
-class _Errors:
+class DkimpyErrors:
     """A logger for dkimpy that keeps its errors: dkimpy reports a key it cannot use
     only there, and then answers False as for an altered message."""
 
@@ -119,7 +119,7 @@ class _Errors:
 
 def verify_one(raw: bytes, index: int, dnsfunc) -> tuple[str, str]:
     """(result, reason) of signature INDEX of RAW."""
-    errors = _Errors()
+    errors = DkimpyErrors()
     verifier = dkimpy.DKIM(raw, logger=errors)
     try:
         ok = verifier.verify(index, dnsfunc=dnsfunc)
