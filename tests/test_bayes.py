@@ -69,9 +69,11 @@ def test_tokens_are_deterministic_capped_and_cover_text_headers_and_urls():
     assert len(tokens) == len(set(tokens))
     for token in ("s:cheap", "s:cheap pills", "s:cheap _ today", "buy", "cheap", "buy cheap", "buy _ pills",
                   "h:from:mail.shop.example.co.uk", "h:fromreg:example.co.uk", "h:reply-to:differs",
-                  "u:www.pills.example.com", "u:reg:example.com", "n:10d"):
+                  "u:www.pills.example.com", "u:reg:example.com", "n:10d",
+                  "c:s: ch", "c:s:s to", "c:s:pill", "c:f: sh", "c:f:hop "):
         assert token in tokens, token
     assert not any("<" in t or "href" in t for t in tokens)  # HTML reduced to text
+    assert not any(t.startswith("c:") and len(t) - len("c:s:") not in (3, 4) for t in tokens)
     big = b"Subject: x\n\n" + b" ".join(b"w%d" % i for i in range(20000)) + b"\n"
     assert len(tokenize(Message.from_bytes(big))) == MAX_TOKENS
 

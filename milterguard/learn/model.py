@@ -7,7 +7,10 @@ fits a linear model on the samples kept by learning (`ml:samples`) with
 scikit-learn's SGDClassifier and the modified Huber loss (a logistic-like
 loss that ignores what is already far on the right side; chosen over
 LogisticRegression by 5-fold cross-validation on the train split of the
-shared corpus, see docs/accuracy.md), and stores the model in Redis:
+shared corpus, see docs/accuracy.md).  Stochastic gradient descent depends
+on the order it visits the samples in, so the fit is repeated with each of
+`SEEDS` and the weights are averaged: one linear model again (the same cost
+to score), steadier than any single run.  The model is stored in Redis:
 
 - `ml:model`: the non-zero weights (column indices and float32 values),
   the intercept and the version, zlib-packed;
@@ -38,6 +41,7 @@ log = logging.getLogger("milterguard.learn")
 
 DIM = 1 << 20
 DEFAULT_ALPHA = 1e-4
+SEEDS = (1, 2, 3, 4, 5)  # the fits whose weights are averaged
 # The classifier's margin z becomes a probability 1 / (1 + exp(-SCALE * z)):
 # the modified Huber loss puts the two classes at z = -1 and z = +1, which
 # this maps to 0.12 and 0.88.
@@ -108,7 +112,7 @@ def load_samples(store: RedisStore) -> tuple[list[np.ndarray], list[int]]:
 
 
 def fit(rows: list[np.ndarray], y: list[int], alpha: float = DEFAULT_ALPHA, version: int = 0) -> Model:
-    """Fit the linear model on hashed, unit-length binary rows (deterministic: fixed seed)."""
+    """Fit the linear model on hashed, unit-length binary rows (deterministic: fixed seeds, averaged)."""
     from scipy.sparse import csr_matrix
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import SGDClassifier
@@ -120,14 +124,19 @@ def fit(rows: list[np.ndarray], y: list[int], alpha: float = DEFAULT_ALPHA, vers
     indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     data = np.concatenate([np.full(len(r), 1.0 / np.sqrt(max(len(r), 1)), dtype=np.float64) for r in rows])
     x = csr_matrix((data, indices, indptr), shape=(len(rows), DIM))
-    clf = SGDClassifier(loss="modified_huber", alpha=alpha, class_weight="balanced", max_iter=100, tol=1e-4,
-                        random_state=1)
-    with warnings.catch_warnings():
-        # A few dozen samples (a new site, the tests) may not settle within
-        # max_iter; the model is still usable and the next train improves it.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(x, np.asarray(y))
-    return Model(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), version, len(rows))
+    weights = np.zeros(DIM, dtype=np.float64)
+    intercept = 0.0
+    for seed in SEEDS:
+        clf = SGDClassifier(loss="modified_huber", alpha=alpha, class_weight="balanced", max_iter=100, tol=1e-4,
+                            random_state=seed)
+        with warnings.catch_warnings():
+            # A few dozen samples (a new site, the tests) may not settle within
+            # max_iter; the model is still usable and the next train improves it.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(x, np.asarray(y))
+        weights += clf.coef_[0]
+        intercept += float(clf.intercept_[0])
+    return Model((weights / len(SEEDS)).astype(np.float32), intercept / len(SEEDS), version, len(rows))
 
 
 def train(store: RedisStore, alpha: float = DEFAULT_ALPHA) -> Model:

@@ -3,6 +3,10 @@
 A message yields, in this order and each token once:
 
 - words of the Subject, prefixed `s:`;
+- character 3- and 4-grams of the Subject (`c:s:`) and of the From display
+  name (`c:f:`), lowercased, spaces collapsed, each padded with one space:
+  they catch what words miss (scripts without spaces between words,
+  obfuscated and glued-together words, a sender name's style);
 - words of the decoded text (text parts, HTML reduced to text), lowercased,
   NFKC-normalised, accents kept; long words are cut to a `sk:` stem, long
   numbers become their shape (`n:5d`);
@@ -33,10 +37,13 @@ if TYPE_CHECKING:  # pragma: no cover
 MAX_WORDS = 1500
 MAX_TOKENS = 4000
 OSB_WINDOW = 3  # bigrams of each word with the next 3 words
+CHAR_GRAMS = (3, 4)  # character n-gram lengths of the Subject and From display name
+CHAR_GRAM_TEXT = 200  # characters of the Subject or display name read for them
 MIN_LEN, MAX_LEN = 2, 20
 
 _WORD = re.compile(r"[^\W_](?:[\w$€£%'@.+-]*[^\W_$])?")
 _DIGITS = re.compile(r"\d")
+_SPACES = re.compile(r"\s+")
 _MAILER_WORD = re.compile(r"[a-z][a-z.-]+")
 _ID_SHAPE = re.compile(r"[a-z]+|[0-9]+|[^a-z0-9]")
 
@@ -64,6 +71,15 @@ def words(text: str, limit: int = MAX_WORDS) -> list[str]:
             if len(out) >= limit:
                 break
     return out
+
+
+def char_grams(text: str, prefix: str) -> list[str]:
+    """Character n-grams (lengths CHAR_GRAMS) of a short text, lowercased and NFKC-normalised."""
+    text = _SPACES.sub(" ", unicodedata.normalize("NFKC", text[:CHAR_GRAM_TEXT]).lower()).strip()
+    if not text:
+        return []
+    text = f" {text} "
+    return [prefix + text[i:i + n] for n in CHAR_GRAMS for i in range(len(text) - n + 1)]
 
 
 def osb(seq: list[str], window: int = OSB_WINDOW) -> list[str]:
@@ -181,6 +197,8 @@ def tokenize(msg: "Message") -> list[str]:
     body = words(msg.text)
     seq = ["s:" + w for w in subject]
     seq += [f"s:{b}" for b in osb(subject)]
+    seq += char_grams(msg.subject, "c:s:")
+    seq += char_grams(msg.from_name, "c:f:")
     seq += header_tokens(msg)
     seq += structure_tokens(msg)
     seq += url_tokens(msg)
