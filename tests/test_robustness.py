@@ -38,7 +38,7 @@ from support.mangle import mutate  # noqa: E402
 CORPUS = Path(os.environ.get("MILTERGUARD_CORPUS", "/work/shared/corpus")) / "spamassassin"
 KINDS = ("ham", "hard_ham", "spam")
 # A longer sweep by hand: MILTERGUARD_FUZZ=SEED:MUTANTS:SECONDS (say 7:20000:600).
-_FUZZ = (os.environ.get("MILTERGUARD_FUZZ") or "20261201:1500:30").split(":")
+_FUZZ = (os.environ.get("MILTERGUARD_FUZZ") or "20261201:1500:25").split(":")
 SEED = int(_FUZZ[0])
 MUTANTS = int(_FUZZ[1])
 FUZZ_SECONDS = float(_FUZZ[2])  # the fuzz stops here, however far it got
@@ -87,6 +87,7 @@ def mutant(sample: list[Path], index: int) -> tuple[str, Path, bytes]:
 
 _ENGINE = None
 _LOGGED: list[str] = []
+_SYMBOLS: list[str] = []  # of the last message scanned
 
 
 class _Errors(logging.Handler):
@@ -111,26 +112,76 @@ def _start_worker(etc_dir: str, sets: list[str]) -> None:
     _ENGINE = Engine.load(load_config(etc_dir=etc_dir, sets=sets))
 
 
-def scan(raw: bytes, ident: str) -> list[str]:
-    """What went wrong scanning RAW: the bad symbols with their text, errors logged, an exception."""
+def scan(raw: bytes, ident: str, envelope: dict | None = None) -> list[str]:
+    """What went wrong scanning RAW: the bad symbols with their text, errors logged, an exception.
+
+    ENVELOPE (see `envelope`) may name another client, HELO, sender and recipients,
+    and ask for the message as the milter hands it over.
+    """
+    import tempfile
+
     from milterguard.engine.model import Connection, Transaction
+    from milterguard.milter import _text
     from milterguard.rawmail import split_message
 
+    env = dict(ENVELOPE, **(envelope or {}))
     _LOGGED.clear()
     try:
         # As `milterguard scan --ip ... --helo ... --rcpt ...` builds them (cli/scan.py build()).
         headers, body = split_message(raw)
         rp = next((v for n, v in headers if n.lower() == "return-path"), "")
-        conn = Connection(client_ip=ENVELOPE["client_ip"], client_name=f"[{ENVELOPE['client_ip']}]",
-                          helo=ENVELOPE["helo"], ident=ident)
-        txn = Transaction(mail_from=rp.strip().strip("<>").strip(), rcpts=[ENVELOPE["rcpt"]], headers=headers,
-                          body=body, body_size=len(body))
+        mail_from = env.get("mail_from", rp.strip().strip("<>").strip())
+        body_size = len(body)
+        if env.get("as_milter"):
+            # As milter.py records them: a header value ends at a NUL (libmilter passes C strings),
+            # undecodable bytes become U+FFFD; the body is the spool file, left at its end.
+            headers = [(_text(n), _text(v.partition("\0")[0])) for n, v in headers]
+            spool = tempfile.SpooledTemporaryFile(max_size=64 * 1024)
+            spool.write(body)
+            body = spool
+        conn = Connection(client_ip=env["client_ip"], client_name=f"[{env['client_ip']}]", helo=env["helo"],
+                          auth_user=env.get("auth", ""), ident=ident)
+        txn = Transaction(mail_from=mail_from, rcpts=list(env.get("rcpts", [env["rcpt"]])), headers=headers,
+                          body=body, body_size=body_size)
         txn.started = time.monotonic()
         verdict = _ENGINE.evaluate(conn, txn)
     except Exception:  # noqa: BLE001 - that is what the test looks for
         return ["raised: " + traceback.format_exc()[-3000:]]
+    _SYMBOLS[:] = [h.symbol for h in verdict.hits]
     problems = [f"{h.symbol} {','.join(h.options)}: {h.text}" for h in verdict.hits if h.symbol in BAD]
     return problems + [f"logged: {line}" for line in _LOGGED]
+
+
+_HELOS = ["", "[203.0.113.7]", "[1.2.3.4", "203.0.113.7", "localhost", "xn--", "xn--zz-.com", "a" * 300,
+          "ex ample", "\u00e9xample.com", "[IPv6:::1]", "[IPv6:zzzz::1]", ".", "-.com", "a..b", "[]", "\ufffd"]
+_SENDERS = ["", "a@", "@b", "a@b@c", "a@xn--zz-.com", "a@[300.1.1.1]", "a@[IPv6:zzzz::1]", "a@[203.0.113.7]",
+            '"quoted local"@example.com', "a@" + "x" * 300 + ".com", "postmaster", "a@b.c\u00e9", "a@.", "<>",
+            "a@-x-.com", "a@" + "b." * 150 + "com", "\ufffd@\ufffd"]
+_RCPTS = [["user@example.org", "x@xn--zz-.com"], ["postmaster"], ["a@[1.2.3.4]"], ["\u00e9@\u00e9.example"],
+          ["a@b@c", ""], [f"u{i}@example.org" for i in range(60)]]
+
+
+def envelope(index: int) -> dict:
+    """The envelope of mutant INDEX: mostly the usual one; now and then a bad HELO, sender,
+    recipients or an IPv6 client; half of the mutants as the milter hands them over."""
+    rng = random.Random(f"{SEED}-envelope-{index}")
+    env: dict = {"as_milter": rng.random() < 0.5}
+    if rng.random() < 0.3:
+        env["helo"] = rng.choice(_HELOS)
+    if rng.random() < 0.3:
+        env["mail_from"] = rng.choice(_SENDERS)
+    if rng.random() < 0.2:
+        env["rcpts"] = rng.choice(_RCPTS)
+    if rng.random() < 0.2:
+        env["client_ip"] = rng.choice(["2001:db8::7", "::ffff:203.0.113.7", "198.51.100.1", "fe80::1"])
+    if rng.random() < 0.05:
+        env["auth"] = rng.choice(["alice", "\ufffd", "a" * 500])
+    return env
+
+
+def _scan_job(job: tuple[bytes, str, dict]) -> tuple[list[str], list[str]]:
+    problems = scan(*job)
+    return problems, list(_SYMBOLS)
 
 
 def _corpus_job(path: str) -> tuple[str, list[str]]:
@@ -142,14 +193,26 @@ def _fuzz_job(job: tuple[list[Path], int, float]) -> tuple[int, str, str, list[s
     if time.monotonic() > deadline:
         return index, "", "", None
     name, base, raw = mutant(sample, index)
-    return index, name, base.name, scan(raw, f"mutant-{index}")
+    return index, name, base.name, scan(raw, f"mutant-{index}", envelope(index))
 
 
 # ------------------------------------------------------------ the tests
 
+# Allow and block lists, so that the list checks compare every mutant's addresses with entries.
+LISTS = {
+    "allow.map": "lists.sourceforge.net\n2001:db8::/32\nfriend@example.com\n",
+    "block.map": "198.51.100.0/24\nspammer@example.net\nxn--80ak6aa92e.com\n",
+    "example.org/allow.map": "spamassassin.taint.org\n",
+    "example.org/block.map": "yahoo.com\nhotmail.com\n192.0.2.0/24\n",
+}
+
+
 def _pool(tmp_path: Path, sets: list[str]):
     etc = tmp_path / "etc"
-    etc.mkdir(exist_ok=True)
+    for name, text in LISTS.items():
+        (etc / "lists" / name).parent.mkdir(parents=True, exist_ok=True)
+        (etc / "lists" / name).write_text(text)
+    sets = sets + ["phishing.protected_domains=example.org,paypal.com,spamassassin.org,sourceforge.net"]
     return multiprocessing.get_context("fork").Pool(WORKERS, initializer=_start_worker, initargs=(str(etc), sets))
 
 
@@ -276,3 +339,76 @@ def test_mangled_mail_through_postfix_gets_a_clear_answer_and_a_verdict(postfix_
                  next(v for v in verdicts if v.get("message_id", "").strip("<>") == m).action != "review"]
     for msgid in delivered:
         sink.wait_for_message_id(f"<{msgid}>")
+
+
+# ------------------------------------------------------------ records a sender's DNS may serve
+
+# What a hostile or careless domain publishes: each case domain gets one of each, in turn.
+SPF_RECORDS = [
+    "v=spf1 include:%{zz} -all", "v=spf1 ip4:999.1.1.1 -all", "v=spf1 a:-- mx/99 ip6:zz::/200 -all",
+    "v=spf1 redirect=", "v=spf1 include:{d} -all", "v=spf1 exists:%{i}.%{l1r+}.x ~all", "v=spf1 ptr ?all",
+    "v=spf1 ip4:192.0.2.0/33 -all", "v=spf1 " + " ".join(f"a:x{j}.{{d}}" for j in range(15)) + " -all",
+    "v=spf1 -all exp=%{zz}", "v=spf1 mx:%{d}%{d}%{d}%{d}%{d}%{d}%{d}%{d} -all", "v=spf1 all all all",
+    "v=spf1 +ip4:192.0.2.10/0", "spf2.0/pra ~all", "v=spf1 ip4:192.0.2.10 -all extra=%{", "v=spf1 redirect={d}",
+]
+DMARC_RECORDS = [
+    "v=DMARC1; p=bogus", "v=DMARC1; p=reject; pct=abc", "v=DMARC1; p=reject; adkim=x; aspf=y", "v=DMARC1",
+    "v=DMARC1; p=reject; sp=", "v=DMARC1; p=reject; fo=zz; rf=bogus; ri=-1", "v=DMARC1;;;;p=none;=;",
+    "v=DMARC1; p=quarantine; t=y", "v=DMARC1; p=reject; pct=-5", "v=DMARC1; p=reject; pct=1000",
+    "v=DMARC1; p=reject; rua=mailto:%%%; ruf=,,,", "v=DMARC1; p=none; np=bogus; psd=x", "v=DMARC1 p=reject",
+    "v=dmarc1; P=REJECT; ADKIM=S", "v=DMARC1; p=reject; aspf=s; adkim=s; pct=50.5",
+]
+RBL_ANSWERS = ["127.0.1.2", "127.255.255.255", "10.0.0.1", "127.0.0.1", "127.0.1.106", "0.0.0.0"]
+
+
+def dkim_keys(good: str) -> list[str]:
+    """Key records for selector s1, GOOD being the record of the key that signed."""
+    import base64
+
+    p = good.rpartition("p=")[2]
+    return ["v=DKIM1; k=rsa; p=!!!notbase64", "v=DKIM1; k=ed25519; p=AAAA", f"v=DKIM1; k=bogus; p={p}",
+            f"v=DKIM2; p={p}", "v=DKIM1; p=" + base64.b64encode(bytes(range(256)) * 2).decode(),
+            f"v=DKIM1; h=md5; p={p}", f"v=DKIM1; t=s:y:x; s=email; p={p}", f"p={p[:40]}",
+            f"v=DKIM1; k=rsa; p={p}; p=AAAA", "garbage", f"v=DKIM1; k=rsa; h=sha1; p={p}", "v=DKIM1; p=;",
+            f"v=DKIM1; n=x; g=*; p={p}", "v=DKIM1;;;=;p", good]
+
+
+@pytest.mark.slow
+def test_hostile_dns_records_make_no_check_fail(tmp_path):
+    """SPF, DMARC and DKIM/ARC key records and blocklist answers as a sender's own DNS may
+    serve them, broken on purpose, through every check: none may fail or log an error."""
+    from support.authmail import Key, arc_seal, message, sign
+    from support.dns import NsdServer, Zone, nsd_available
+
+    if nsd_available() is not None:
+        pytest.skip(nsd_available())
+    key = Key.generate()
+    keys = dkim_keys(key.record)
+    cases = max(len(SPF_RECORDS), len(DMARC_RECORDS), len(keys))
+    # Each case its own registrable domain under .test, so that blocklists and DMARC see it alone.
+    hostile, dbl = Zone("test"), Zone("dbl.spamhaus.org")
+    for i in range(cases):
+        d = f"hostile{i}.test"
+        hostile.txt(f"hostile{i}", SPF_RECORDS[i % len(SPF_RECORDS)].replace("{d}", d))
+        if i % 4 == 0:  # two SPF records
+            hostile.txt(f"hostile{i}", "v=spf1 +all")
+        hostile.txt(f"_dmarc.hostile{i}", DMARC_RECORDS[i % len(DMARC_RECORDS)])
+        hostile.txt(f"s1._domainkey.hostile{i}", keys[i % len(keys)])
+        hostile.add(f"hostile{i}", "MX", f"{i} mx{i}.{d}.")
+        dbl.add(f"{d}.dbl.spamhaus.org.", "A", RBL_ANSWERS[i % len(RBL_ANSWERS)])
+    jobs = []
+    for i in range(cases):
+        d = f"hostile{i}.test"
+        raw = sign(message(from_addr=f"a@{d}", body=f"See http://{d}/x and http://www.{d}/y\r\n"), d, "s1", key)
+        if i % 2:
+            raw = arc_seal(raw, d, "s1", key, f"spf=pass smtp.mailfrom=a@{d}")
+        jobs.append((raw, f"hostile-{i}", {"client_ip": "81.2.69.160", "mail_from": f"a@{d}", "as_milter": bool(i % 3)}))
+    with NsdServer(tmp_path / "nsd", [hostile, dbl]) as server:
+        with _pool(tmp_path, [f"dns.nameservers={server.address}", "rbl.public=true"]) as pool:
+            results = pool.map(_scan_job, jobs)
+    failures = [(ident, problems) for (_, ident, _), (problems, _) in zip(jobs, results) if problems]
+    assert not failures, _summary(failures)
+    # The records were read: each kind of broken record made its check say so.
+    seen = {sym for _, symbols in results for sym in symbols}
+    for expected in ("R_SPF_PERMFAIL", "DMARC_BAD_POLICY", "R_DKIM_PERMFAIL", "ARC_REJECT", "URIBL_SPAMHAUS_DBL"):
+        assert expected in seen, f"{expected} not in {sorted(seen)}"
