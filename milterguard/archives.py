@@ -26,6 +26,7 @@ import io
 import lzma
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 RAR4_SIGNATURE = b"Rar!\x1a\x07\x00"
@@ -71,7 +72,8 @@ def zip_listing(data: bytes, max_entries: int, nested_max_bytes: int = 0) -> Lis
         try:
             with archive.open(info) as member:
                 inner = member.read(nested_max_bytes + 1)  # a size field that lies still stops here
-        except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError, RuntimeError):
+        except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError, RuntimeError,
+                zlib.error, lzma.LZMAError):  # a broken deflate or LZMA stream raises its module's error
             continue  # an unsupported method or a broken member: nothing to list
         if len(inner) > nested_max_bytes:
             continue

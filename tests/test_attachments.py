@@ -142,6 +142,17 @@ def test_nested_zip_bomb_is_not_decompressed(engine_with):
     assert name == "inner.zip" and len(inner.names) == 20 and inner.cut
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA])
+def test_nested_zip_with_a_broken_stream_is_not_listed(method):
+    # zlib.error and lzma.LZMAError are not OSError: they once escaped as CHECK_ERROR.
+    inner = zipped([("x.exe", b"MZ" + bytes(range(256)) * 8)])
+    outer = bytearray(zipped([("inner.zip", inner), ("a.txt", b"hello")], method))
+    start = outer.index(b"PK\x03\x04") + 30 + len("inner.zip")
+    outer[start + 20:start + 60] = b"\xff" * 40  # inside the compressed member, past LZMA's properties
+    listing = zip_listing(bytes(outer), 1000, 1024 * 1024)
+    assert listing.names == ["inner.zip", "a.txt"] and listing.nested == []
+
+
 def test_at_most_ten_nested_zips_are_opened():
     outer = zipped([(f"part{i}.zip", zipped([(f"x{i}.exe", b"MZ")])) for i in range(15)])
     assert len(zip_listing(outer, 1000, 1024 * 1024).nested) == MAX_NESTED == 10

@@ -277,7 +277,7 @@ def corrupt_zip(rng: random.Random) -> bytes:
     data = bytearray(_zip_bytes(rng, nested=rng.random() < 0.5))
     eocd = data.rfind(b"PK\x05\x06")
     cd = data.find(b"PK\x01\x02")
-    how = rng.randrange(9)
+    how = rng.randrange(10)
     if how == 0:  # central directory offset past the end
         data[eocd + 16:eocd + 20] = struct.pack("<I", 0xFFFFFFF0)
     elif how == 1:  # entry counts that lie
@@ -297,8 +297,12 @@ def corrupt_zip(rng: random.Random) -> bytes:
         data[cd + 24:cd + 28] = struct.pack("<I", 0xFFFFFFFF)
     elif how == 7:  # a comment length longer than what follows
         data[eocd + 20:eocd + 22] = struct.pack("<H", 0xFFFF)
-    else:  # Zip64 end locator pointing nowhere
+    elif how == 8:  # Zip64 end locator pointing nowhere
         data[eocd:eocd] = b"PK\x06\x07" + struct.pack("<IQI", 0, 0xFFFFFFFFFFFF, 1)
+    else:  # the compressed data of a member (a nested zip's too) trashed
+        at = data.rfind(b"PK\x03\x04", 0, cd)
+        for i in range(at + 40, min(at + 80, cd)):
+            data[i] = rng.randrange(256)
     return bytes(data)
 
 
