@@ -11,8 +11,16 @@ CHECK_BUDGET_EXCEEDED) or make the engine log an error: each of these is a
 bug in the check at fault, even though the session would go on.
 
 The fuzz runs against a real Redis too, so that fuzzy hashing and the
-learning checks read every mutant.  A failure names the mutant's index:
+learning checks read every mutant, with allow/block lists and protected
+domains set; some mutants get a bad HELO, sender or recipients or an IPv6
+client, and half of them come as the milter hands a message over (header
+values cut at a NUL, undecodable bytes as U+FFFD, the body in a spool
+file).  A failure names the mutant's index:
 ``python3 tests/test_robustness.py INDEX > mutant.eml`` writes it out.
+
+Also: broken SPF, DMARC, DKIM key and blocklist records served by nsd for
+the sender's domain, and the nastiest mutants through a private Postfix,
+each of which must get an answer from milterguard and one verdict line.
 """
 
 from __future__ import annotations
