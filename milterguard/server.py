@@ -113,7 +113,8 @@ class Supervisor:
         self._socket_mode()
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._queue)
-        log.info("milterguard listening on %s with %d workers, %d rules", self.socket_spec, self.nworkers,
+        log.info("milterguard listening on %s with %d worker%s, %d rules", self.socket_spec, self.nworkers,
+                 "" if self.nworkers == 1 else "s",
                  len(self.engine.ruleset.rules))
         for _ in range(self.nworkers):
             self._spawn()

@@ -204,6 +204,9 @@ def test_daemon_runs_in_background_and_accepts(installed):
     assert socket_accepts(inst.socket)
     log = inst.log_text()
     assert f"milterguard listening on {inst.socket}" in log
+    # The default configuration needs nothing else running, and says what is off and why.
+    assert "no Redis configured (redis.url)" in log
+    assert "ClamAV off: no clamd configured (clamav.address)" in log
 
 
 @pytest.mark.skipif(not os.path.exists(MILTERTEST), reason="miltertest is not installed (tests/run.sh installs it)")

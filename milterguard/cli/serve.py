@@ -7,10 +7,13 @@ starts with `verdict` and carries a JSON object.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from milterguard.cli.common import CliError, load, load_engine, report
+
+log = logging.getLogger("milterguard")
 
 
 def add_arguments(parser) -> None:
@@ -33,6 +36,8 @@ def run(args) -> int:
     from milterguard.server import Supervisor, setup_logging
 
     setup_logging(config)
+    for line in feature_summary(config):
+        log.info("%s", line)
 
     def reload_engine():
         # A reload reads every file again; a broken file raises, and the old engine stays.
@@ -46,3 +51,30 @@ def run(args) -> int:
         return supervisor.run()
     finally:
         sys.stderr.flush()
+
+
+def feature_summary(config) -> list[str]:
+    """One log line per feature that depends on something outside the filter.
+
+    The default configuration needs nothing else running: what needs DNS, Redis
+    or clamd says here whether it is on, and why not.
+    """
+    lines = []
+    if config["dns.enabled"]:
+        servers = ", ".join(config["dns.nameservers"]) or "the system's resolver"
+        public = "public blocklists on" if config["rbl.public"] else "public blocklists off (rbl.public)"
+        lines.append(f"DNS checks (SPF, DKIM, DMARC, ARC, blocklists) on, asking {servers}; {public}")
+    else:
+        lines.append("DNS checks (SPF, DKIM, DMARC, ARC, blocklists) off: dns.enabled is false")
+    if config["redis.url"] or config["redis.sentinels"]:
+        where = config["redis.url"] or f"Sentinel service {config['redis.sentinel_service']}"
+        parts = [name for name, key in (("Bayes", "bayes.enabled"), ("classifier", "ml.enabled"),
+                                         ("content hashes", "fuzzy.enabled")) if config[key]]
+        lines.append(f"Redis at {where} for {', '.join(parts) or 'nothing (all Redis features disabled)'}")
+    else:
+        lines.append("Bayes, classifier and content hashes off: no Redis configured (redis.url)")
+    if config["clamav.address"]:
+        lines.append(f"ClamAV at {config['clamav.address']}; CLAMAV_TEMPFAIL while it cannot be reached")
+    else:
+        lines.append("ClamAV off: no clamd configured (clamav.address)")
+    return lines
