@@ -33,6 +33,7 @@ def nsd(tmp_path_factory, key):
         ("strict.test", "v=DMARC1; p=reject; adkim=s; aspf=s"),
         ("sub.test", "v=DMARC1; p=reject; sp=quarantine"),
         ("pct.test", "v=DMARC1; p=reject; pct=0"),
+        ("half.test", "v=DMARC1; p=reject; pct=50"),
         ("bad.test", "v=DMARC1; p=bogus"),
         ("nodmarc.test", None),
         ("other.test", None),
@@ -125,6 +126,41 @@ def test_pct_zero_applies_the_next_milder_policy(engine):
     verdict, txn = scan(engine, message(from_addr="a@pct.test"), ip=OTHER_IP, mail_from="a@pct.test")
     assert dmarc_symbols(verdict) == {"DMARC_POLICY_QUARANTINE"}
     assert txn.facts["dmarc"].policy == "reject" and txn.facts["dmarc"].applied == "quarantine"
+
+
+def with_message_id(raw: bytes, mid: str | None) -> bytes:
+    """RAW with its Message-ID set to MID, or removed for None."""
+    return re.sub(rb"Message-ID: <[^>]*>\r\n", f"Message-ID: <{mid}>\r\n".encode() if mid else b"", raw)
+
+
+def test_pct_50_samples_by_message_not_by_chance(engine):
+    """pct=50: about half of the failing messages get p=reject, the others quarantine; which
+    ones is decided by the Message-ID, so a message tried again is judged alike."""
+    first = {}
+    for i in range(40):
+        raw = with_message_id(message(from_addr="a@half.test"), f"order-{i}.{i * 7919}@half.test")
+        verdict, txn = scan(engine, raw, ip=OTHER_IP, mail_from="a@half.test")
+        found = txn.facts["dmarc"]
+        assert 0 <= found.sample < 100
+        assert dmarc_symbols(verdict) == {"DMARC_POLICY_REJECT" if found.sample < 50 else "DMARC_POLICY_QUARANTINE"}
+        assert f"pct=50: message sample {found.sample}" in verdict.hit(next(iter(dmarc_symbols(verdict)))).text
+        first[raw] = found.applied
+    assert 12 <= list(first.values()).count("reject") <= 28, first.values()
+    for raw, applied in list(first.items())[:10]:
+        # Tried again later, through another relay: other trace headers, the same Message-ID.
+        again = b"Received: from relay.other.test ([198.51.100.98]) by mx.dest.test; Mon, 02 Jan 2023 11:00:00 +0000\r\n"
+        _, txn = scan(engine, again + raw, ip="198.51.100.98", mail_from="a@half.test")
+        assert txn.facts["dmarc"].applied == applied
+
+
+def test_pct_sample_without_message_id_comes_from_the_headers(engine):
+    raw = with_message_id(message(from_addr="a@half.test", subject="Invoice 42"), None)
+    assert b"Message-ID" not in raw
+    samples = {scan(engine, raw, ip=OTHER_IP, mail_from="a@half.test")[1].facts["dmarc"].sample for _ in range(3)}
+    assert len(samples) == 1
+    others = {scan(engine, with_message_id(message(from_addr="a@half.test", subject=f"Invoice {n}"), None),
+                   ip=OTHER_IP, mail_from="a@half.test")[1].facts["dmarc"].sample for n in range(43, 53)}
+    assert len(others) > 3  # the Subject is part of the key
 
 
 def test_no_record_and_broken_record(engine):

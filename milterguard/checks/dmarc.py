@@ -9,7 +9,7 @@ fetched at run time.
 
 from __future__ import annotations
 
-import random
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -42,6 +42,7 @@ class DmarcResult:
     spf_aligned: bool = False
     dkim_aligned: bool = False
     applied: str = ""  # the policy after pct/t=: reject, quarantine or none
+    sample: int = -1  # 0-99, the message's place for pct (pct_sample); -1 when not needed
     reason: str = ""
     override: str = ""
 
@@ -81,6 +82,20 @@ def _fetch(sess: mgdns.Session, domain: str) -> tuple[str, str, str]:
             return "ok", found[0], name
         # No record, or several (which counts as none): try the organisational domain.
     return "none", "", domain
+
+
+def pct_sample(message) -> int:
+    """Where MESSAGE falls for a DMARC pct=, 0 to 99: the policy applies when it is below pct.
+
+    Drawn from a hash of the Message-ID (or, without one, of From, To, Date and
+    Subject), not at random: a message that is tried again, or scanned again,
+    gets the same answer.
+    """
+    key = message.message_id if message is not None else ""
+    if not key and message is not None:
+        key = "\n".join(message.header(name) or "" for name in ("From", "To", "Date", "Subject"))
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % 100
 
 
 @symbol_policy
@@ -162,9 +177,13 @@ def dmarc(scan, hits: Hits) -> None:
         pct = 100
     if raw.get("t") == "y":
         pct = 0
-    if policy in ("reject", "quarantine") and random.random() * 100 >= pct:
-        applied = "quarantine" if policy == "reject" else "none"
-        reason += f"; pct={pct}: {policy} not applied, {applied} instead"
+    if policy in ("reject", "quarantine") and pct < 100:
+        found.sample = pct_sample(scan.message)
+        if found.sample >= pct:
+            applied = "quarantine" if policy == "reject" else "none"
+            reason += f"; pct={pct}: message sample {found.sample} >= {pct}, {policy} not applied, {applied} instead"
+        else:
+            reason += f"; pct={pct}: message sample {found.sample} < {pct}, {policy} applied"
     found.applied = applied
     arc = txn.facts.get("arc")
     if arc is not None and arc.result == "pass" and arc.trusted:
