@@ -645,6 +645,7 @@ class _MimeWalker:
 
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
 _MAX_ADDRESS_CHARS = 16 * 1024
+_MAX_ADDRESS_HEADERS = 100  # of one name: 3,000 From or To headers took 0.5 s to parse
 _BARE_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 
 
@@ -789,7 +790,7 @@ class Message:
         if key in cache:
             return cache[key]
         # email.utils parses in pure Python: bound the work on huge headers.
-        values = [value[:_MAX_ADDRESS_CHARS] for value in self.header_raw(name)]
+        values = [value[:_MAX_ADDRESS_CHARS] for value in self.header_raw(name)[:_MAX_ADDRESS_HEADERS]]
         result: list[tuple[str, str]] = []
         if values:
             try:
