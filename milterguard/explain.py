@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from milterguard.engine.model import Verdict
+from milterguard.engine.model import Hits, Verdict
 
 
 def _clip(text: str, n: int = 100) -> str:
@@ -38,7 +38,9 @@ def explain_text(verdict: Verdict, name: str = "") -> str:
         if h.where:
             detail.append(f"in {h.where}")
         if h.text:
-            detail.append(f"matched {_clip(h.text)!r}")
+            # The whole text a check recorded (at most Hits.MAX_TEXT): the reasons of the
+            # authentication checks (record, alignment, selector) come last and must show.
+            detail.append(f"matched {_clip(h.text, Hits.MAX_TEXT + 3)!r}")
         if h.options:
             detail.append("options " + ", ".join(h.options))
         if detail:

@@ -125,6 +125,22 @@ def test_explain_names_selector_and_reason(engine, keys, tmp_path, capsys, nsd):
     assert "R_DKIM_PERMFAIL" in out and "dkim.test:revoked" in out and "key revoked" in out
 
 
+def test_explain_shows_every_failing_signature(engine, keys):
+    """Two signatures failing for different reasons: both keys and both reasons are shown, not the first only."""
+    from milterguard.explain import explain_text
+
+    raw = sign(message(from_addr="a@dkim.test"), "dkim.test", "revoked", keys["good"])
+    raw = sign(raw, "dkim.test", "nokey", keys["good"])
+    verdict, _ = scan(engine, raw, ip=None)
+    hit = verdict.hit("R_DKIM_PERMFAIL")
+    assert hit.options == ["dkim.test:nokey", "dkim.test:revoked"]
+    assert hit.where == ("DKIM-Signature #1 (key nokey._domainkey.dkim.test), "
+                         "#2 (key revoked._domainkey.dkim.test)")
+    assert "#1 no key at nokey._domainkey.dkim.test" in hit.text and "#2 key revoked" in hit.text
+    out = explain_text(verdict)
+    assert "#1 no key at nokey._domainkey.dkim.test" in out and "#2 key revoked" in out
+
+
 def test_thousands_of_signatures_cost_only_the_first_ten(engine, keys):
     """Each signature costs a parse of the message and a key lookup: 3,000 of them once took 27 s."""
     import time

@@ -90,6 +90,18 @@ def test_unaligned_spf_pass_fails(engine):
     assert "SPF pass for other.test not aligned (relaxed)" in verdict.hit("DMARC_POLICY_REJECT").text
 
 
+def test_explain_names_the_record_and_what_did_not_align(engine, key):
+    """scan --explain shows the whole reason, not its first 100 characters."""
+    from milterguard.explain import explain_text
+
+    raw = sign(message(from_addr="a@strict.test"), "mail.strict.test", "s1", key)
+    verdict, _ = scan(engine, raw, ip=SENDER_IP, mail_from="bounce@other.test")
+    out = explain_text(verdict)
+    assert "record at _dmarc.strict.test (p=reject, adkim=s, aspf=s)" in out
+    assert "SPF pass for other.test not aligned (strict)" in out
+    assert "DKIM d=mail.strict.test pass not aligned (strict)" in out
+
+
 def test_dkim_of_subdomain_aligns_relaxed_not_strict(engine, key):
     raw = sign(message(from_addr="a@rej.test"), "mail.rej.test", "s1", key)
     verdict, txn = scan(engine, raw, ip=OTHER_IP, mail_from="bounce@other.test")

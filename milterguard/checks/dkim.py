@@ -161,13 +161,22 @@ def dkim(scan, hits: Hits) -> None:
     found = DkimResult("none")
     symbols = {"pass": "R_DKIM_ALLOW", "fail": "R_DKIM_REJECT", "temperror": "R_DKIM_TEMPFAIL",
                "permerror": "R_DKIM_PERMFAIL"}
+    by_symbol: dict[str, list[tuple[str, str, str]]] = {}  # symbol -> (option, place, reason) per signature
     for index, value in enumerate(values[:MAX_SIGNATURES]):
         t = tags(value)
         domain, selector = t.get("d", "").lower(), t.get("s", "")
         result, reason = verify_one(raw, index, dnsfunc)
         found.signatures.append(Signature(domain, selector, result, reason))
-        where = f"{HEADER} #{index + 1} (key {key_name(t)})"
-        hits.add(symbols[result], f"{domain}:{selector}", where=where, text=reason or "verifies")
+        by_symbol.setdefault(symbols[result], []).append((f"{domain}:{selector}", f"#{index + 1} (key {key_name(t)})",
+                                                          reason or "verifies"))
+    for symbol, sigs in by_symbol.items():
+        # One hit per symbol: each signature's key and reason, so that two failing signatures both show.
+        if len(sigs) == 1:
+            where, text = f"{HEADER} {sigs[0][1]}", sigs[0][2]
+        else:
+            where = f"{HEADER} " + ", ".join(place for _, place, _ in sigs)
+            text = "; ".join(f"{place.split()[0]} {reason}" for _, place, reason in sigs)
+        hits.add(symbol, *(option for option, _, _ in sigs), where=where, text=text)
     order = ("pass", "fail", "temperror", "permerror")
     found.result = next(r for r in order if any(s.result == r for s in found.signatures))
     txn.facts["dkim"] = found
