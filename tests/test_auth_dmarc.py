@@ -155,7 +155,7 @@ def test_pct_50_samples_by_message_not_by_chance(engine):
         found = txn.facts["dmarc"]
         assert 0 <= found.sample < 100
         assert dmarc_symbols(verdict) == {"DMARC_POLICY_REJECT" if found.sample < 50 else "DMARC_POLICY_QUARANTINE"}
-        assert f"pct=50: message sample {found.sample}" in verdict.hit(next(iter(dmarc_symbols(verdict)))).text
+        assert f"pct=50, sample {found.sample}: " in verdict.hit(next(iter(dmarc_symbols(verdict)))).text
         first[raw] = found.applied
     assert 12 <= list(first.values()).count("reject") <= 28, first.values()
     for raw, applied in list(first.items())[:10]:

@@ -181,9 +181,9 @@ def dmarc(scan, hits: Hits) -> None:
         found.sample = pct_sample(scan.message)
         if found.sample >= pct:
             applied = "quarantine" if policy == "reject" else "none"
-            reason += f"; pct={pct}: message sample {found.sample} >= {pct}, {policy} not applied, {applied} instead"
+            reason += f"; pct={pct}, sample {found.sample}: {applied} instead of {policy}"
         else:
-            reason += f"; pct={pct}: message sample {found.sample} < {pct}, {policy} applied"
+            reason += f"; pct={pct}, sample {found.sample}: {policy} applied"
     found.applied = applied
     arc = txn.facts.get("arc")
     if arc is not None and arc.result == "pass" and arc.trusted:
