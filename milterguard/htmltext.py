@@ -16,6 +16,21 @@ import re
 
 __all__ = ["html_to_text", "extract_links", "collapse_ws"]
 
+# html.unescape turns a decimal reference into an int, which Python refuses past
+# 4,300 digits (ValueError); past 11 digits a reference is out of range anyway.
+_LONG_DECIMAL_REF = re.compile(r"&#([0-9]{12,})")
+
+
+def _short_ref(match: re.Match[str]) -> str:
+    digits = match.group(1).lstrip("0") or "0"
+    return "&#" + (digits if len(digits) < 12 else "1114112")  # 0x110000: out of range, U+FFFD
+
+
+def _unescape(text: str) -> str:
+    if "&#" in text:
+        text = _LONG_DECIMAL_REF.sub(_short_ref, text)
+    return _html.unescape(text)
+
 # Comments, and script/style bodies, are invisible.  An unclosed comment or
 # script hides the rest of the document in a browser too, so "\Z" ends it.
 _INVISIBLE = re.compile(
@@ -68,7 +83,7 @@ def html_to_text(markup: str) -> str:
         markup = _CELL.sub(" ", markup)
         markup = _TAG.sub("", markup)
     if "&" in markup:
-        markup = _html.unescape(markup)
+        markup = _unescape(markup)
     # str.split() in C beats two regex passes ([^\S\n]+ is a per-character
     # Unicode category test in sre) by about 3x on large documents.
     return "\n".join(filter(None, [" ".join(line.split()) for line in markup.split("\n")]))
@@ -86,7 +101,7 @@ def _link_text(fragment: str) -> str:
             fragment = _INVISIBLE.sub(" ", fragment)
         fragment = _TAG.sub("", _BLOCK.sub(" ", fragment))
     if "&" in fragment:
-        fragment = _html.unescape(fragment)
+        fragment = _unescape(fragment)
     return " ".join(fragment.split())
 
 
@@ -101,7 +116,7 @@ def _attr(attrs: str, pattern: re.Pattern[str]) -> str | None:
     if value is None:
         value = match.group(3).strip("\"'")
     if "&" in value:
-        value = _html.unescape(value)
+        value = _unescape(value)
     return value.strip()
 
 

@@ -563,6 +563,14 @@ class TestHtml:
         assert html_to_text("1 < 2 and 3 > 2") == "1 < 2 and 3 > 2"
         assert html_to_text("<p unclosed tag text") == "<p unclosed tag text"
 
+    def test_numeric_references_of_thousands_of_digits(self):
+        # html.unescape raised ValueError past 4,300 digits (Python's int limit).
+        huge, padded = "&#" + "9" * 5000 + ";", "&#" + "0" * 5000 + "65;"
+        assert html_to_text(f"<p>a{huge}b{padded}</p>") == "a\ufffdbA"
+        assert extract_links(f'<a href="http://x.example/{huge}">t{padded}</a>')[0][1] == "http://x.example/\ufffd"
+        m = msg(f"Content-Type: text/html\n\n<a href='http://x.example/{padded}'>{huge}</a>\n")
+        assert m.text == "\ufffd" and m.urls[0].url == "http://x.example/A"
+
     def test_hostile_html_is_fast(self):
         import time
         hostile = "<a " * 100_000 + "<!--" * 10_000 + "<script" * 10_000

@@ -391,6 +391,8 @@ def malformed_urls(raw: bytes, rng: random.Random) -> bytes:
         links.append(b'<a href="' + u + b'">' + text + b"</a> <img src=\"" + rng.choice(_BAD_URLS) + b"\">"
                      + b" <form action=\"" + rng.choice(_BAD_URLS) + b"\"></form>")
     html = b"<html><body>" + b"<br>".join(links) + b"<a href=\"&#104;ttp://a&#0;b.com\">x</a></body></html>"
+    if rng.random() < 0.3:  # numeric references past Python's 4,300-digit int limit
+        html = html.replace(b"<br>", b"<br>&#" + b"9" * 5000 + b";&#x" + b"f" * 5000 + b";", 1)
     if shape == 1:
         return with_body(raw, b"text/html; charset=utf-8", html, extra=(b"Content-Transfer-Encoding: 8bit",))
     return with_body(raw, b"multipart/alternative; boundary=\"u\"",
