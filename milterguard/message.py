@@ -173,6 +173,9 @@ def _guess_decode(data: bytes) -> str:
         return data.decode("cp1252", "replace")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def decode_bytes(data: bytes, charset: str) -> tuple[str, bool]:
     """Decode `data` declared as `charset`; never raises.
 
@@ -184,7 +187,12 @@ def decode_bytes(data: bytes, charset: str) -> tuple[str, bool]:
     if codec is None:
         return _guess_decode(data), not known
     try:
-        return data.decode(codec, "replace"), False
+        text = data.decode(codec, "replace")
+        if codec == "utf-7":
+            # "+3AE-" decodes to a lone surrogate even with "replace"; such text cannot be
+            # encoded again (the regex engine, logs, headers), so it becomes U+FFFD.
+            text = _LONE_SURROGATE.sub("\ufffd", text)
+        return text, False
     except (UnicodeError, LookupError, ValueError):
         # A few CJK codecs reject some malformed input even with "replace".
         return _guess_decode(data), False

@@ -412,6 +412,13 @@ class TestMimeDefects:
         assert "MIME_BAD_CHARSET" in m.defects
         assert m.text == "caf\xe9\n"
 
+    def test_utf7_lone_surrogates_become_replacement_characters(self):
+        # UTF-7 decodes "+3AE-" to a lone surrogate even with errors="replace"; the rule
+        # engine (RE2) then failed to encode the text and the whole message failed.
+        m = msg(b"Subject: =?utf-7?Q?+3AE-x?=\nContent-Type: text/plain; charset=utf-7\n\na+3AE-b +2D3cAQ-\n")
+        assert m.text == "a\ufffdb \U0001f401\n" and m.subject == "\ufffdx"
+        m.text.encode("utf-8")
+
     def test_unknown_body_charset_utf8_guess(self):
         m = msg("Content-Type: text/plain; charset=x-martian\n\ncafé\n")
         assert m.text == "café\n"

@@ -223,7 +223,7 @@ def bogus_charset_cte(raw: bytes, rng: random.Random) -> bytes:
     elif shape == 2:
         data = b"begin 644 x.txt\nM86)C\n`\nend\n" + data
     elif shape == 3:
-        data = b"+ACEAIQ-+AGEA-" + data + b"\xff\xfe\x00\x00"
+        data = b"+ACEAIQ-+AGEA-+3AE-+2D3-" + data + b"\xff\xfe\x00\x00"
     ctype = rng.choice([b"text/plain", b"text/html", b"text/calendar", b"application/octet-stream", b"message/rfc822",
                         b"text/plain; format=flowed; delsp=yes"])
     if rng.random() < 0.5:
