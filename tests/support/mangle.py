@@ -306,6 +306,19 @@ def corrupt_zip(rng: random.Random) -> bytes:
     return bytes(data)
 
 
+def broken_nested_zip() -> bytes:
+    """A zip holding a zip whose deflate stream is garbage."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.exe", b"MZ" + bytes(range(256)) * 8)
+    outer = io.BytesIO()
+    with zipfile.ZipFile(outer, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("inner.zip", inner.getvalue())
+    data = bytearray(outer.getvalue())
+    data[30 + len("inner.zip") + 20:30 + len("inner.zip") + 60] = b"\xff" * 40
+    return bytes(data)
+
+
 def corrupt_zip_attachment(raw: bytes, rng: random.Random) -> bytes:
     blob = corrupt_zip(rng)
     name = rng.choice([b"invoice.zip", b"x.docx", b"a.jar", b"scan.xlsm", b"noext", b"b.zip.exe", b"c.odt"])
@@ -456,6 +469,10 @@ def nastiest(raw: bytes) -> list[tuple[str, bytes]]:
         ("malformed URLs", malformed_urls(raw, random.Random(6))),
         ("malformed DKIM, ARC and A-R", malformed_auth_headers(raw, random.Random(7))),
         ("broken boundaries", broken_boundaries(raw, random.Random(8))),
+        ("UTF-7 with lone surrogates", with_body(raw, b'text/plain; charset="utf-7"', b"a+3AE-b +2D3-\n")),
+        ("nested zip with a broken stream", with_body(raw, b'multipart/mixed; boundary="z"', b"--z\nContent-Type: "
+                                                       b"application/zip; name=a.zip\nContent-Transfer-Encoding: base64"
+                                                       b"\n\n" + base64.encodebytes(broken_nested_zip()) + b"--z--\n")),
         ("cut inside the headers", head[: len(head) // 2]),
         ("250,000 words", with_body(raw, b"text/plain", b"win cash now " * 85_000)),
     ]
