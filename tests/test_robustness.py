@@ -224,15 +224,21 @@ def _pool(tmp_path: Path, sets: list[str]):
     return multiprocessing.get_context("fork").Pool(WORKERS, initializer=_start_worker, initargs=(str(etc), sets))
 
 
+def _kind(problem: str) -> str:
+    """What a problem is: its first line, or for an exception its last (type and message)."""
+    lines = problem.strip().splitlines()
+    return ("raised: " + lines[-1] if problem.startswith("raised") else lines[0])[:160]
+
+
 def _summary(failures: list[tuple[str, list[str]]]) -> str:
-    """Failures grouped by their first line, one example each."""
+    """Failures grouped by their kind, one example each."""
     groups: dict[str, list[str]] = defaultdict(list)
     for what, problems in failures:
         for problem in problems:
-            groups[problem.splitlines()[0][:160]].append(what)
+            groups[_kind(problem)].append(what)
     lines = []
     for first, whats in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        example = next(p for w, ps in failures for p in ps if p.splitlines()[0][:160] == first and w == whats[0])
+        example = next(p for w, ps in failures for p in ps if _kind(p) == first and w == whats[0])
         lines.append(f"{len(whats)} x {first}\n   e.g. {whats[0]}\n   " + "\n   ".join(example.splitlines()[1:][-12:]))
     return "\n".join(lines)
 
