@@ -59,12 +59,18 @@ class Connection:
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        if not self.client_ip:
-            return None
-        try:
-            return ipaddress.ip_address(self.client_ip)
-        except ValueError:
-            return None
+        # Many checks ask; parse client_ip once (and again only if it changes).
+        cached = self.__dict__.get("_ip")
+        if cached is not None and cached[0] == self.client_ip:
+            return cached[1]
+        value = None
+        if self.client_ip:
+            try:
+                value = ipaddress.ip_address(self.client_ip)
+            except ValueError:
+                value = None
+        self.__dict__["_ip"] = (self.client_ip, value)
+        return value
 
 
 @dataclass
