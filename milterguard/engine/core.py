@@ -206,12 +206,14 @@ class Engine:
         self._run_rules(stage, scan, hits)
         timings[f"rules:{stage.label}"] = timings.get(f"rules:{stage.label}", 0.0) + time.perf_counter() - t0
         self._run_starters(stage, scan, hits, timings)
+        seen, decided = -1, None
         for spec in self.checks[stage]:
             if started is not None and time.monotonic() - started > self.budget:
                 hits._enter(stage, "engine", _ENGINE_EMITS)
                 hits.add("CHECK_BUDGET_EXCEEDED", spec.name, where="engine")
                 continue
-            decided = scoring.forced_action(hits, self.ruleset)
+            if len(hits) != seen:  # only a new hit can settle the message
+                seen, decided = len(hits), scoring.forced_action(hits, self.ruleset)
             if decided is not None and decided[0] in _DECIDED:
                 timings[spec.name] = 0.0  # decided already: the costlier checks are skipped
                 continue
