@@ -299,11 +299,14 @@ class Engine:
                     hits.add(rule.symbol, where=rule.where, text="present" if rule.exists else "absent")
         for pset in rs.pattern_sets.get(stage, ()):
             values = [v for v in _values(pset.key, scan) if v]
-            found = pset.matches(values) if values else {}
-            self._report(pset, values, found, hits)
+            # Encoded once here for the set and for every rule that hit, not once per regex call.
+            encoded = [v.encode("utf-8") for v in values]
+            found = pset.matches(encoded) if encoded else {}
+            if found or pset.has_negated:
+                self._report(pset, values, encoded, found, hits)
 
     @staticmethod
-    def _report(pset: PatternSet, values: list[str], found: dict[int, int], hits: Hits) -> None:
+    def _report(pset: PatternSet, values: list[str], encoded: list[bytes], found: dict[int, int], hits: Hits) -> None:
         for index, rule in enumerate(pset.rules):
             if rule.negate:
                 if index not in found:
@@ -312,8 +315,8 @@ class Engine:
             vi = found.get(index)
             if vi is None:
                 continue
-            m = rule.match_text(values[vi])
-            hits.add(rule.symbol, where=rule.where, text=m.group(0) if m else values[vi][:80])
+            text = rule.matched_text(encoded[vi])
+            hits.add(rule.symbol, where=rule.where, text=text if text is not None else values[vi][:80])
 
     def _run_composites(self, hits: Hits) -> None:
         hits._enter(Stage.FINAL, "composites", None)
