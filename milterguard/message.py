@@ -699,6 +699,7 @@ class Message:
         self._body = body
         self._scan_truncated = scan_truncated
         self._max_text_chars = max_text_chars
+        self._header_parse: tuple[int, int, tuple[str, ...]] | None = None  # set by from_parts
 
     # -- construction ------------------------------------------------------
 
@@ -754,8 +755,44 @@ class Message:
             body_size = known_size if known_size is not None else len(data)
         if b"\r\n" in data:
             data = data.replace(b"\r\n", b"\n")
-        return cls(_make_headers(pairs, defects), data, size=header_bytes + body_size,
-                   scan_truncated=truncated, defects=defects, max_text_chars=max_text_chars)
+        parsed = _make_headers(pairs, defects)
+        msg = cls(parsed, data, size=header_bytes + body_size, scan_truncated=truncated, defects=defects,
+                  max_text_chars=max_text_chars)
+        # What with_body needs to reuse this header parse (the defects before any MIME walk).
+        msg._header_parse = (len(headers), header_bytes, tuple(defects))
+        return msg
+
+    def with_body(self, body: BinaryIO | bytes, *, body_size: int | None = None,
+                  max_scan_bytes: int = 10 * 1024 * 1024, max_text_chars: int = 512 * 1024) -> "Message":
+        """This message's headers with BODY: what from_parts would build from the same headers.
+
+        For a message built by from_parts (the headers alone, at end of headers): the
+        header fields, their index and the values derived from headers only (addresses,
+        Subject, From, Message-ID) are reused instead of parsed again; nothing derived
+        from this message's body is.
+        """
+        _, header_bytes, header_defects = self._header_parse
+        data, known_size = _read_body(body, max_scan_bytes)
+        data, truncated = _limit(data, max_scan_bytes)
+        if body_size is None:
+            body_size = known_size if known_size is not None else len(data)
+        if b"\r\n" in data:
+            data = data.replace(b"\r\n", b"\n")
+        msg = type(self)(self.headers, data, size=header_bytes + body_size, scan_truncated=truncated,
+                         defects=list(header_defects), max_text_chars=max_text_chars)
+        msg._header_parse = self._header_parse
+        cached = self.__dict__
+        for name in _HEADER_DERIVED:
+            if name in cached:
+                msg.__dict__[name] = cached[name]
+        if "_address_cache" in cached:
+            msg.__dict__["_address_cache"] = dict(cached["_address_cache"])
+        return msg
+
+    @property
+    def header_count(self) -> int | None:
+        """How many MTA-supplied header fields from_parts was given, or None (from_bytes)."""
+        return self._header_parse[0] if self._header_parse is not None else None
 
     # -- headers -----------------------------------------------------------
 
@@ -974,6 +1011,10 @@ class Message:
                 if add(url):
                     return urls
         return urls
+
+
+# Cached values computed from the header fields alone, which with_body may carry over.
+_HEADER_DERIVED = ("_header_index", "subject", "from_addr", "from_name", "from_domain", "message_id")
 
 
 def _is_multipart(pairs: list[tuple[str, str]]) -> bool:

@@ -75,10 +75,13 @@ def full_message(txn: Transaction, config: Config):
     if txn.message is None:
         from milterguard.message import Message
 
-        txn.message = Message.from_parts(
-            txn.headers, txn.body, body_size=txn.body_size or None,
-            max_scan_bytes=config["message.max_scan_bytes"], max_text_chars=config["message.max_text_chars"],
-        )
+        view = txn.header_view
+        limits = {"max_scan_bytes": config["message.max_scan_bytes"], "max_text_chars": config["message.max_text_chars"]}
+        if view is not None and view.header_count == len(txn.headers):
+            # The headers parsed at end of headers serve again: only the body is new.
+            txn.message = view.with_body(txn.body, body_size=txn.body_size or None, **limits)
+        else:
+            txn.message = Message.from_parts(txn.headers, txn.body, body_size=txn.body_size or None, **limits)
     return txn.message
 
 
