@@ -28,6 +28,7 @@ ENGINE_SYMBOLS = {
 }
 _ENGINE_EMITS = frozenset(ENGINE_SYMBOLS)
 _DECIDED = (Action.REJECT, Action.TEMPFAIL, Action.DISCARD)
+_RULES_TIMING = {stage: f"rules:{stage.label}" for stage in Stage}
 
 
 class RulesError(Exception):
@@ -204,19 +205,22 @@ class Engine:
         scan = Scan(conn, txn, self.config, stage)
         started = txn.started if txn is not None else None
         mark = hits.mark()
+        key = _RULES_TIMING[stage]
         t0 = time.perf_counter()
         hits._enter(stage, "rules", None)
         self._run_rules(stage, scan, hits)
-        timings[f"rules:{stage.label}"] = timings.get(f"rules:{stage.label}", 0.0) + time.perf_counter() - t0
-        self._run_starters(stage, scan, hits, timings)
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        if self.starters[stage]:
+            self._run_starters(stage, scan, hits, timings)
         seen, decided = -1, None
+        found = hits._hits  # its length tells whether a check added a hit
         for spec in self.checks[stage]:
             if started is not None and time.monotonic() - started > self.budget:
                 hits._enter(stage, "engine", _ENGINE_EMITS)
                 hits.add("CHECK_BUDGET_EXCEEDED", spec.name, where="engine")
                 continue
-            if len(hits) != seen:  # only a new hit can settle the message
-                seen, decided = len(hits), scoring.forced_action(hits, self.ruleset)
+            if len(found) != seen:  # only a new hit can settle the message
+                seen, decided = len(found), scoring.forced_action(hits, self.ruleset)
             if decided is not None and decided[0] in _DECIDED:
                 timings[spec.name] = 0.0  # decided already: the costlier checks are skipped
                 continue
@@ -224,7 +228,8 @@ class Engine:
         if stage == Stage.EOM and txn is not None and txn.message is not None and txn.message.truncated:
             hits._enter(stage, "engine", _ENGINE_EMITS)
             hits.add("SCAN_TRUNCATED", f"{txn.message.size} bytes", where="engine")
-        forced = scoring.forced_action(hits, self.ruleset)
+        # Hits are only ever added here, so an unchanged count means an unchanged answer.
+        forced = decided if len(found) == seen else scoring.forced_action(hits, self.ruleset)
         if forced and forced[0] in _DECIDED and stage < Stage.EOM and self.config["actions.early_reject"]:
             verdict = scoring.score(hits, self.ruleset, self.config, txn.rcpt_domains if txn else [], stage)
             verdict.timings = dict(timings)

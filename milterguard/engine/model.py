@@ -31,7 +31,10 @@ class Stage(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _STAGE_LABELS[self]
+
+
+_STAGE_LABELS = {stage: stage.name.lower() for stage in Stage}  # asked per stage and per log line
 
 
 @dataclass
@@ -227,7 +230,7 @@ class Action(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _ACTION_LABELS[self]
 
     @classmethod
     def parse(cls, text: str) -> "Action":
@@ -239,6 +242,9 @@ class Action(enum.IntEnum):
                 + ", ".join(a.label for a in cls)
                 + ")"
             ) from None
+
+
+_ACTION_LABELS = {action: action.name.lower() for action in Action}
 
 
 @dataclass
