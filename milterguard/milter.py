@@ -63,6 +63,8 @@ def _text(value: str | bytes | None) -> str:
         return ""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
+    if value.isascii():
+        return value  # nothing escaped: the round trip below would give it back unchanged
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
@@ -286,18 +288,26 @@ class MilterguardMilter(Milter.Base):
             self.txn.queue_id = self._macro("i")
         return Milter.CONTINUE
 
+    def header_bytes(self, name, value):
+        """pymilter's entry for each header, the value still bytes: decoded once, by `header`.
+
+        (pymilter's own would decode it with surrogate escapes, which `_text` undoes again.)
+        """
+        return self.header(name, value)
+
     @Milter.noreply
     def header(self, name, value):
         if self.failed or self.txn is None:
             return Milter.CONTINUE
         try:
             name = _text(name)
-            self.txn.headers.append((name, _text(value)))
+            value = _text(value)
+            self.txn.headers.append((name, value))
             lowered = name.lower()
             if lowered.startswith("x-spam-"):
                 self.upstream[name] = self.upstream.get(name, 0) + 1
             elif lowered == "message-id":
-                self.message_id = _text(value).strip().strip("<>")
+                self.message_id = value.strip().strip("<>")
         except Exception:  # noqa: BLE001
             self._fail("header")
         return Milter.CONTINUE
