@@ -362,6 +362,8 @@ def get_store(config: Any) -> RedisStore | None:
 
     The first call pings Redis, so that a Redis down at start is logged once.
     """
+    if not (config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels")):
+        return None  # Redis off (as from_config says), known without the key: three checks ask per message
     key = _config_key(config)
     with _STORES_LOCK:
         if key in _STORES:
