@@ -93,6 +93,8 @@ class ListStore:
     def lookup(self, kind: str, domain: str, value: str, is_ip: bool = False) -> str | None:
         """The entry of list KIND (of DOMAIN's lists, or the global ones for "") matching VALUE."""
         self.refresh()
+        if not self._maps:
+            return None  # no list at all (the usual case for most checks' look-ups)
         domain = domain.lower()
         keys = [(GLOBAL, kind)] if domain == GLOBAL else []
         if domain:

@@ -8,6 +8,7 @@ anything else is a domain, which also matches its subdomains.  A leading
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -86,9 +87,8 @@ class MapFile:
 
     def match_ip(self, ip: str) -> str | None:
         """The entry matching IP (an address or a network holding it), or None."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        addr = _ip_of(ip)
+        if addr is None:
             return None
         if addr.version == 6 and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
@@ -131,9 +131,15 @@ class MapFile:
         return self.match_host(value)
 
 
-def _looks_ip(text: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """TEXT parsed as an IP address, or None; the same client address is looked up
+    several times per message, and most host names are no address at all."""
     try:
-        ipaddress.ip_address(text)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _looks_ip(text: str) -> bool:
+    return _ip_of(text) is not None
