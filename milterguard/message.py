@@ -657,6 +657,20 @@ _MAX_ADDRESS_HEADERS = 100  # of one name: 3,000 From or To headers took 0.5 s t
 _BARE_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 
 
+def _scanned_body(body, body_size: int | None, max_scan_bytes: int) -> tuple[bytes, bool, int]:
+    """(the part of BODY that is scanned, with LF line ends; whether it was cut; the full body size).
+
+    BODY is bytes or a file read from 0; BODY_SIZE, when known, is the size the MTA sent.
+    """
+    data, known_size = _read_body(body, max_scan_bytes)
+    data, truncated = _limit(data, max_scan_bytes)
+    if body_size is None:
+        body_size = known_size if known_size is not None else len(data)
+    if b"\r\n" in data:
+        data = data.replace(b"\r\n", b"\n")
+    return data, truncated, body_size
+
+
 def _read_body(body: BinaryIO | bytes, limit: int) -> tuple[bytes, int | None]:
     """Read at most limit + 1 bytes of a body; also return its size if known."""
     if isinstance(body, (bytes, bytearray, memoryview)):
@@ -749,12 +763,7 @@ class Message:
             pairs.append((name, _unfold(value)))
         if eight_bit:
             defects.append(HEADER_8BIT)
-        data, known_size = _read_body(body, max_scan_bytes)
-        data, truncated = _limit(data, max_scan_bytes)
-        if body_size is None:
-            body_size = known_size if known_size is not None else len(data)
-        if b"\r\n" in data:
-            data = data.replace(b"\r\n", b"\n")
+        data, truncated, body_size = _scanned_body(body, body_size, max_scan_bytes)
         parsed = _make_headers(pairs, defects)
         msg = cls(parsed, data, size=header_bytes + body_size, scan_truncated=truncated, defects=defects,
                   max_text_chars=max_text_chars)
@@ -772,12 +781,7 @@ class Message:
         from this message's body is.
         """
         _, header_bytes, header_defects = self._header_parse
-        data, known_size = _read_body(body, max_scan_bytes)
-        data, truncated = _limit(data, max_scan_bytes)
-        if body_size is None:
-            body_size = known_size if known_size is not None else len(data)
-        if b"\r\n" in data:
-            data = data.replace(b"\r\n", b"\n")
+        data, truncated, body_size = _scanned_body(body, body_size, max_scan_bytes)
         msg = type(self)(self.headers, data, size=header_bytes + body_size, scan_truncated=truncated,
                          defects=list(header_defects), max_text_chars=max_text_chars)
         msg._header_parse = self._header_parse
