@@ -30,8 +30,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from support import (LOOPBACK, SupportError, free_port, parse_socket_spec, pid_alive,  # type: ignore[import-not-found]
-                     session_members, socket_accepts, wait_until)
+from support import (LOOPBACK, SupportError, free_port, log_tail, parse_socket_spec, pid_alive,  # type: ignore[import-not-found]
+                     read_log, session_members, socket_accepts, wait_until)
 
 RSPAMD = shutil.which("rspamd") or "/usr/bin/rspamd"
 
@@ -214,13 +214,10 @@ from_enabled = false;
         return p.stdout
 
     def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_file)
 
     def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
+        return log_tail(self.log_file, n)
 
     def task_count(self) -> int:
         """Messages Rspamd logged as scanned."""

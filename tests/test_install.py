@@ -28,7 +28,9 @@ from support import (  # noqa: E402
     MILTERTEST,
     REPO_ROOT,
     free_port,
+    log_tail,
     pid_alive,
+    read_log,
     run_miltertest,
     session_members,
     socket_accepts,
@@ -116,13 +118,10 @@ class Installed:
         return int(self.pid_file.read_text().strip())
 
     def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_file)
 
     def log_tail(self, n: int = 40) -> str:
-        return "--- milterguard.log ---\n" + "\n".join(self.log_text().splitlines()[-n:])
+        return "--- milterguard.log ---\n" + log_tail(self.log_file, n)
 
     def stop(self) -> None:
         """SIGTERM to the pid in the pid file; bounded wait; SIGKILL what is left of its session."""

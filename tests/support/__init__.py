@@ -65,6 +65,19 @@ class SupportError(RuntimeError):
     """A test service failed to start, stop or answer in time."""
 
 
+def read_log(path: Path) -> str:
+    """The text of a log file, "" before the process has written it."""
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def log_tail(path: Path, n: int) -> str:
+    """The last N lines of a log file."""
+    return "\n".join(read_log(path).splitlines()[-n:])
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """Return a TCP port that was free on *host* a moment ago.
 
@@ -294,13 +307,10 @@ class MilterProcess:
         return kids
 
     def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_file)
 
     def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
+        return log_tail(self.log_file, n)
 
     # -- lifecycle ----------------------------------------------------
     def _environ(self) -> dict[str, str]:
