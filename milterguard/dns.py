@@ -121,6 +121,47 @@ class Cache:
         return len(self._data)
 
 
+class Memo:
+    """Results derived from DNS answers (an SPF verdict, say), kept no longer
+    than the shortest TTL of the answers they were made from; bounded, least
+    recently used out first, safe across threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: collections.OrderedDict[Any, tuple[float, Any]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None
+            if time.monotonic() >= item[0]:
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return item[1]
+
+    def put(self, key: Any, value: Any, ttl: float) -> None:
+        if self.size <= 0 or ttl <= 0:
+            return
+        with self._lock:
+            self._data[key] = (time.monotonic() + min(ttl, _MAX_TTL), value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def done_future(value: Any) -> concurrent.futures.Future:
+    """A future that already holds VALUE."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
+
+
 def parse_nameserver(spec: str) -> tuple[str, int]:
     """`127.0.0.1`, `127.0.0.1:5353`, `::1`, `[::1]:5353` -> (address, port)."""
     spec = spec.strip()
@@ -179,6 +220,7 @@ class Resolver:
         self._resolver.cache = None  # ours honours negative answers and is bounded
         self.nameservers = [str(ns) for ns in self._resolver.nameservers]
         self.cache = Cache(cache_size)
+        self.memo = Memo(cache_size)
         self.workers = workers
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -239,9 +281,7 @@ class Resolver:
         key = (name, rdtype)
         cached = self.cache.get(key)
         if cached is not None:
-            done: concurrent.futures.Future = concurrent.futures.Future()
-            done.set_result(cached)
-            return done
+            return done_future(cached)
         pool = self._executor()
         with self._lock:
             future = self._inflight.get(key)

@@ -29,6 +29,7 @@ def spf_zone() -> Zone:
     z.txt("syntax", "v=spf1 ip4:192.0.2.300 -all")
     z.txt("helo", f"v=spf1 ip4:{CLIENT} -all")
     z.txt("relayed", "v=spf1 ip4:203.0.113.5 -all")
+    z.txt("short", f"v=spf1 include:inner.spf.test -all", ttl=1)
     return z
 
 
@@ -61,6 +62,40 @@ def test_spf_result(engine, domain, symbol):
     assert spf_symbols == {symbol}, verdict.hit(next(iter(spf_symbols))).text if spf_symbols else "no SPF symbol"
     assert txn.facts["spf"].domain == domain
     assert verdict.hit(symbol).options == [domain, CLIENT]
+
+
+def test_a_result_is_remembered_for_the_shortest_ttl_it_was_made_from(engine, monkeypatch):
+    import time
+
+    from milterguard.checks import spf
+
+    evaluations = []
+    real = spf._evaluate
+    monkeypatch.setattr(spf, "_evaluate", lambda *a: evaluations.append(a[1:3]) or real(*a))
+    verdict, _ = scan(engine, message(), ip=CLIENT, mail_from="alice@short.spf.test")
+    assert "R_SPF_ALLOW" in verdict.symbols and len(evaluations) == 1
+    verdict, _ = scan(engine, message(), ip=CLIENT, mail_from="alice@short.spf.test")
+    assert "R_SPF_ALLOW" in verdict.symbols and "matched include:inner.spf.test" in verdict.hit("R_SPF_ALLOW").text
+    assert len(evaluations) == 1  # judged from memory
+    # Another client address is judged afresh, and fails.
+    verdict, _ = scan(engine, message(), ip="198.51.100.99", mail_from="alice@short.spf.test")
+    assert "R_SPF_FAIL" in verdict.symbols and len(evaluations) == 2
+    # The outer record's TTL is 1 s: after it, the result is made again from DNS.
+    time.sleep(1.2)
+    verdict, _ = scan(engine, message(), ip=CLIENT, mail_from="alice@short.spf.test")
+    assert "R_SPF_ALLOW" in verdict.symbols and len(evaluations) == 3
+
+
+def test_temporary_errors_are_not_remembered(tmp_path):
+    from milterguard import dns as mgdns
+    from support.dns import silent_dns_server
+
+    with silent_dns_server() as silent:
+        eng = engine_for(tmp_path, f"dns.nameservers={silent.address}", "dns.timeout=0.3",
+                         "dns.message_budget=0.5")
+        verdict, _ = scan(eng, message(), ip=CLIENT, mail_from="alice@pass.spf.test")
+        assert "R_SPF_DNSFAIL" in verdict.symbols
+        assert len(mgdns.resolver_for(eng.config).memo) == 0
 
 
 def test_explain_text_names_the_deciding_term(engine):

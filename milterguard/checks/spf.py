@@ -5,6 +5,11 @@ trusted relay, since only the Received headers name the hop to judge) and
 runs in the DNS pool while the MTA goes on; the check collects it at end of
 headers within the message's DNS budget.  The identity is MAIL FROM, or
 postmaster@HELO for the null sender (RFC 7208 2.4).
+
+A result is a function of the client address, the sender, HELO and the DNS
+answers consulted, so it is remembered (`Resolver.memo`) for as long as the
+shortest TTL among those answers: a burst from one sender and address is
+judged once, not once per message.  Temporary errors are not remembered.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def _lookup(name, qtype, tcpfallback=True, timeout=30):
     if resolver is None:
         return _original_lookup(name, qtype, tcpfallback, timeout)
     answer = resolver.lookup(name, qtype)
+    _local.ttl = min(_local.ttl, answer.ttl)
     if answer.temporary:
         raise pyspf.TempError(f"DNS {answer.status} for {name} {qtype}: {answer.error}".rstrip(": "))
     if not answer.ok:
@@ -71,6 +77,7 @@ class SpfResult:
 
 def _evaluate(resolver: mgdns.Resolver, ip: str, sender: str, helo: str, timeout: float, querytime: float):
     _local.resolver = resolver
+    _local.ttl = float("inf")
     try:
         query = pyspf.query(i=ip, s=sender, h=helo, timeout=timeout, querytime=querytime)
         result, _code, explanation = query.check()
@@ -78,6 +85,8 @@ def _evaluate(resolver: mgdns.Resolver, ip: str, sender: str, helo: str, timeout
         if mechanism and result in ("pass", "fail", "softfail", "neutral"):
             # Which term of the record decided, for scan --explain.
             explanation = f"{explanation} (matched {mechanism})" if explanation else f"matched {mechanism}"
+        if result != "temperror" and _local.ttl != float("inf"):
+            resolver.memo.put(("spf", ip, sender, helo), (result, explanation), _local.ttl)
         return result, explanation
     finally:
         _local.resolver = None
@@ -103,8 +112,12 @@ def _start(scan) -> None:
         return
     sess = mgdns.session(scan)
     cfg = scan.config
-    future = sess.start_call(("spf", ip, sender), _evaluate, sess.resolver, ip, sender, scan.conn.helo,
-                             cfg["dns.timeout"], cfg["dns.message_budget"])
+    known = sess.resolver.memo.get(("spf", ip, sender, scan.conn.helo))
+    if known is not None:
+        future = mgdns.done_future(known)
+    else:
+        future = sess.start_call(("spf", ip, sender), _evaluate, sess.resolver, ip, sender, scan.conn.helo,
+                                 cfg["dns.timeout"], cfg["dns.message_budget"])
     scan.txn.facts["spf_job"] = (future, identity, sender, domain, ip, via_relay)
 
 
