@@ -174,7 +174,7 @@ def milter_socket(workdir: Path, kind: str) -> str:
 
 
 def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rspamd_procs: int,
-                 dns_domains: tuple[str, ...] = ()) -> System:
+                 dns_domains: tuple[str, ...] = (), mg_sets: dict | None = None) -> System:
     workdir = _open_dir(root / key)
     sink = SinkCounter(workdir / "sink").start()
     system = System(key, CONFIG_NAMES[key], workdir, sink)
@@ -197,7 +197,7 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
             system.milter = MilterguardProcess(
                 workdir / "mg", socket=system.socket, workers=mg_workers,
                 sets={"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
-                      "dns.nameservers": [system.dns.address]})
+                      "dns.nameservers": [system.dns.address], **(mg_sets or {})})
             system.milter.start()
             _chmod_socket(system.socket)
         elif key == "d":
@@ -702,6 +702,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--socket", choices=("auto", "unix", "inet"), default="auto",
                     help="milter socket for b, c, d; auto measures both with the no-op milter first")
     ap.add_argument("--workers", type=int, default=2, help="milterguard --workers (default 2)")
+    ap.add_argument("--mg-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra milterguard --set for c (repeatable), e.g. dns.enabled=false")
     ap.add_argument("--rspamd-procs", type=int, default=2, help="Rspamd proxy (self_scan) processes (default 2)")
     ap.add_argument("--profile", type=int, help="seconds of py-spy on milterguard's workers at c=8 (default 20; quick 0)")
     ap.add_argument("--message", type=Path, default=DEFAULT_MESSAGE, help="the message to send")
@@ -757,6 +759,13 @@ def main(argv: list[str] | None = None) -> int:
     msg_info = prepare_message(args.message, message)
     data = message.read_bytes().replace(b"\n", b"\r\n")
     sender = msg_info["sender"]
+    mg_sets = {}
+    for item in args.mg_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"bench: --mg-set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        mg_sets[key.strip()] = value
     result: dict = {
         "environment": environment(),
         "message": msg_info,
@@ -764,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
                      "configs": args.configs, "latency_messages": args.latency_messages,
                      "milterguard_workers": args.workers, "rspamd_proxy_processes": args.rspamd_procs,
                      "quick": args.quick, "postfix_main_cf": POSTFIX_BENCH_CF,
-                     "milterguard_sets": {"actions.mode": "tag-only", "milter.unix_socket_mode": "0666"}},
+                     "milterguard_sets": {"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
+                                          **mg_sets}},
         "problems": [],
     }
     systems: dict[str, System] = {}
@@ -786,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{key}: starting {CONFIG_NAMES[key]}")
                 systems[key] = start_system(key, root, kind, mg_workers=args.workers,
                                             rspamd_procs=args.rspamd_procs,
-                                            dns_domains=(sender.rpartition("@")[2],))
+                                            dns_domains=(sender.rpartition("@")[2],), mg_sets=mg_sets)
             except Exception as e:  # noqa: BLE001 - report and go on with the others
                 msg = f"{key} ({CONFIG_NAMES[key]}) did not start: {e}"
                 log(msg)
