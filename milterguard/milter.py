@@ -94,6 +94,32 @@ class MilterguardMilter(Milter.Base):
         self.message_id = ""
         self._counted = False
 
+    def negotiate(self, opts):
+        """Option negotiation: the macros each stage needs, and no reply where none is due.
+
+        pymilter 1.0.5's own hands the macro lists to libmilter as bytes, which
+        its setsymlist refuses with a TypeError; it then falls back to the
+        defaults, so that neither the macro lists nor the no-reply steps are
+        negotiated, and the MTA waits for an answer to every header.  This is
+        the same negotiation with the lists passed as text.
+        """
+        try:
+            actions, offered, _f1, _f2 = opts
+            self._actions = actions
+            if actions & Milter.SETSYMLIST:
+                for name, stage in Milter.MACRO_CALLBACKS.items():
+                    macros = getattr(getattr(self, name), "_symlist", None)
+                    if macros:
+                        self._ctx.setsymlist(stage, " ".join(macros))
+            opts[1] = self._protocol = offered & ~self.protocol_mask()
+            opts[2] = 0
+            opts[3] = 0
+        except Exception:  # noqa: BLE001 - the MTA's defaults still work, only slower
+            log.warning("milter option negotiation failed, using the MTA's defaults: %s",
+                        traceback.format_exc().strip().replace("\n", " | "))
+            return Milter.ALL_OPTS
+        return Milter.CONTINUE
+
     # ------------------------------------------------------------ helpers
 
     def _ref(self) -> str:

@@ -24,6 +24,19 @@ end
 main(function()
   -- An IPv6 client, an unknown command, then a message that is aborted half way.
   local conn = open_conn()
+  -- No reply is asked where none can change the outcome (each header above all);
+  -- RCPT and end of headers keep theirs, for early verdicts.
+  for _, opt in ipairs({SMFIP_NR_CONN, SMFIP_NR_HELO, SMFIP_NR_MAIL, SMFIP_NR_HDR,
+                        SMFIP_NR_DATA, SMFIP_NR_UNKN, SMFIP_NR_BODY}) do
+    if not mt.test_option(conn, opt) then
+      error(string.format("no-reply option 0x%x was not negotiated", opt))
+    end
+  end
+  for _, opt in ipairs({SMFIP_NR_RCPT, SMFIP_NR_EOH}) do
+    if mt.test_option(conn, opt) then
+      error(string.format("option 0x%x was negotiated, yet that stage can answer", opt))
+    end
+  end
   step(conn, "conninfo v6", SMFIR_CONTINUE, mt.conninfo, "mx6.example.org", "2001:db8::25")
   step(conn, "helo", SMFIR_CONTINUE, mt.helo, "mx6.example.org")
   ok("unknown", mt.unknown(conn, "XFOO bar"))
