@@ -74,7 +74,8 @@ def score(hits: Hits, ruleset: RuleSet, config, rcpt_domains: list[str], stage: 
             ScoredHit(
                 symbol=hit.symbol, weight=weight, base_weight=base, group=rule.group,
                 description=rule.description, stage=hit.stage, options=list(hit.options),
-                where=hit.where or rule.where, text=hit.text, source=rule.source, emitter=hit.source,
+                where=hit.where or rule.where, _text=hit._text if not callable(hit._text) else (lambda h=hit: h.text),
+                source=rule.source, emitter=hit.source,
                 state=rule.state, consumed_by=consumed.get(hit.symbol, ""), action=rule.action,
             )
         )

@@ -127,6 +127,16 @@ def _values(rule_key: tuple, scan: Scan) -> list[str]:
     raise ValueError(f"unknown target {target}")
 
 
+def _matched(rule, data: bytes, value: str):
+    """What RULE matched in DATA, found only when read (the milter never reads it)."""
+
+    def find() -> str:
+        text = rule.matched_text(data)
+        return text if text is not None else value[:80]
+
+    return find
+
+
 def _map_values(key: str, scan: Scan) -> list[str]:
     conn, txn = scan.conn, scan.txn
     if key == "client_ip":
@@ -323,8 +333,7 @@ class Engine:
             vi = found.get(index)
             if vi is None:
                 continue
-            text = rule.matched_text(encoded[vi])
-            hits.add(rule.symbol, where=rule.where, text=text if text is not None else values[vi][:80])
+            hits.add(rule.symbol, where=rule.where, text=_matched(rule, encoded[vi], values[vi]))
 
     def _run_composites(self, hits: Hits) -> None:
         hits._enter(Stage.FINAL, "composites", None)

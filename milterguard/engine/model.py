@@ -113,15 +113,39 @@ class Transaction:
         return self.mail_from.rpartition("@")[2].lower() if "@" in self.mail_from else ""
 
 
+MAX_TEXT = 200  # longest matched text a hit keeps
+
+
+def clip_text(text: str | None) -> str:
+    text = text or ""
+    return text[:MAX_TEXT] + "..." if len(text) > MAX_TEXT else text
+
+
+class _LazyText:
+    """`text` of a hit, worked out when something reads it.
+
+    A rule's matched text is only shown by `scan --explain` and the JSON
+    output; the milter never reads it, so finding it again in the body is
+    left until then.  The value may be a string or a function giving one.
+    """
+
+    @property
+    def text(self) -> str:
+        value = self._text
+        if callable(value):
+            value = self._text = clip_text(value())
+        return value
+
+
 @dataclass
-class Hit:
+class Hit(_LazyText):
     """A symbol emitted by a rule or check, before scoring."""
 
     symbol: str
     stage: Stage
     options: list[str] = field(default_factory=list)  # short values shown in headers
     where: str = ""  # what was looked at: "header Subject", "body", "url", ...
-    text: str = ""  # the exact text that matched, clipped
+    _text: Any = ""  # the exact text that matched, clipped (`text`), or a function giving it
     factor: float = 1.0  # scales the weight, for checks that report a probability
     source: str = ""  # the check or rule file that emitted it
 
@@ -133,7 +157,7 @@ class UndeclaredSymbol(RuntimeError):
 class Hits:
     """The hits of one message (or of one connection's early stages)."""
 
-    MAX_TEXT = 200
+    MAX_TEXT = MAX_TEXT
 
     def __init__(self, strict: bool = False) -> None:
         self._hits: dict[str, Hit] = {}
@@ -155,10 +179,13 @@ class Hits:
         symbol: str,
         *options: Any,
         where: str = "",
-        text: str = "",
+        text: Any = "",
         factor: float = 1.0,
     ) -> None:
-        """Record SYMBOL. A symbol hit twice keeps its first place and gathers options."""
+        """Record SYMBOL. A symbol hit twice keeps its first place and gathers options.
+
+        TEXT is what matched, or a function that finds it when it is read.
+        """
         if self._allowed is not None and symbol not in self._allowed:
             self.undeclared.append((self._emitter, symbol))
             if self.strict:
@@ -173,14 +200,14 @@ class Hits:
             if factor > existing.factor:
                 existing.factor = factor
             return
-        if len(text) > self.MAX_TEXT:
-            text = text[: self.MAX_TEXT] + "..."
+        if not callable(text) and len(text) > MAX_TEXT:
+            text = text[:MAX_TEXT] + "..."
         self._hits[symbol] = Hit(
             symbol=symbol,
             stage=self._stage,
             options=opts[:10],
             where=where,
-            text=text,
+            _text=text,
             factor=factor,
             source=self._emitter,
         )
@@ -248,7 +275,7 @@ _ACTION_LABELS = {action: action.name.lower() for action in Action}
 
 
 @dataclass
-class ScoredHit:
+class ScoredHit(_LazyText):
     """A hit with what scoring made of it."""
 
     symbol: str
@@ -259,7 +286,7 @@ class ScoredHit:
     stage: Stage
     options: list[str]
     where: str
-    text: str
+    _text: Any  # see `text`
     source: str  # rule file:line, or the check's module
     emitter: str
     state: str = "stable"
