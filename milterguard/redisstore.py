@@ -357,12 +357,17 @@ def _config_key(config: Any) -> tuple:
     )
 
 
+def configured(config: Any) -> bool:
+    """Whether the configuration names a Redis at all (URL, replicas or Sentinels)."""
+    return bool(config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels"))
+
+
 def get_store(config: Any) -> RedisStore | None:
     """The per-process store for this configuration (None when Redis is off).
 
     The first call pings Redis, so that a Redis down at start is logged once.
     """
-    if not (config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels")):
+    if not configured(config):
         return None  # Redis off (as from_config says), known without the key: three checks ask per message
     key = _config_key(config)
     with _STORES_LOCK:

@@ -39,7 +39,8 @@ def _start(scan) -> None:
     start_key_lookups(scan, "ARC-Message-Signature", limit=MAX_ARC_SETS)
 
 
-@check(stage=Stage.EOM, emits=("ARC_ALLOW", "ARC_REJECT", "ARC_NA", "ARC_TEMPFAIL"), priority=42)
+@check(stage=Stage.EOM, emits=("ARC_ALLOW", "ARC_REJECT", "ARC_NA", "ARC_TEMPFAIL"), priority=42,
+       active=mgdns.enabled)
 def arc(scan, hits: Hits) -> None:
     """Verify the ARC chain of the message."""
     if not auth.active_dns(scan):

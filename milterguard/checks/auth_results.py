@@ -7,6 +7,7 @@ earlier pass): they are removed before ours is added, and reported.
 from __future__ import annotations
 
 from milterguard import auth
+from milterguard import dns as mgdns
 from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
 
@@ -41,7 +42,8 @@ def _methods(txn) -> list[str]:
     return out
 
 
-@check(stage=Stage.EOM, emits=("AUTH_RESULTS_FORGED",), after=("spf", "dkim", "arc", "dmarc"), priority=90)
+@check(stage=Stage.EOM, emits=("AUTH_RESULTS_FORGED",), after=("spf", "dkim", "arc", "dmarc"), priority=90,
+       active=lambda config: config["auth.results_header"] and mgdns.enabled(config))
 def auth_results(scan, hits: Hits) -> None:
     """Build the Authentication-Results header; find the forged ones to remove."""
     cfg = scan.config

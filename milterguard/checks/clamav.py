@@ -154,7 +154,8 @@ def _scan(client, stream) -> tuple[str, str | None]:
     return status, name
 
 
-@check(stage=Stage.EOM, emits=("CLAMAV_VIRUS", "CLAMAV_TEMPFAIL", "CLAMAV_TOO_LARGE"), priority=70)
+@check(stage=Stage.EOM, emits=("CLAMAV_VIRUS", "CLAMAV_TEMPFAIL", "CLAMAV_TOO_LARGE"), priority=70,
+       active=lambda config: bool(config["clamav.address"]))
 def clamav(scan, hits: Hits) -> None:
     """Stream the message (or its attachments) to clamd and report the signature found."""
     config = scan.config

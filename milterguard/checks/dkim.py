@@ -144,7 +144,7 @@ def verify_one(raw: bytes, index: int, dnsfunc) -> tuple[str, str]:
 
 
 @check(stage=Stage.EOM, emits=("R_DKIM_ALLOW", "R_DKIM_REJECT", "R_DKIM_TEMPFAIL", "R_DKIM_PERMFAIL", "R_DKIM_NA"),
-       priority=40)
+       priority=40, active=mgdns.enabled)
 def dkim(scan, hits: Hits) -> None:
     """Verify every DKIM signature of the message."""
     if not auth.active_dns(scan):

@@ -104,7 +104,7 @@ def _reject_at_smtp(config) -> dict:
     return {"DMARC_POLICY_REJECT": {"action": "reject"}} if config["auth.dmarc_reject"] else {}
 
 
-@check(stage=Stage.EOM, emits=SYMBOLS, after=("spf", "dkim", "arc"), priority=45)
+@check(stage=Stage.EOM, emits=SYMBOLS, after=("spf", "dkim", "arc"), priority=45, active=mgdns.enabled)
 def dmarc(scan, hits: Hits) -> None:
     """The From domain's DMARC policy against aligned SPF and DKIM results."""
     if not auth.active(scan):

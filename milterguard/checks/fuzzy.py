@@ -12,11 +12,13 @@ import logging
 from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
 from milterguard.fuzzy import FuzzyStore, digest
+from milterguard.redisstore import configured as redis_configured
 
 log = logging.getLogger("milterguard.fuzzy")
 
 
-@check(stage=Stage.EOM, emits=("HASH_DENIED", "FUZZY_DENIED", "FUZZY_TEMPFAIL"), priority=2)
+@check(stage=Stage.EOM, emits=("HASH_DENIED", "FUZZY_DENIED", "FUZZY_TEMPFAIL"), priority=2,
+       active=lambda config: config["fuzzy.enabled"] and redis_configured(config))
 def fuzzy(scan, hits: Hits) -> None:
     """Look the message's exact hash and SimHash up among the reported ones."""
     config = scan.config

@@ -24,6 +24,7 @@ from milterguard.learn.bayes import Bayes, message_digest, token_hash
 from milterguard.learn.model import model_cache
 from milterguard.learn.tokens import tokenize
 from milterguard.redisstore import RedisUnavailable, get_store
+from milterguard.redisstore import configured as redis_configured
 
 log = logging.getLogger("milterguard.learn")
 LEARNED_PREFIXES = ("BAYES_", "ML_")
@@ -68,7 +69,8 @@ def _emit(hits: Hits, prefix: str, prob: float, spam_at: float, ham_at: float, d
         hits.add(f"{prefix}_HAM", option, where="learned", text=detail, factor=(0.5 - prob) / 0.5)
 
 
-@check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60)
+@check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60,
+       active=lambda config: config["bayes.enabled"] and redis_configured(config))
 def bayes(scan, hits: Hits) -> None:
     """Bayes probability from the token counts learned in Redis."""
     config = scan.config
@@ -91,7 +93,8 @@ def bayes(scan, hits: Hits) -> None:
           f"{used} tokens; learned {n_spam} spam, {n_ham} ham")
 
 
-@check(stage=Stage.EOM, emits=("ML_SPAM", "ML_HAM", "ML_TEMPFAIL"), priority=61)
+@check(stage=Stage.EOM, emits=("ML_SPAM", "ML_HAM", "ML_TEMPFAIL"), priority=61,
+       active=lambda config: config["ml.enabled"] and redis_configured(config))
 def classifier(scan, hits: Hits) -> None:
     """Probability from the trained model shared through Redis."""
     config = scan.config

@@ -33,6 +33,7 @@ DEFAULT_BLOCKED = ["127.255.255.0/24"]
 START_STAGE = {"ip": Stage.CONNECT, "helo": Stage.HELO, "sender": Stage.MAIL_FROM, "from": Stage.HEADERS,
                "received": Stage.HEADERS, "uri": Stage.EOM, "uri_ip": Stage.EOM}
 ENVELOPE_KINDS = ("ip", "helo", "sender")
+CONTENT_KINDS = ("from", "received", "uri", "uri_ip")
 
 
 @dataclass
@@ -236,15 +237,17 @@ def _list_symbols(config) -> dict[str, str]:
     return out
 
 
-@check(stage=Stage.MAIL_FROM, emits=FAMILIES, priority=30)
+@check(stage=Stage.MAIL_FROM, emits=FAMILIES, priority=30,
+       active=lambda config: bool(active_lists(config, ENVELOPE_KINDS)))
 def rbl_envelope(scan, hits: Hits) -> None:
     """The client address, HELO name and sender domain against the DNS blocklists."""
     if auth.active(scan):
         _collect(scan, hits, ENVELOPE_KINDS)
 
 
-@check(stage=Stage.EOM, emits=FAMILIES, priority=35)
+@check(stage=Stage.EOM, emits=FAMILIES, priority=35,
+       active=lambda config: bool(active_lists(config, CONTENT_KINDS)))
 def rbl_content(scan, hits: Hits) -> None:
     """From domain, Received addresses and URL hosts against the DNS blocklists."""
     if auth.active(scan):
-        _collect(scan, hits, ("from", "received", "uri", "uri_ip"))
+        _collect(scan, hits, CONTENT_KINDS)

@@ -125,7 +125,7 @@ starter("spf", Stage.MAIL_FROM)(_start)
 starter("spf", Stage.HEADERS)(_start)
 
 
-@check(stage=Stage.HEADERS, emits=tuple(SYMBOLS.values()), priority=20)
+@check(stage=Stage.HEADERS, emits=tuple(SYMBOLS.values()), priority=20, active=mgdns.enabled)
 def spf(scan, hits: Hits) -> None:
     """SPF of the envelope sender (or of HELO for the null sender)."""
     job = scan.txn.facts.get("spf_job")

@@ -27,6 +27,13 @@ class CheckSpec:
     priority: int = 50  # lower runs earlier within a stage: cheap checks first
     module: str = ""
     doc: str = ""
+    # `active(config)`: whether the check has anything to do under a configuration
+    # (DNS on, a clamd named, a blocklist enabled).  An engine leaves out the checks
+    # that have not, and their starters, rather than calling them to return at once.
+    active: Callable | None = None
+
+    def applies(self, config) -> bool:
+        return self.active is None or bool(self.active(config))
 
 
 CHECKS: dict[str, CheckSpec] = {}
@@ -53,8 +60,9 @@ class Emits(frozenset):
         return [s for s in self if not s.endswith("*")]
 
 
-def check(stage: Stage, emits: tuple[str, ...], after: tuple[str, ...] = (), priority: int = 50, name: str | None = None):
-    """Register a check function `fn(scan, hits)` for STAGE."""
+def check(stage: Stage, emits: tuple[str, ...], after: tuple[str, ...] = (), priority: int = 50, name: str | None = None,
+          active: Callable | None = None):
+    """Register a check function `fn(scan, hits)` for STAGE (see CheckSpec.active for ACTIVE)."""
 
     def register(fn: Callable) -> Callable:
         check_name = name or fn.__name__
@@ -63,6 +71,7 @@ def check(stage: Stage, emits: tuple[str, ...], after: tuple[str, ...] = (), pri
         CHECKS[check_name] = CheckSpec(
             name=check_name, stage=stage, emits=Emits(emits), fn=fn, after=tuple(after),
             priority=priority, module=fn.__module__, doc=(fn.__doc__ or "").strip().split("\n")[0],
+            active=active,
         )
         return fn
 

@@ -179,7 +179,8 @@ class Engine:
         disabled = set(config["checks.disabled"])
         self.checks: dict[Stage, list[registry.CheckSpec]] = {}
         for stage in Stage:
-            specs = [s for s in registry.CHECKS.values() if s.stage == stage and s.name not in disabled]
+            specs = [s for s in registry.CHECKS.values()
+                     if s.stage == stage and s.name not in disabled and s.applies(config)]
             # A check whose every symbol is disabled need not run at all.
             specs = [s for s in specs if any(ruleset.active(sym) for sym in ruleset.rules if sym in s.emits)]
             self.checks[stage] = registry.ordered(specs)
