@@ -107,10 +107,8 @@ class MilterguardMilter(Milter.Base):
             actions, offered, _f1, _f2 = opts
             self._actions = actions
             if actions & Milter.SETSYMLIST:
-                for name, stage in Milter.MACRO_CALLBACKS.items():
-                    macros = getattr(getattr(self, name), "_symlist", None)
-                    if macros:
-                        self._ctx.setsymlist(stage, " ".join(macros))
+                for stage, macros in _SYMLISTS:
+                    self._ctx.setsymlist(stage, macros)
             opts[1] = self._protocol = offered & ~self.protocol_mask()
             opts[2] = 0
             opts[3] = 0
@@ -456,3 +454,6 @@ for _stage, _macros in (
     ("eom", ("i",)),
 ):
     Milter.symlist(*_macros)(getattr(MilterguardMilter, _stage))
+# What negotiate hands to libmilter: (stage, "macro macro ...").
+_SYMLISTS = tuple((Milter.MACRO_CALLBACKS[name], " ".join(getattr(MilterguardMilter, name)._symlist))
+                  for name in Milter.MACRO_CALLBACKS if getattr(getattr(MilterguardMilter, name), "_symlist", None))
