@@ -13,7 +13,33 @@ from milterguard.engine.model import Hits, Stage
 _DAY = 86400.0
 
 
+# The usual shape of an RFC 5322 date with a numeric zone, read here without the
+# email package's general parser (five dates a message: Date and the Received trail).
+# Anything else (named zones, odd spacing, two-digit years) goes to email.utils.
+_DATE = re.compile(
+    r"\s*(?:[A-Za-z]{3},\s*)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2})(?::(\d{2}))? ([+-])(\d{2})(\d{2})"
+    r"(?:\s*\([^()]*\))?\s*$")
+_MONTHS = {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+                                       "dec"), 1)}
+
+
 def _parse_date(text: str) -> float | None:
+    m = _DATE.match(text)
+    if m is not None:
+        day, name, year, hour, minute, second, sign, zh, zm = m.groups()
+        month = _MONTHS.get(name.lower())
+        if month is not None and year >= "1000" and zh < "24" and zm < "60":
+            try:
+                when = datetime(int(year), month, int(day), int(hour), int(minute), int(second or 0),
+                                tzinfo=timezone.utc).timestamp()
+            except (ValueError, OverflowError):
+                return None
+            offset = int(zh) * 3600 + int(zm) * 60
+            return when + offset if sign == "-" else when - offset
+    return _parse_date_slow(text)
+
+
+def _parse_date_slow(text: str) -> float | None:
     try:
         parsed = email.utils.parsedate_to_datetime(text.strip())
     except (TypeError, ValueError, IndexError, OverflowError):
