@@ -789,3 +789,36 @@ def test_corpus_parses(folder):
         for part in m.parts:
             assert part.size == len(part.payload), path.name
             assert (part.text is None) == (not part.content_type.startswith("text/")), path.name
+
+
+@pytest.mark.parametrize("value", [
+    '"TheCashSystem" <Thecashsystem@firemail.de>', "John  Smith <j@x.org>", " j@x.org ", "<a@b.c>",
+    '"A, B" <a@b.c>', "J. Smith <j@x.org>", '"q\\"x" <a@b>', "a..b@c.d", '"" <a@b.c>', "x <a@b.c> (c)",
+    "a@b.c, d@e.f", "Ma\tx <a@b.c>", "<a@[1.2.3.4]>", "Undisclosed recipients:;", "=?utf-8?q?J=C3=B6rg?= <j@x.org>",
+])
+def test_plain_addresses_read_as_the_email_package_reads_them(value):
+    import email.utils
+
+    from milterguard.message import simple_addresses
+
+    fast = simple_addresses(value)
+    assert fast is None or fast == email.utils.getaddresses([value])
+
+
+def test_plain_address_reading_agrees_on_the_corpus():
+    import email
+    import email.policy
+    import email.utils
+
+    from milterguard.message import simple_addresses
+
+    checked = 0
+    for path in sorted(CORPUS.glob("*/*.eml"))[::2]:
+        msg = email.message_from_binary_file(path.open("rb"), policy=email.policy.compat32)
+        for name in ("From", "To", "Cc", "Reply-To", "Sender"):
+            for value in msg.get_all(name, []):
+                fast = simple_addresses(str(value))
+                if fast is not None:
+                    checked += 1
+                    assert fast == email.utils.getaddresses([str(value)]), value
+    assert checked > 3000
