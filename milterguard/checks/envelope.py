@@ -8,12 +8,17 @@ from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
 
 
+_IP_CHARS = frozenset("0123456789abcdefABCDEF:.")
+
+
 def _is_ip_literal(text: str) -> bool:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
         if text.lower().startswith("ipv6:"):
             text = text[5:]
+    if not _IP_CHARS.issuperset(text):
+        return False  # a host name: spare ipaddress its two failed parses
     try:
         ipaddress.ip_address(text)
     except ValueError:
