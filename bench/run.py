@@ -609,6 +609,10 @@ def markdown(result: dict) -> str:
           " | " + " | ".join(f"c={c} vs a" for c in conc) + " |"
     lines += [hdr, "|" + "---|" * (1 + 2 * len(conc))]
     for key in configs:
+        if key not in s:  # did not start: result["problems"] says why
+            lines.append(f"| {key}: {CONFIG_NAMES[key]} | " + " | ".join(["did not start"] * len(conc))
+                         + " | " + " | ".join(["–"] * len(conc)) + " |")
+            continue
         cells = []
         for c in conc:
             cell = s[key][str(c)]
@@ -624,6 +628,8 @@ def markdown(result: dict) -> str:
               "| max RSS sum (MiB) | max PSS sum (MiB) | processes | milter CPU ms/msg (" + " / ".join(f"c={c}" for c in conc) + ") |",
               "|---|---|---|---|---|---|---|"]
     for key in configs:
+        if key not in s:
+            continue
         lat = result["latency"].get(key, {})
         mem = result["memory"].get(key, {})
         lat_s = (f"{lat['p50_ms']:.1f} / {lat['p90_ms']:.1f} / {lat['p99_ms']:.1f}"
