@@ -315,7 +315,8 @@ SETTINGS: list[Setting] = [
             "Time budget for all checks of one message; checks not started by then are skipped "
             "with CHECK_BUDGET_EXCEEDED."),
     Setting("checks.check_budget", Seconds(), 2.0,
-            "A check that runs longer than this is reported with CHECK_SLOW and logged."),
+            "A check that runs longer than this is reported with CHECK_SLOW and logged. Time spent waiting "
+            "for DNS answers does not count: `dns.message_budget` bounds it."),
     # --- DNS, sender authentication and blocklists
     Setting("dns.enabled", Bool(), True,
             "Make DNS lookups at all. `false` skips every check that needs them (SPF, DKIM, DMARC, ARC, "

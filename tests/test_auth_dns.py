@@ -114,6 +114,19 @@ def test_silent_server_message_goes_on_within_budget_with_tempfail(tmp_path, key
     assert "budget" in verdict.hit("R_SPF_DNSFAIL").text
 
 
+def test_waiting_for_dns_is_not_a_slow_check(tmp_path, key):
+    # The wait is the DNS budget's to bound (and R_SPF_DNSFAIL's to report), not CHECK_SLOW's:
+    # with a silent resolver every message would otherwise carry CHECK_SLOW and a warning.
+    with silent_dns_server() as silent:
+        engine = engine_for(tmp_path, f"dns.nameservers={silent.address}", "dns.timeout=3",
+                            "dns.message_budget=1", "checks.check_budget=0.3")
+        raw = sign(message(from_addr="a@slow.test"), "slow.test", "s1", key)
+        verdict, txn = scan(engine, raw, ip="192.0.2.10", mail_from="a@slow.test")
+    assert "R_SPF_DNSFAIL" in verdict.symbols
+    assert txn.timings["spf"] > 0.3  # it did wait
+    assert "CHECK_SLOW" not in verdict.symbols
+
+
 def test_server_stopped_mid_test(tmp_path, key):
     server = NsdServer(tmp_path / "nsd", [auth_zone(key)]).start()
     try:

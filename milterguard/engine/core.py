@@ -285,6 +285,9 @@ class Engine:
 
     def _run_check(self, spec: registry.CheckSpec, scan: Scan, hits: Hits, timings: dict[str, float]) -> None:
         hits._enter(scan.stage, spec.name, spec.emits)
+        facts = scan.txn.facts if scan.txn is not None else scan.conn.facts
+        dns_session = facts.get("dns")
+        waited = dns_session.budget.spent if dns_session is not None else 0.0
         t0 = time.perf_counter()
         try:
             spec.fn(scan, hits)
@@ -297,6 +300,11 @@ class Engine:
             hits.add("CHECK_ERROR", spec.name, where="engine", text=f"{type(exc).__name__}: {exc}")
         elapsed = time.perf_counter() - t0
         timings[spec.name] = timings.get(spec.name, 0.0) + elapsed
+        # Waits for DNS answers are bounded by the message's DNS budget and reported by
+        # the check's own *_TEMPFAIL symbol; the check's budget is for its own work.
+        dns_session = facts.get("dns")
+        if dns_session is not None:
+            elapsed -= dns_session.budget.spent - waited
         if elapsed > self.check_budget:
             ref = scan.txn.queue_id if scan.txn and scan.txn.queue_id else scan.conn.ident
             log.warning("check %s took %.2fs for %s (budget %.2fs)", spec.name, elapsed, ref, self.check_budget)
