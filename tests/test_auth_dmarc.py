@@ -193,6 +193,7 @@ def test_forwarded_with_untrusted_arc_still_fails_dmarc(engine, key):
     verdict, txn = scan(engine, forwarded(key), ip=OTHER_IP, mail_from="a@rej.test")
     assert {"ARC_ALLOW", "R_DKIM_REJECT", "R_SPF_FAIL", "DMARC_POLICY_REJECT"} <= set(verdict.symbols)
     assert txn.facts["arc"].sealer == "fwd.test" and not txn.facts["arc"].trusted
+    assert "DKIM d=rej.test s=s1 fail" in verdict.hit("DMARC_POLICY_REJECT").text
 
 
 def test_forwarded_with_trusted_arc_sealer_is_not_punished(nsd, tmp_path, key):

@@ -155,7 +155,8 @@ def dmarc(scan, hits: Hits) -> None:
     else:
         for sig in dkim.signatures:
             if sig.result != "pass":
-                reasons.append(f"DKIM d={sig.domain} {sig.result}")
+                # The selector too, so that the key that failed can be looked at.
+                reasons.append(f"DKIM d={sig.domain} s={sig.selector} {sig.result}")
             else:
                 ok = auth.aligned(sig.domain, domain, adkim)
                 reasons.append(f"DKIM d={sig.domain} pass " + ("aligned" if ok else f"not aligned ({mode[adkim]})"))
