@@ -11,7 +11,7 @@ real ~4 KB spam from the shared corpus, one message per connection:
 
   a  Postfix alone (no milter)
   b  the no-op pymilter milter (tests/support/noop_milter.py)
-  c  milterguard serve, default rules and workers, actions.mode=tag-only,
+  c  milterguard serve, default rules, 2 workers, actions.mode=tag-only,
      DNS answered by a local nsd authoritative for the sender's domain
   d  Rspamd 3.4 (Debian), proxy worker in milter mode, self_scan, offline
 
@@ -707,8 +707,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-messages", type=int, help="messages one at a time per config (default 200; quick 50)")
     ap.add_argument("--socket", choices=("auto", "unix", "inet"), default="auto",
                     help="milter socket for b, c, d; auto measures both with the no-op milter first")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="milterguard --workers (default: its own default, milter.workers=0: two per core)")
+    ap.add_argument("--workers", type=int, default=2, help="milterguard --workers (default 2)")
     ap.add_argument("--mg-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra milterguard --set for c (repeatable), e.g. dns.enabled=false")
     ap.add_argument("--rspamd-procs", type=int, default=2, help="Rspamd proxy (self_scan) processes (default 2)")

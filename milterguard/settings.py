@@ -243,7 +243,7 @@ SETTINGS: list[Setting] = [
     Setting("milter.socket", Str(), "inet:11339@127.0.0.1",
             "Where the milter listens: `inet:PORT@HOST`, `inet6:PORT@HOST` or `unix:PATH`."),
     Setting("milter.workers", Int(minimum=0, maximum=256), 0,
-            "Worker processes sharing the listening socket; 0 means two per CPU core."),
+            "Worker processes sharing the listening socket; 0 means one per CPU core."),
     Setting("milter.name", Str(), "milterguard", "Filter name reported to the MTA."),
     Setting("milter.timeout", Seconds(), 600.0,
             "How long libmilter waits for the MTA before it drops a session."),
@@ -503,17 +503,9 @@ for _s in SETTINGS:
 
 
 def default_workers() -> int:
-    """Two workers per usable CPU.
-
-    libmilter serves each SMTP session in a thread of its own, and the
-    sessions of one process take turns at the interpreter lock; with more
-    processes than cores fewer sessions share each lock, which at high
-    concurrency costs less CPU per message than the extra process costs
-    memory (about 10 MB each, shared pages counted once).
-    """
+    """One worker per usable CPU."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return 2 * max(1, cpus)
+        return max(1, os.cpu_count() or 1)
 

@@ -18,7 +18,7 @@ log = logging.getLogger("milterguard")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--socket", help="listen here (overrides milter.socket)")
-    parser.add_argument("--workers", type=int, help="worker processes (overrides milter.workers; 0 = two per core)")
+    parser.add_argument("--workers", type=int, help="worker processes (overrides milter.workers; 0 = one per core)")
     parser.add_argument("--pid-file", help="write the supervisor's process id here")
 
 
