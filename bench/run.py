@@ -11,9 +11,11 @@ real ~4 KB spam from the shared corpus, one message per connection:
 
   a  Postfix alone (no milter)
   b  the no-op pymilter milter (tests/support/noop_milter.py)
-  c  milterguard serve, default rules, 2 workers, actions.mode=tag-only,
+  c  milterguard serve, default rules and workers, actions.mode=tag-only,
      DNS answered by a local nsd authoritative for the sender's domain
   d  Rspamd 3.4 (Debian), proxy worker in milter mode, self_scan, offline
+  e  (only when asked for) milterguard as c with --e-set / --e-workers on top,
+     to compare a change with c in the same interleaved rounds
 
 Rounds are interleaved (for each round, for each concurrency: a b c d) so
 that drift hits all alike.  A round runs from the moment smtp-source is
@@ -68,10 +70,12 @@ DEFAULT_MESSAGE = CORPUS / "spamassassin/spam/00009.027bf6e0b0c4ab34db3ce0ea4bf2
 RCPT = "user@example.net"
 HS_CACHE = Path("/var/tmp/milterguard-bench/rspamd-hs")
 
+MILTERGUARD = ("c", "e")  # e: milterguard with --e-set/--e-workers, to compare a change in one run
 CONFIG_NAMES = {
     "a": "Postfix alone",
     "b": "no-op pymilter",
     "c": "milterguard",
+    "e": "milterguard, variant",
     "d": "Rspamd 3.4",
 }
 
@@ -174,7 +178,8 @@ def milter_socket(workdir: Path, kind: str) -> str:
 
 
 def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rspamd_procs: int,
-                 dns_domains: tuple[str, ...] = (), mg_sets: dict | None = None) -> System:
+                 dns_domains: tuple[str, ...] = (), mg_sets: dict | None = None,
+                 variant: dict | None = None) -> System:
     workdir = _open_dir(root / key)
     sink = SinkCounter(workdir / "sink").start()
     system = System(key, CONFIG_NAMES[key], workdir, sink)
@@ -185,7 +190,7 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
             system.milter = NoopMilterProcess(workdir / "noop", socket=system.socket, verbose=False)
             system.milter.start()
             _chmod_socket(system.socket)
-        elif key == "c":
+        elif key in MILTERGUARD:
             system.socket = milter_socket(workdir, socket_kind)
             # DNS answered locally: an nsd authoritative for the sender's domain (no DMARC
             # or SPF record there, so answers are NXDOMAIN, cached for their negative TTL);
@@ -194,10 +199,13 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
 
             zones = [Zone(d.rstrip(".") + ".") for d in dict.fromkeys(dns_domains)] or [Zone("bench.invalid.")]
             system.dns = NsdServer(workdir / "nsd", zones).start()
+            variant = variant or {}
             system.milter = MilterguardProcess(
-                workdir / "mg", socket=system.socket, workers=mg_workers,
+                workdir / "mg", socket=system.socket,
+                workers=variant.get("workers", mg_workers) if key == "e" else mg_workers,
                 sets={"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
-                      "dns.nameservers": [system.dns.address], **(mg_sets or {})})
+                      "dns.nameservers": [system.dns.address], **(mg_sets or {}),
+                      **(variant.get("sets", {}) if key == "e" else {})})
             system.milter.start()
             _chmod_socket(system.socket)
         elif key == "d":
@@ -265,7 +273,7 @@ def count_in_file(path: Path | None, needle: bytes, offset: int = 0) -> tuple[in
 
 def scanned_count(system: System) -> int | None:
     """How many messages the milter says it scanned (None: no such log)."""
-    if system.key == "c":
+    if system.key in MILTERGUARD:
         return count_in_file(system.milter_log(), b" verdict {")[0]
     if system.key == "d":
         return system.milter.task_count()
@@ -280,7 +288,7 @@ def own_times(system: System, offset: int) -> list[float]:
     each task line (the scan of the whole message).
     """
     path = system.milter_log()
-    if path is None or system.key not in ("c", "d"):
+    if path is None or system.key not in ("c", "d", "e"):
         return []
     try:
         with open(path, "rb") as fh:
@@ -288,7 +296,7 @@ def own_times(system: System, offset: int) -> list[float]:
             text = fh.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return []
-    if system.key == "c":
+    if system.key in MILTERGUARD:
         return [float(v["elapsed_ms"]) for v in parse_verdicts(text)
                 if isinstance(v.get("elapsed_ms"), (int, float))]
     return [float(v) * (1000.0 if unit == "s" else 1.0)
@@ -409,10 +417,10 @@ def latency_phase(system: System, data: bytes, sender: str, count: int) -> dict:
         "mean_ms": _r(statistics.fmean(t) if t else None),
     }
     own: list[float] = []
-    if system.key in ("c", "d"):
+    if system.key in ("c", "d", "e"):
         time.sleep(0.3)  # the verdict is logged right after the reply
         own = own_times(system, offset)
-        out["own_source"] = ("milterguard verdict elapsed_ms (MAIL FROM to end of message)" if system.key == "c"
+        out["own_source"] = ("milterguard verdict elapsed_ms (MAIL FROM to end of message)" if system.key in MILTERGUARD
                              else "rspamd task log 'time: ...ms' (scan of the whole message)")
     if own:
         out["own_n"] = len(own)
@@ -703,11 +711,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 7; quick 3)")
     ap.add_argument("--messages", type=int, help="messages per round (default 1000; quick 200)")
     ap.add_argument("--concurrency", default="1,8,32", help="smtp-source sessions, comma separated")
-    ap.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d")
+    ap.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d (and e)")
     ap.add_argument("--latency-messages", type=int, help="messages one at a time per config (default 200; quick 50)")
     ap.add_argument("--socket", choices=("auto", "unix", "inet"), default="auto",
                     help="milter socket for b, c, d; auto measures both with the no-op milter first")
-    ap.add_argument("--workers", type=int, default=2, help="milterguard --workers (default 2)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="milterguard --workers (default: its own default, milter.workers=0: one per core)")
+    ap.add_argument("--e-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="configuration e: milterguard like c plus this setting (repeatable)")
+    ap.add_argument("--e-workers", type=int, help="configuration e: this many workers")
     ap.add_argument("--mg-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra milterguard --set for c (repeatable), e.g. dns.enabled=false")
     ap.add_argument("--rspamd-procs", type=int, default=2, help="Rspamd proxy (self_scan) processes (default 2)")
@@ -772,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: --mg-set {item!r}: expected KEY=VALUE", file=sys.stderr)
             return 2
         mg_sets[key.strip()] = value
+    variant: dict = {"sets": dict(item.partition("=")[::2] for item in args.e_set)}
+    if args.e_workers is not None:
+        variant["workers"] = args.e_workers
     result: dict = {
         "environment": environment(),
         "message": msg_info,
@@ -780,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
                      "milterguard_workers": args.workers, "rspamd_proxy_processes": args.rspamd_procs,
                      "quick": args.quick, "postfix_main_cf": POSTFIX_BENCH_CF,
                      "milterguard_sets": {"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
-                                          **mg_sets}},
+                                          **mg_sets},
+                     "variant_e": variant},
         "problems": [],
     }
     systems: dict[str, System] = {}
@@ -802,7 +818,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{key}: starting {CONFIG_NAMES[key]}")
                 systems[key] = start_system(key, root, kind, mg_workers=args.workers,
                                             rspamd_procs=args.rspamd_procs,
-                                            dns_domains=(sender.rpartition("@")[2],), mg_sets=mg_sets)
+                                            dns_domains=(sender.rpartition("@")[2],), mg_sets=mg_sets,
+                                            variant=variant)
             except Exception as e:  # noqa: BLE001 - report and go on with the others
                 msg = f"{key} ({CONFIG_NAMES[key]}) did not start: {e}"
                 log(msg)
@@ -820,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["problems"].append(msg)
                 system.stop()
                 del systems[key]
-            elif key in ("c", "d") and rec.get("scanned") != 40:
+            elif key in ("c", "d", "e") and rec.get("scanned") != 40:
                 result["problems"].append(f"{key}: warm-up: 40 delivered but {rec.get('scanned')} scans logged")
         result["memory_idle"] = {}
         for key, system in systems.items():
