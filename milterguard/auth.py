@@ -68,8 +68,15 @@ def body_bytes(txn) -> bytes:
 
 
 def header_values(txn, name: str) -> list[str]:
-    lowered = name.lower()
-    return [v for n, v in txn.headers if n.lower() == lowered]
+    """The raw values of header NAME, in order (an index built once per message)."""
+    headers = txn.headers
+    index = txn.facts.get("raw_header_index")
+    if index is None or index[0] != len(headers):
+        by_name: dict[str, list[str]] = {}
+        for n, v in headers:
+            by_name.setdefault(n.lower(), []).append(v)
+        index = txn.facts["raw_header_index"] = (len(headers), by_name)
+    return list(index[1].get(name.lower(), ()))
 
 
 # ---------------------------------------------------------------- relays and hops

@@ -123,11 +123,18 @@ def store_for(config) -> ListStore | None:
     base = config["lists.dir"]
     if not base:
         return None
-    key = (config.expand(base), config["lists.check_interval"])
+    # Several checks ask per message: the expanded path is worked out once per setting.
+    key = _KEYS.get((base, config.etc_dir, config.share_dir, config["lists.check_interval"]))
+    if key is None:
+        key = _KEYS[(base, config.etc_dir, config.share_dir, config["lists.check_interval"])] = (
+            config.expand(base), config["lists.check_interval"])
     store = _STORES.get(key)
     if store is None:
         store = _STORES[key] = ListStore(*key)
     return store
+
+
+_KEYS: dict[tuple, tuple[str, float]] = {}
 
 
 # ------------------------------------------------------------------ editing (the `list` command)

@@ -410,9 +410,10 @@ class MilterguardMilter(Milter.Base):
             self.addheader(name, value, 0)
         for name, value in self.engine.headers_for(verdict):
             self.addheader(name, value)
-        subject = self.engine.subject_for(verdict, self._subject())
+        current = self._subject()
+        subject = self.engine.subject_for(verdict, current)
         if subject is not None:
-            if self._subject() is None:
+            if current is None:
                 self.addheader("Subject", subject)
             else:
                 self.chgheader("Subject", 1, subject)
