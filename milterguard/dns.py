@@ -82,65 +82,38 @@ class Answer:
         return out
 
 
-class Cache:
-    """A bounded TTL cache of answers, safe across threads."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: collections.OrderedDict[tuple[str, str], tuple[float, Answer]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[str, str]) -> Answer | None:
-        with self._lock:
-            item = self._data.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            expires, answer = item
-            if time.monotonic() >= expires:
-                del self._data[key]
-                self.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.hits += 1
-        remaining = max(0, int(expires - time.monotonic()))
-        return Answer(answer.name, answer.rdtype, answer.status, answer.records, remaining, answer.error, cached=True)
-
-    def put(self, key: tuple[str, str], answer: Answer) -> None:
-        if self.size <= 0 or answer.ttl <= 0 or answer.temporary:
-            return
-        with self._lock:
-            self._data[key] = (time.monotonic() + min(answer.ttl, _MAX_TTL), answer)
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 class Memo:
-    """Results derived from DNS answers (an SPF verdict, say), kept no longer
-    than the shortest TTL of the answers they were made from; bounded, least
-    recently used out first, safe across threads."""
+    """Values that expire: bounded, least recently used out first, safe across threads.
+
+    As such it keeps results derived from DNS answers (an SPF verdict, say) no
+    longer than the shortest TTL of the answers they were made from; `Cache`
+    keeps the answers themselves.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._data: collections.OrderedDict[Any, tuple[float, Any]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
 
-    def get(self, key: Any) -> Any | None:
+    def entry(self, key: Any) -> tuple[float, Any] | None:
+        """(expiry on the monotonic clock, value), or None when absent or expired."""
         with self._lock:
             item = self._data.get(key)
-            if item is None:
-                return None
-            if time.monotonic() >= item[0]:
+            if item is not None and time.monotonic() >= item[0]:
                 del self._data[key]
+                item = None
+            if item is None:
+                self.misses += 1
                 return None
             self._data.move_to_end(key)
-            return item[1]
+            self.hits += 1
+            return item
+
+    def get(self, key: Any) -> Any | None:
+        item = self.entry(key)
+        return item[1] if item is not None else None
 
     def put(self, key: Any, value: Any, ttl: float) -> None:
         if self.size <= 0 or ttl <= 0:
@@ -153,6 +126,23 @@ class Memo:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+class Cache(Memo):
+    """A bounded TTL cache of answers (negative ones too, not temporary failures)."""
+
+    def get(self, key: tuple[str, str]) -> Answer | None:
+        item = self.entry(key)
+        if item is None:
+            return None
+        expires, answer = item
+        remaining = max(0, int(expires - time.monotonic()))
+        return Answer(answer.name, answer.rdtype, answer.status, answer.records, remaining, answer.error, cached=True)
+
+    def put(self, key: tuple[str, str], answer: Answer, ttl: float | None = None) -> None:
+        if answer.temporary:
+            return
+        super().put(key, answer, answer.ttl if ttl is None else ttl)
 
 
 class Done:
