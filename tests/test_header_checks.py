@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
 from pathlib import Path
 
 import pytest
 
 from milterguard.checks.headers import _parse_date, _parse_date_slow
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "spamassassin"
+CORPUS = Path(os.environ.get("MILTERGUARD_CORPUS", "/work/shared/corpus")) / "spamassassin"
 
 
 @pytest.mark.parametrize("text", [
