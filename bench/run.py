@@ -665,7 +665,7 @@ def update_doc(doc: Path, result: dict, json_path: Path) -> None:
              f"Run of {env['date']} on {env['machine']['cpus']} cores ({env['machine']['cpu_model']}), "
              f"{result['settings']['rounds']} rounds of {result['settings']['messages']} messages per "
              f"configuration and concurrency, milter socket: {result['settings']['socket']}; "
-             f"message `{msg['file']}` ({msg['bytes']} bytes). Raw data: `{json_path}`.\n\n"
+             f"message `{msg['file']}` ({msg['bytes']} bytes). Raw data: `{json_path}` (on the machine that ran it; `bench/results/` is not kept in the repository).\n\n"
              + markdown(result) + f"{DOC_END}")
     text = doc.read_text() if doc.exists() else ""
     if DOC_BEGIN in text and DOC_END in text:
