@@ -161,11 +161,6 @@ class Done:
         return self._value
 
 
-def done_future(value: Any) -> Done:
-    """A future-like object that already holds VALUE."""
-    return Done(value)
-
-
 def parse_nameserver(spec: str) -> tuple[str, int]:
     """`127.0.0.1`, `127.0.0.1:5353`, `::1`, `[::1]:5353` -> (address, port)."""
     spec = spec.strip()
@@ -285,7 +280,7 @@ class Resolver:
         key = (name, rdtype)
         cached = self.cache.get(key)
         if cached is not None:
-            return done_future(cached)
+            return Done(cached)
         pool = self._executor()
         with self._lock:
             future = self._inflight.get(key)

@@ -124,10 +124,10 @@ def store_for(config) -> ListStore | None:
     if not base:
         return None
     # Several checks ask per message: the expanded path is worked out once per setting.
-    key = _KEYS.get((base, config.etc_dir, config.share_dir, config["lists.check_interval"]))
+    setting = (base, config.etc_dir, config.share_dir, config["lists.check_interval"])
+    key = _KEYS.get(setting)
     if key is None:
-        key = _KEYS[(base, config.etc_dir, config.share_dir, config["lists.check_interval"])] = (
-            config.expand(base), config["lists.check_interval"])
+        key = _KEYS[setting] = (config.expand(base), setting[3])
     store = _STORES.get(key)
     if store is None:
         store = _STORES[key] = ListStore(*key)

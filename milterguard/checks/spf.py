@@ -75,6 +75,10 @@ class SpfResult:
         return SYMBOLS[self.result]
 
 
+def _memo_key(ip: str, sender: str, helo: str) -> tuple:
+    return ("spf", ip, sender, helo)
+
+
 def _evaluate(resolver: mgdns.Resolver, ip: str, sender: str, helo: str, timeout: float, querytime: float):
     _local.resolver = resolver
     _local.ttl = float("inf")
@@ -86,7 +90,7 @@ def _evaluate(resolver: mgdns.Resolver, ip: str, sender: str, helo: str, timeout
             # Which term of the record decided, for scan --explain.
             explanation = f"{explanation} (matched {mechanism})" if explanation else f"matched {mechanism}"
         if result != "temperror" and _local.ttl != float("inf"):
-            resolver.memo.put(("spf", ip, sender, helo), (result, explanation), _local.ttl)
+            resolver.memo.put(_memo_key(ip, sender, helo), (result, explanation), _local.ttl)
         return result, explanation
     finally:
         _local.resolver = None
@@ -112,9 +116,9 @@ def _start(scan) -> None:
         return
     sess = mgdns.session(scan)
     cfg = scan.config
-    known = sess.resolver.memo.get(("spf", ip, sender, scan.conn.helo))
+    known = sess.resolver.memo.get(_memo_key(ip, sender, scan.conn.helo))
     if known is not None:
-        future = mgdns.done_future(known)
+        future = mgdns.Done(known)
     else:
         future = sess.start_call(("spf", ip, sender), _evaluate, sess.resolver, ip, sender, scan.conn.helo,
                                  cfg["dns.timeout"], cfg["dns.message_budget"])

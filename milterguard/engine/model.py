@@ -200,8 +200,8 @@ class Hits:
             if factor > existing.factor:
                 existing.factor = factor
             return
-        if not callable(text) and len(text) > MAX_TEXT:
-            text = text[:MAX_TEXT] + "..."
+        if not callable(text):
+            text = clip_text(text)
         self._hits[symbol] = Hit(
             symbol=symbol,
             stage=self._stage,
