@@ -10,8 +10,8 @@ scored once by the engine with Bayes, the classifier and DNS off (its rule
 score) and tokenized as the checks tokenize it.  For each fold of
 StratifiedKFold(5, shuffle=True, random_state=R), R = 0 .. repeats-1, Bayes
 is counted in memory from the other folds and combined as
-`milterguard.learn.bayes.combine` does, the classifier is fitted on them by
-`milterguard.learn.model.fit`, and the full score is the rule score plus the
+`milterguard.stores.bayes.combine` does, the classifier is fitted on them by
+`milterguard.stores.models.fit`, and the full score is the rule score plus the
 learned symbols' weights (from the rule files) scaled as the checks scale
 them.  Printed: mean over the folds of ROC AUC and of the spam missed at
 0.1 % and 1 % false positives, for Bayes, the classifier and the full score.
@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from milterguard.cli.evaluate import miss_at_fp
     from milterguard.cli.scan import build
     from milterguard.corpus import select
-    from milterguard.learn import model as ml
-    from milterguard.learn.bayes import combine, token_hash
+    from milterguard.stores import models as ml
+    from milterguard.stores.bayes import combine, token_hash
     from milterguard.learn.tokens import tokenize
-    from milterguard.rawmail import iter_message_files, read_message
+    from milterguard.mail.raw import iter_message_files, read_message
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spam", action="append", required=True)

@@ -1,6 +1,6 @@
 """Time Message parsing + text + URL extraction over the shared corpus.
 
-Not a test: run it by hand after touching milterguard/message.py,
+Not a test: run it by hand after touching milterguard/mail/message.py,
 htmltext.py or urls.py, and compare with the figures in the change.
 
     python bench/message_timing.py [corpus-dir ...]
@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 
-from milterguard.message import Message
+from milterguard.mail.message import Message
 
 DEFAULT_DIRS = [
     "/work/shared/corpus/spamassassin/ham",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from milterguard.engine.model import Hits, Verdict
+from milterguard.model import Hits, Verdict
 
 
 def _clip(text: str, n: int = 100) -> str:

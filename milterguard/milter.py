@@ -19,7 +19,7 @@ import traceback
 import Milter
 
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Action, Connection, Stage, Transaction, Verdict
+from milterguard.model import Action, Connection, Stage, Transaction, Verdict
 from milterguard.explain import log_record
 
 log = logging.getLogger("milterguard.milter")

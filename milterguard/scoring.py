@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from milterguard.engine.model import Action, Hits, ScoredHit, Stage, Thresholds, Verdict
+from milterguard.model import Action, Hits, ScoredHit, Stage, Thresholds, Verdict
 from milterguard.ruleset.rules import RuleSet
 
 

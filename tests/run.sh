@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Install what the tests need and run them: Debian packages (Postfix, libmilter,
-# miltertest) and the Python package with its test extras.  Run as root on Debian 12.
+# miltertest, Redis, clamd, nsd) and the package with its test extras in a
+# virtual environment of the checkout (.venv/), made with Debian's own Python.
+# The system's Python is left alone (Debian 12 refuses pip outside a virtual
+# environment: PEP 668).  Run as root on Debian 12.  Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The caller's Python environment must not leak into the tests.
+unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE
+
 need=()
-for pkg in postfix libmilter-dev miltertest gcc redis-server redis-sentinel clamav-daemon nsd 7zip; do
+for pkg in python3 python3-venv python3-dev gcc postfix libmilter-dev miltertest \
+        redis-server redis-sentinel clamav-daemon nsd 7zip; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -22,5 +29,11 @@ if [ "${#need[@]}" -gt 0 ]; then
     [ -z "$own_policy" ] || rm -f "$policy"
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
-exec python3 -m pytest "$@"
+venv="${MILTERGUARD_TEST_VENV:-$PWD/.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+    /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+# The console scripts the tests run are the virtual environment's.
+export PATH="$venv/bin:$PATH"
+exec "$venv/bin/python" -m pytest "$@"

@@ -13,14 +13,14 @@ import zlib
 
 import pytest
 
-from milterguard.archives import (MAX_NESTED, RAR4_SIGNATURE, RAR5_SIGNATURE, BadArchive, rar_listing,
+from milterguard.mail.archives import (MAX_NESTED, RAR4_SIGNATURE, RAR5_SIGNATURE, BadArchive, rar_listing,
                                   sevenzip_listing, zip_listing)
 from milterguard.checks.attachments import declared_kind, magic_kind, zip_names
 from milterguard.checks.mime import NamePolicy
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Connection, Transaction
-from milterguard.rawmail import split_message
+from milterguard.model import Connection, Transaction
+from milterguard.mail.raw import split_message
 
 
 def zipped(entries, compression=zipfile.ZIP_DEFLATED) -> bytes:

@@ -101,8 +101,8 @@ def test_no_signature(engine):
 
 def test_spooled_body_and_lf_line_ends_verify(engine, keys):
     """The milter may hand the body over as a file; a stored message may have bare LF line ends."""
-    from milterguard.engine.model import Connection, Transaction
-    from milterguard.rawmail import split_message
+    from milterguard.model import Connection, Transaction
+    from milterguard.mail.raw import split_message
 
     raw = sign(message(from_addr="a@dkim.test"), "dkim.test", "s1", keys["good"]).replace(b"\r\n", b"\n")
     headers, body = split_message(raw)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from milterguard.engine.model import Action
+from milterguard.model import Action
 from support.authmail import Key, arc_seal, engine_for, message, scan, sign
 from support.dns import NsdServer, Zone, nsd_available
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from milterguard import dns as mgdns
+from milterguard.clients import dns_client as mgdns
 from support.authmail import Key, engine_for, message, scan, sign
 from support.dns import NsdServer, Zone, nsd_available, silent_dns_server
 
@@ -146,7 +146,7 @@ def test_server_stopped_mid_test(tmp_path, key):
 
 def test_a_message_already_refused_starts_no_lookups(nsd, tmp_path):
     """192.0.2.66 is in the shipped block map: refused at the first RCPT, so MAIL FROM starts nothing."""
-    from milterguard.engine.model import Connection, Stage, Transaction
+    from milterguard.model import Connection, Stage, Transaction
 
     engine = engine_for(tmp_path, f"dns.nameservers={nsd.address}")
     conn = Connection(client_ip="192.0.2.66", client_name="[192.0.2.66]", helo="mail.cache.test")

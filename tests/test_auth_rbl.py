@@ -7,7 +7,7 @@ import pytest
 
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Action
+from milterguard.model import Action
 from support.authmail import message, scan
 from support.dns import NsdServer, Zone, nsd_available
 
@@ -150,8 +150,8 @@ def test_own_and_skipped_domains_are_not_looked_up(nsd, tmp_path):
     engine = make_engine(tmp_path, nsd, "rbl.skip_domains=bad.test")
     body = "https://ours.test/a https://bad.test/b\r\n"
     # ours.test is the recipient's domain, bad.test is in rbl.skip_domains.
-    from milterguard.engine.model import Connection, Transaction
-    from milterguard.rawmail import split_message
+    from milterguard.model import Connection, Transaction
+    from milterguard.mail.raw import split_message
 
     headers, raw_body = split_message(message(body=body, from_addr="a@mail.ours.test"))
     # (The recipients are not known yet at MAIL FROM: an envelope sender of ours is only spared by

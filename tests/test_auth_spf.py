@@ -87,7 +87,7 @@ def test_a_result_is_remembered_for_the_shortest_ttl_it_was_made_from(engine, mo
 
 
 def test_temporary_errors_are_not_remembered(tmp_path):
-    from milterguard import dns as mgdns
+    from milterguard.clients import dns_client as mgdns
     from support.dns import silent_dns_server
 
     with silent_dns_server() as silent:

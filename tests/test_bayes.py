@@ -11,13 +11,13 @@ import pytest
 from milterguard.cli import main as cli_main
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Connection, Transaction
-from milterguard.learn import model as ml
-from milterguard.learn.bayes import Bayes, combine, message_digest, token_hash
+from milterguard.model import Connection, Transaction
+from milterguard.stores import models as ml
+from milterguard.stores.bayes import Bayes, combine, message_digest, token_hash
 from milterguard.learn.tokens import MAX_TOKENS, tokenize
-from milterguard.message import Message
-from milterguard.rawmail import split_message
-from milterguard.redisstore import RedisStore
+from milterguard.mail.message import Message
+from milterguard.mail.raw import split_message
+from milterguard.clients.redis_client import RedisStore
 from support import wait_until
 from support.mailgen import make_message, write_corpus
 from support.redis import redis_available

@@ -11,10 +11,10 @@ import re
 
 import pytest
 
-from milterguard.learn import model as ml
-from milterguard.learn.bayes import Bayes
-from milterguard.message import Message
-from milterguard.redisstore import RedisStore
+from milterguard.stores import models as ml
+from milterguard.stores.bayes import Bayes
+from milterguard.mail.message import Message
+from milterguard.clients.redis_client import RedisStore
 from support import wait_until
 from support.mailgen import make_message
 from support.redis import redis_available

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from milterguard.auth import org_domain
+from milterguard.mail.domains import org_domain
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Connection, Transaction
-from milterguard.rawmail import split_message
+from milterguard.model import Connection, Transaction
+from milterguard.mail.raw import split_message
 from support.dns import NsdServer, Zone, nsd_available
 
 CASES = sorted((Path(__file__).parent / "cases").rglob("*.case"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from milterguard.config import load_config
-from milterguard.engine import checks as registry
+from milterguard.checks import registry
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Action, Connection, Stage, Transaction, UndeclaredSymbol
-from milterguard.rawmail import split_message
+from milterguard.model import Action, Connection, Stage, Transaction, UndeclaredSymbol
+from milterguard.mail.raw import split_message
 
 MESSAGE = b"""From: Alice <alice@example.net>
 To: bob@example.org

@@ -7,9 +7,9 @@ import pytest
 from milterguard.cli import main
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Action, Connection, Transaction
-from milterguard.fuzzy import digest, distance
-from milterguard.rawmail import split_message
+from milterguard.model import Action, Connection, Transaction
+from milterguard.stores.hashes import digest, distance
+from milterguard.mail.raw import split_message
 from support import LOOPBACK, free_port
 from support.redis import RedisServer, redis_available
 
@@ -94,7 +94,7 @@ def test_simhash_is_each_bit_voted_by_the_shingles_and_fast_on_long_text():
     import random
     import time
 
-    from milterguard.fuzzy import simhash
+    from milterguard.stores.hashes import simhash
 
     def by_the_definition(words):
         shingles = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)] or words

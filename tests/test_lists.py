@@ -10,8 +10,8 @@ from milterguard.checks.spf import SpfResult
 from milterguard.cli import main
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Action, Connection, Stage, Transaction
-from milterguard.rawmail import split_message
+from milterguard.model import Action, Connection, Stage, Transaction
+from milterguard.mail.raw import split_message
 from support import wait_until
 
 

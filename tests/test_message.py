@@ -1,4 +1,4 @@
-"""Tests for milterguard.message (with htmltext and urls).
+"""Tests for milterguard.mail.message (with htmltext and urls).
 
 The corpus test at the end parses every message of the shared
 SpamAssassin corpus: 2002 mail with plenty of broken MIME and 8-bit
@@ -14,9 +14,9 @@ import tempfile
 
 import pytest
 
-from milterguard.htmltext import extract_links, html_to_text
-from milterguard.message import DEFECTS, MAX_DEPTH, MAX_PARTS, Header, Message, Part
-from milterguard.urls import Url, find_text_urls, make_url, normalize_host, strip_trailing
+from milterguard.mail.htmltext import extract_links, html_to_text
+from milterguard.mail.message import DEFECTS, MAX_DEPTH, MAX_PARTS, Header, Message, Part
+from milterguard.mail.urls import Url, find_text_urls, make_url, normalize_host, strip_trailing
 
 CORPUS = pathlib.Path("/work/shared/corpus/spamassassin")
 
@@ -799,7 +799,7 @@ def test_corpus_parses(folder):
 def test_plain_addresses_read_as_the_email_package_reads_them(value):
     import email.utils
 
-    from milterguard.message import simple_addresses
+    from milterguard.mail.addresses import simple_addresses
 
     fast = simple_addresses(value)
     assert fast is None or fast == email.utils.getaddresses([value])
@@ -810,7 +810,7 @@ def test_plain_address_reading_agrees_on_the_corpus():
     import email.policy
     import email.utils
 
-    from milterguard.message import simple_addresses
+    from milterguard.mail.addresses import simple_addresses
 
     checked = 0
     for path in sorted(CORPUS.glob("*/*.eml"))[::2]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from milterguard.message import Message
+from milterguard.mail.message import Message
 
 HEADERS = [
     ("From", " =?utf-8?q?J=C3=BCrgen?= <juergen@Example.COM>"),

@@ -11,8 +11,8 @@ from milterguard.checks import phishing
 from milterguard.checks.phishing import Guarded, edit_distance, lookalike
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Connection, Transaction
-from milterguard.rawmail import split_message
+from milterguard.model import Connection, Transaction
+from milterguard.mail.raw import split_message
 
 
 def full_distance(a: str, b: str) -> int:

@@ -1,4 +1,4 @@
-"""milterguard.redisstore against real redis-server processes: replicas, outages, Sentinel failover."""
+"""milterguard.clients.redis_client against real redis-server processes: replicas, outages, Sentinel failover."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.learn.bayes import Bayes
-from milterguard.message import Message
-from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable, get_store
+from milterguard.stores.bayes import Bayes
+from milterguard.mail.message import Message
+from milterguard.clients.redis_client import RedisReadOnly, RedisStore, RedisUnavailable, get_store
 from support import wait_until
 from support.mailgen import make_message
 from support.redis import RedisSentinel, redis_available

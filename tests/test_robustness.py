@@ -128,9 +128,9 @@ def scan(raw: bytes, ident: str, envelope: dict | None = None) -> list[str]:
     """
     import tempfile
 
-    from milterguard.engine.model import Connection, Transaction
+    from milterguard.model import Connection, Transaction
     from milterguard.milter import _text
-    from milterguard.rawmail import split_message
+    from milterguard.mail.raw import split_message
 
     env = dict(ENVELOPE, **(envelope or {}))
     _LOGGED.clear()

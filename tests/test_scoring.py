@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from milterguard import scoring
 from milterguard.config import load_config
-from milterguard.engine.model import Action, Hits, Stage
+from milterguard.model import Action, Hits, Stage
 from milterguard.ruleset.rules import load_rules
 
 RULES = """

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import dkim as dkimpy
 
-from milterguard import auth
-from milterguard import dns as mgdns
+from milterguard.checks import authshared as auth
+from milterguard.clients import dns_client as mgdns
 from milterguard.checks.dkim import DkimpyErrors, KeyAbsent, KeyUnavailable, key_lookup, start_key_lookups
-from milterguard.engine.checks import check, starter
-from milterguard.engine.model import Hits, Stage
+from milterguard.mail.raw import raw_message
+from milterguard.checks.registry import check, starter
+from milterguard.model import Hits, Stage
 
 MAX_ARC_SETS = 50
 
@@ -50,7 +51,7 @@ def arc(scan, hits: Hits) -> None:
         txn.facts["arc"] = ArcResult("none")
         hits.add("ARC_NA", where="ARC-Seal", text="no ARC set")
         return
-    raw = auth.raw_message(txn)
+    raw = raw_message(txn.headers, txn.body)
     dnsfunc = key_lookup(mgdns.session(scan))
     try:
         # dkimpy logs what is wrong with a set as an error of its own; the reason says it too.

@@ -1,6 +1,6 @@
 """What attachments really are: magic bytes against the declared type, and archives.
 
-Archives are judged by their directories and headers alone (milterguard/archives.py):
+Archives are judged by their directories and headers alone (milterguard/mail/archives.py):
 zip central directories, and one level down those of the small zips a zip holds;
 RAR 4 and 5 block headers; the 7z end header.  Nothing large is decompressed, so a
 zip bomb costs no more than its directory, and at most
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import zipfile
 
-from milterguard.archives import BadArchive, Listing, rar_listing, sevenzip_listing, zip_listing
+from milterguard.mail.archives import BadArchive, Listing, rar_listing, sevenzip_listing, zip_listing
 from milterguard.checks.mime import name_policy
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks.registry import check
+from milterguard.model import Hits, Stage
 
 # Leading bytes of the file kinds a declared type is compared with: (kind, offset, magic).
 _MAGIC = (

@@ -6,10 +6,10 @@ earlier pass): they are removed before ours is added, and reported.
 
 from __future__ import annotations
 
-from milterguard import auth
-from milterguard import dns as mgdns
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks import authshared as auth
+from milterguard.clients import dns_client as mgdns
+from milterguard.checks.registry import check
+from milterguard.model import Hits, Stage
 
 HEADER = "Authentication-Results"
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import dkim as dkimpy
 
-from milterguard import auth
-from milterguard import dns as mgdns
-from milterguard.engine.checks import check, starter
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks import authshared as auth
+from milterguard.clients import dns_client as mgdns
+from milterguard.mail.raw import raw_message
+from milterguard.checks.registry import check, starter
+from milterguard.model import Hits, Stage
 
 HEADER = "DKIM-Signature"
 # Signatures verified per message, topmost (newest) first.  Each one costs a parse of
@@ -155,7 +156,7 @@ def dkim(scan, hits: Hits) -> None:
         txn.facts["dkim"] = DkimResult("none")
         hits.add("R_DKIM_NA", where=HEADER, text="no signature")
         return
-    raw = auth.raw_message(txn)
+    raw = raw_message(txn.headers, txn.body)
     sess = mgdns.session(scan)
     dnsfunc = key_lookup(sess)
     found = DkimResult("none")

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from checkdmarc.dmarc import DMARCError, parse_dmarc_record
 
-from milterguard import auth
-from milterguard import dns as mgdns
+from milterguard.checks import authshared as auth
+from milterguard.mail.domains import org_domain
+from milterguard.clients import dns_client as mgdns
 from milterguard.checks.dkim import tags as record_tags
-from milterguard.engine.checks import check, starter, symbol_policy
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks.registry import check, starter, symbol_policy
+from milterguard.model import Hits, Stage
 
 SYMBOLS = ("DMARC_POLICY_ALLOW", "DMARC_POLICY_REJECT", "DMARC_POLICY_QUARANTINE", "DMARC_POLICY_SOFTFAIL",
            "DMARC_NA", "DMARC_BAD_POLICY", "DMARC_TEMPFAIL", "DMARC_ARC_OVERRIDE")
@@ -61,7 +62,7 @@ def _start(scan) -> None:
         return
     sess = mgdns.session(scan)
     sess.start(f"_dmarc.{domain}", "TXT")
-    org = auth.org_domain(domain)
+    org = org_domain(domain)
     if org != domain:
         sess.start(f"_dmarc.{org}", "TXT")
 
@@ -72,7 +73,7 @@ def _records(answer: mgdns.Answer) -> list[str]:
 
 def _fetch(sess: mgdns.Session, domain: str) -> tuple[str, str, str]:
     """(status, record, where): status ok, none or temperror (RFC 7489 6.6.3)."""
-    org = auth.org_domain(domain)
+    org = org_domain(domain)
     for name in dict.fromkeys((domain, org)):
         answer = sess.get(f"_dmarc.{name}", "TXT")
         if answer.temporary:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks.registry import check
+from milterguard.model import Hits, Stage
 
 
 _IP_CHARS = frozenset("0123456789abcdefABCDEF:.")

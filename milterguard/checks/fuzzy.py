@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
-from milterguard.fuzzy import FuzzyStore, digest
-from milterguard.redisstore import configured as redis_configured
+from milterguard.checks.registry import check
+from milterguard.model import Hits, Stage
+from milterguard.stores.hashes import FuzzyStore, digest
+from milterguard.clients.redis_client import configured as redis_configured
 
-log = logging.getLogger("milterguard.fuzzy")
+log = logging.getLogger("milterguard.stores.hashes")
 
 
 @check(stage=Stage.EOM, emits=("HASH_DENIED", "FUZZY_DENIED", "FUZZY_TEMPFAIL"), priority=2,
@@ -25,7 +25,7 @@ def fuzzy(scan, hits: Hits) -> None:
     if not config["fuzzy.enabled"]:
         return
     # Imported here: the Redis client library is only needed when fuzzy hashing is on.
-    from milterguard.redisstore import RedisUnavailable, get_store
+    from milterguard.clients.redis_client import RedisUnavailable, get_store
 
     store = get_store(config)
     if store is None:

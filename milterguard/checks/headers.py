@@ -7,8 +7,8 @@ import re
 import time
 from datetime import datetime, timezone
 
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks.registry import check
+from milterguard.model import Hits, Stage
 
 _DAY = 86400.0
 

@@ -3,7 +3,7 @@
 Both read Redis (a replica when one is configured) and never write to it
 while classifying.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
 and the message goes on; the first failure of an outage is logged once by
-milterguard.redisstore.  Symbol weights scale with the probability:
+milterguard.clients.redis_client.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
 
 Autolearn (off by default) learns a scanned message once it is scored: as
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 
-from milterguard.engine.checks import check, on_verdict, preparer
-from milterguard.engine.model import Hits, Stage
-from milterguard.learn.bayes import Bayes, message_digest, token_hash
-from milterguard.learn.model import model_cache
+from milterguard.checks.registry import check, on_verdict, preparer
+from milterguard.model import Hits, Stage
+from milterguard.stores.bayes import Bayes, message_digest, token_hash
+from milterguard.stores.models import model_cache
 from milterguard.learn.tokens import tokenize
-from milterguard.redisstore import RedisUnavailable, get_store
-from milterguard.redisstore import configured as redis_configured
+from milterguard.clients.redis_client import RedisUnavailable, get_store
+from milterguard.clients.redis_client import configured as redis_configured
 
 log = logging.getLogger("milterguard.learn")
 LEARNED_PREFIXES = ("BAYES_", "ML_")

@@ -1,4 +1,4 @@
-"""Allow and block lists (milterguard/lists.py), global and per recipient domain.
+"""Allow and block lists (milterguard/stores/lists.py), global and per recipient domain.
 
 Each list holds four kinds of entry: email address, domain, IP address, CIDR.
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
-from milterguard.lists import GLOBAL, store_for
+from milterguard.checks.registry import check
+from milterguard.model import Hits, Stage
+from milterguard.stores.lists import GLOBAL, store_for
 
 EMITS = ("LIST_BLOCK", "LIST_BLOCK_RCPT", "LIST_ALLOW", "LIST_ALLOW_IGNORED")
 

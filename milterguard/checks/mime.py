@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks.registry import check
+from milterguard.model import Hits, Stage
 
 # Defects the message parser reports, each its own symbol.
 DEFECT_SYMBOLS = ("MIME_BAD_BOUNDARY", "MIME_BAD_BASE64", "MIME_BAD_CHARSET", "HEADER_8BIT", "HEADER_NO_COLON",

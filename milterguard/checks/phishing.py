@@ -33,10 +33,10 @@ from urllib.parse import parse_qsl, unquote
 
 from confusable_homoglyphs import categories, confusables
 
-from milterguard.checks.uri import _base as org_domain
-from milterguard.engine.checks import check, preparer
-from milterguard.engine.model import Hits, Stage
-from milterguard.urls import normalize_host
+from milterguard.checks.registry import check, preparer
+from milterguard.model import Hits, Stage
+from milterguard.mail.domains import org_domain
+from milterguard.mail.urls import normalize_host
 
 MAX_HOSTS = 50  # distinct hosts of one message judged
 _EMBEDDED = re.compile(r"(?i)(?:https?:)?//([^/?#&\s:@]+)")

@@ -21,10 +21,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from milterguard import auth
-from milterguard import dns as mgdns
-from milterguard.engine.checks import check, configured_symbols, starter
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks import authshared as auth
+from milterguard.mail.domains import org_domain
+from milterguard.clients import dns_client as mgdns
+from milterguard.checks.registry import check, configured_symbols, starter
+from milterguard.model import Hits, Stage
 
 FAMILIES = ("RBL_*", "RHSBL_*", "URIBL_*")
 DEFAULT_BLOCKED = ["127.255.255.0/24"]
@@ -87,7 +88,7 @@ def _skip_domain(scan, domain: str) -> bool:
     if scan.txn is not None and auth.under(domain, scan.txn.rcpt_domains):
         return True
     try:
-        from milterguard.lists import GLOBAL, store_for
+        from milterguard.stores.lists import GLOBAL, store_for
     except ImportError:  # pragma: no cover - lists are part of the package
         return False
     store = store_for(scan.config)
@@ -105,11 +106,11 @@ def _values(scan, kind: str) -> list[tuple[str, str]]:
     if txn is None:
         return []
     if kind == "sender":
-        domain = auth.org_domain(txn.mail_from_domain) if txn.mail_from_domain else ""
+        domain = org_domain(txn.mail_from_domain) if txn.mail_from_domain else ""
         return [(domain, "MAIL FROM")] if domain and not _skip_domain(scan, domain) else []
     msg = scan.message
     if kind == "from":
-        domain = auth.org_domain(msg.from_domain) if msg is not None and msg.from_domain else ""
+        domain = org_domain(msg.from_domain) if msg is not None and msg.from_domain else ""
         return [(domain, "From")] if domain and not _skip_domain(scan, domain) else []
     if kind == "received":
         return [(ip, "Received") for ip in dict.fromkeys(auth.received_ips(txn))
@@ -128,7 +129,7 @@ def _values(scan, kind: str) -> list[tuple[str, str]]:
         if kind == "uri_ip" and is_ip and listable_ip(host):
             out.append((host, "URL"))
         elif kind == "uri" and not is_ip and "." in host:
-            domain = auth.org_domain(host)
+            domain = org_domain(host)
             if not _skip_domain(scan, domain) and (domain, "URL") not in out:
                 out.append((domain, "URL"))
     return out[: scan.config["rbl.max_uris"]]

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import spf as pyspf
 
-from milterguard import auth
-from milterguard import dns as mgdns
-from milterguard.engine.checks import check, starter
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks import authshared as auth
+from milterguard.clients import dns_client as mgdns
+from milterguard.checks.registry import check, starter
+from milterguard.model import Hits, Stage
 
 SYMBOLS = {
     "pass": "R_SPF_ALLOW",

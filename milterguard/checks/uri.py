@@ -6,8 +6,9 @@ import ipaddress
 import re
 from urllib.parse import unquote
 
-from milterguard.engine.checks import check
-from milterguard.engine.model import Hits, Stage
+from milterguard.checks.registry import check
+from milterguard.mail.domains import org_domain
+from milterguard.model import Hits, Stage
 
 # Link text that is a URL or a host name and nothing else ("https://www.bank.example/login",
 # "www.bank.example", "Bank.example").  Text with other words ("News.com: Top stories") names a
@@ -21,9 +22,6 @@ _SHOWN = re.compile(
 # A bare "name.ext" is a file name more often than a site when ext is one of these.
 _FILE_EXT = frozenset("htm html shtml php asp aspx jsp cgi pl pdf doc docx xls xlsx ppt pptx txt rtf csv jpg jpeg "
                       "gif png bmp zip rar gz exe js py sh md".split())
-# Second-level labels under which a country code registry sells names (bank.co.uk, bank.com.au):
-# enough for comparing organisations without shipping the Public Suffix List.
-_CC_SLD = frozenset("ac co com edu gov gob go ltd mil ne net nic nhs or org plc sch".split())
 # Click-tracking and redirect services that newsletters put between the text and the target:
 # a first host label or a path step that names clicks, tracking or redirection.
 _TRACKER_HOST = re.compile(r"^(?:click|clicks|clk|clickthru|track|tracking|trk|redirect|redir|links?|go|email|e|t|r|l)\d*\.",
@@ -38,14 +36,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _base(host: str) -> str:
-    """A rough organisational domain: the last two labels, three under a ccTLD's SLD (bank.co.uk)."""
-    labels = host.lower().rstrip(".").split(".")
-    if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _CC_SLD:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
 
 
 def _shown_host(text: str) -> tuple[str, bool] | None:
@@ -74,8 +64,8 @@ def _mismatch(url, host: str, sender_orgs: set[str]) -> str | None:
     if shown is None:
         return None
     shown_host, explicit = shown
-    shown_org = _base(shown_host)
-    target_org = _base(host)
+    shown_org = org_domain(shown_host)
+    target_org = org_domain(host)
     if shown_org == target_org:
         return None
     # A redirect whose query names the shown site goes there in the end.
@@ -119,7 +109,7 @@ def uri_shape(scan, hits: Hits) -> None:
         if url.text and not _is_ip(host) and "." in url.text:
             if sender_orgs is None:
                 env = scan.txn.mail_from_domain if scan.txn else ""
-                sender_orgs = {_base(d) for d in (msg.from_domain, env) if d}
+                sender_orgs = {org_domain(d) for d in (msg.from_domain, env) if d}
             shown = _mismatch(url, host, sender_orgs)
             if shown:
                 hits.add("URI_TEXT_MISMATCH", shown, where="link text", text=f"{url.text[:60]} -> {url.url[:80]}")

@@ -6,8 +6,8 @@ import json
 
 from milterguard.cli.common import CliError, load, report
 from milterguard.cli.learn import open_store
-from milterguard.learn.bayes import Bayes
-from milterguard.redisstore import RedisUnavailable
+from milterguard.stores.bayes import Bayes
+from milterguard.clients.redis_client import RedisUnavailable
 
 
 def add_arguments(parser) -> None:

@@ -12,7 +12,7 @@ import json
 import time
 
 from milterguard.cli.common import CliError, load_engine, report
-from milterguard.rawmail import iter_message_files, read_message
+from milterguard.mail.raw import iter_message_files, read_message
 
 
 def add_arguments(parser) -> None:

@@ -17,7 +17,7 @@ import time
 
 from milterguard.cli.common import CliError, load, load_engine, report
 from milterguard.corpus import Progress, Result, select, symbol_stats
-from milterguard.rawmail import iter_message_files, read_message
+from milterguard.mail.raw import iter_message_files, read_message
 
 _ENGINE = None
 

@@ -31,10 +31,10 @@ from milterguard import settings as S
 from milterguard.cli.common import CliError, load, load_engine, report
 from milterguard.cli.learn import learn_paths
 from milterguard.corpus import Progress, select
-from milterguard.learn import model as ml
-from milterguard.learn.bayes import Bayes
-from milterguard.rawmail import iter_message_files, read_message
-from milterguard.redisstore import RedisStore, RedisUnavailable
+from milterguard.stores import models as ml
+from milterguard.stores.bayes import Bayes
+from milterguard.mail.raw import iter_message_files, read_message
+from milterguard.clients.redis_client import RedisStore, RedisUnavailable
 
 LEARNED_GROUPS = {"bayes": ("BAYES_",), "classifier": ("ML_",)}
 

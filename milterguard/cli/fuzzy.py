@@ -10,8 +10,8 @@ Entries expire after fuzzy.ttl; adding a message again starts its time anew.
 from __future__ import annotations
 
 from milterguard.cli.common import CliError, load, report
-from milterguard.fuzzy import FuzzyStore, digest
-from milterguard.rawmail import iter_message_files, read_message
+from milterguard.stores.hashes import FuzzyStore, digest
+from milterguard.mail.raw import iter_message_files, read_message
 
 
 def add_arguments(parser) -> None:
@@ -22,8 +22,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     # Imported here: every command's module is imported to build the command line, and the
     # Redis client library is only needed by this one.
-    from milterguard.message import Message
-    from milterguard.redisstore import RedisUnavailable, get_store
+    from milterguard.mail.message import Message
+    from milterguard.clients.redis_client import RedisUnavailable, get_store
 
     try:
         config = load(args)

@@ -12,11 +12,11 @@ import sys
 
 from milterguard.cli.common import CliError, load, report
 from milterguard.corpus import Progress
-from milterguard.learn.bayes import Bayes, message_digest
-from milterguard.learn.sources import count_messages, iter_messages
+from milterguard.stores.bayes import Bayes, message_digest
+from milterguard.mail.sources import count_messages, iter_messages
 from milterguard.learn.tokens import tokenize
-from milterguard.message import Message
-from milterguard.redisstore import RedisReadOnly, RedisStore, RedisUnavailable
+from milterguard.mail.message import Message
+from milterguard.clients.redis_client import RedisReadOnly, RedisStore, RedisUnavailable
 
 
 def add_arguments(parser) -> None:

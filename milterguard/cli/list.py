@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from milterguard.cli.common import CliError, load, report
-from milterguard.lists import GLOBAL, KINDS, add_entries, list_path, read_entries, remove_entries
+from milterguard.stores.lists import GLOBAL, KINDS, add_entries, list_path, read_entries, remove_entries
 from milterguard.yamlsrc import SourceError
 
 

@@ -12,9 +12,9 @@ import sys
 import time
 
 from milterguard.cli.common import CliError, load_engine, report
-from milterguard.engine.model import Action, Connection, Transaction
+from milterguard.model import Action, Connection, Transaction
 from milterguard.explain import explain_text, verdict_dict
-from milterguard.rawmail import iter_message_files, read_message, split_message
+from milterguard.mail.raw import iter_message_files, read_message, split_message
 
 
 def add_arguments(parser) -> None:

@@ -6,8 +6,8 @@ import time
 
 from milterguard.cli.common import CliError, load, report
 from milterguard.cli.learn import open_store
-from milterguard.learn import model as ml
-from milterguard.redisstore import RedisReadOnly, RedisUnavailable
+from milterguard.stores import models as ml
+from milterguard.clients.redis_client import RedisReadOnly, RedisUnavailable
 
 
 def add_arguments(parser) -> None:

@@ -1,6 +1,6 @@
 """The engine: takes a Transaction, returns a Verdict."""
 
-from milterguard.engine.model import (
+from milterguard.model import (
     Action,
     Connection,
     Hit,

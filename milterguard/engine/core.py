@@ -13,8 +13,8 @@ from typing import Callable
 
 from milterguard import scoring
 from milterguard.config import Config
-from milterguard.engine import checks as registry
-from milterguard.engine.model import Action, Connection, Hits, Stage, Transaction, Verdict
+from milterguard.checks import registry
+from milterguard.model import Action, Connection, Hits, Stage, Transaction, Verdict
 from milterguard.ruleset.rules import PatternSet, Rule, RuleSet, load_rules
 
 log = logging.getLogger("milterguard.engine")
@@ -63,7 +63,7 @@ class Scan:
 
 def header_view(txn: Transaction, config: Config):
     if txn.header_view is None:
-        from milterguard.message import Message
+        from milterguard.mail.message import Message
 
         txn.header_view = Message.from_parts(
             txn.headers, b"", max_scan_bytes=config["message.max_scan_bytes"],
@@ -74,7 +74,7 @@ def header_view(txn: Transaction, config: Config):
 
 def full_message(txn: Transaction, config: Config):
     if txn.message is None:
-        from milterguard.message import Message
+        from milterguard.mail.message import Message
 
         view = txn.header_view
         limits = {"max_scan_bytes": config["message.max_scan_bytes"], "max_text_chars": config["message.max_text_chars"]}

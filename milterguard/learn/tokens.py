@@ -31,8 +31,10 @@ import re
 import unicodedata
 from typing import TYPE_CHECKING
 
+from milterguard.mail.domains import org_domain
+
 if TYPE_CHECKING:  # pragma: no cover
-    from milterguard.message import Message
+    from milterguard.mail.message import Message
 
 MAX_WORDS = 1500
 MAX_TOKENS = 4000
@@ -97,22 +99,12 @@ def _domain_of(addr: str) -> str:
     return addr.rpartition("@")[2].lower().strip(">. ") if "@" in addr else ""
 
 
-def registered_domain(host: str) -> str:
-    """The last two labels of a host name (three under a two-letter second level like co.uk)."""
-    labels = host.lower().strip(".[]").split(".")
-    if labels[-1].isdigit():
-        return ".".join(labels)  # an IP address is its own domain
-    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
-
-
 def header_tokens(msg: "Message") -> list[str]:
     """Tokens of the headers that tell senders and mailers apart."""
     out: list[str] = []
     from_domain = msg.from_domain
     if from_domain:
-        out += [f"h:from:{from_domain}", f"h:fromreg:{registered_domain(from_domain)}"]
+        out += [f"h:from:{from_domain}", f"h:fromreg:{org_domain(from_domain)}"]
     if msg.from_name:
         out.append("h:fromname")
         out += [f"h:fn:{w}" for w in words(msg.from_name, 6)]
@@ -128,7 +120,7 @@ def header_tokens(msg: "Message") -> list[str]:
     if mid:
         local, _, domain = mid.partition("@")
         shape = "".join(t[0] if t[0].isalpha() else ("9" if t[0].isdigit() else t) for t in _ID_SHAPE.findall(local.lower()))
-        out += [f"h:midshape:{shape[:12]}", f"h:middomain:{registered_domain(domain)}" if domain else "h:middomain:none"]
+        out += [f"h:midshape:{shape[:12]}", f"h:middomain:{org_domain(domain)}" if domain else "h:middomain:none"]
     else:
         out.append("h:mid:none")
     # Only the number of hops: the newest Received lines are the receiving
@@ -155,7 +147,7 @@ def url_tokens(msg: "Message") -> list[str]:
     out: list[str] = []
     for url in msg.urls[:50]:
         if url.host:
-            out += [f"u:{url.host}", f"u:reg:{registered_domain(url.host)}"]
+            out += [f"u:{url.host}", f"u:reg:{org_domain(url.host)}"]
             if url.scheme:
                 out.append(f"u:scheme:{url.scheme}")
     return out

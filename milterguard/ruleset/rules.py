@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import re2
 
-from milterguard.engine.model import Action, Stage
+from milterguard.model import Action, Stage
 from milterguard.ruleset import composite
 from milterguard.ruleset.maps import MapFile
 from milterguard.yamlsrc import SourceError, load_file

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.engine.model import Connection, Transaction
-from milterguard.rawmail import split_message
+from milterguard.model import Connection, Transaction
+from milterguard.mail.raw import split_message
 
 
 @dataclass

@@ -22,7 +22,7 @@ import random
 import struct
 import zipfile
 
-from milterguard.rawmail import strip_mbox_from
+from milterguard.mail.raw import strip_mbox_from
 
 
 def split(raw: bytes) -> tuple[bytes, bytes, bytes]:

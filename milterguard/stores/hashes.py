@@ -1,4 +1,4 @@
-"""Content hashes of reported spam, kept in Redis (milterguard/redisstore.py).
+"""Content hashes of reported spam, kept in Redis (milterguard/clients/redis_client.py).
 
 Two hashes of a message's text (HTML reduced to text):
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from milterguard.engine.model import Hits, Stage
+from milterguard.model import Hits, Stage
 
 
 @dataclass(frozen=True)

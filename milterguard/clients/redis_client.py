@@ -3,7 +3,7 @@
 Every feature that keeps state shared between filter nodes (Bayes tokens,
 the learned model, content hashes, reputation) goes through this module::
 
-    from milterguard.redisstore import RedisUnavailable, get_store
+    from milterguard.clients.redis_client import RedisUnavailable, get_store
 
     store = get_store(scan.config)          # per-process, cached; None when Redis is off
     if store is None:

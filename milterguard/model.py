@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from milterguard.message import Message
+    from milterguard.mail.message import Message
 
 
 class Stage(enum.IntEnum):

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Iterator
 
-from milterguard.rawmail import iter_message_files, read_message
+from milterguard.mail.raw import iter_message_files, read_message
 
 # An mbox separator: "From " at the start of a line after an empty line,
 # followed by an address and an asctime date ("From a@b Mon Jan  1 ...").

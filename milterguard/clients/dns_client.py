@@ -34,7 +34,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-log = logging.getLogger("milterguard.dns")
+log = logging.getLogger("milterguard.clients.dns_client")
 
 # Answer status values.
 OK, NXDOMAIN, NODATA, TIMEOUT, SERVFAIL = "ok", "nxdomain", "nodata", "timeout", "servfail"

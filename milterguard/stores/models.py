@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from milterguard.learn.bayes import token_hash, unpack_sample
-from milterguard.redisstore import RedisStore, RedisUnavailable
+from milterguard.stores.bayes import token_hash, unpack_sample
+from milterguard.clients.redis_client import RedisStore, RedisUnavailable
 
 log = logging.getLogger("milterguard.learn")
 
@@ -87,7 +87,7 @@ class Model:
 
 def load_samples(store: RedisStore) -> tuple[list[np.ndarray], list[int]]:
     """(columns per sample, 1 for spam / 0 for ham) of every kept sample, from the master."""
-    from milterguard.learn.bayes import Bayes
+    from milterguard.stores.bayes import Bayes
 
     bayes = Bayes(store)
     writer = store.writer()

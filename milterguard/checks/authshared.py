@@ -10,7 +10,8 @@ import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from milterguard import dns as mgdns
+from milterguard.clients import dns_client as mgdns
+from milterguard.mail.domains import org_domain
 
 
 def active_dns(scan) -> bool:
@@ -29,42 +30,6 @@ def active(scan) -> bool:
         return True
     ip = scan.conn.ip
     return ip is not None and not ip.is_loopback
-
-
-# ---------------------------------------------------------------- the raw message
-
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
-
-def raw_message(txn) -> bytes:
-    """The message as received, with CRLF line ends, for signature verification.
-
-    Milters get header values without the one space after the colon and with
-    continuation lines joined by a newline; this puts both back.
-    """
-    out = []
-    for name, value in txn.headers:
-        value = value.replace("\r\n", "\n").replace("\n", "\r\n")
-        sep = ":" if value[:1] in (" ", "\t", "\r") else ": "
-        out.append(f"{name}{sep}{value}\r\n".encode("utf-8", "surrogateescape"))
-    out.append(b"\r\n")
-    out.append(_BARE_LF.sub(b"\r\n", body_bytes(txn)))
-    return b"".join(out)
-
-
-def body_bytes(txn) -> bytes:
-    body = txn.body
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body)
-    if body is None:
-        return b""
-    # A spooled body: read it whole from the start and leave the position as it was.
-    pos = body.tell()
-    try:
-        body.seek(0)
-        return body.read()
-    finally:
-        body.seek(pos)
 
 
 def header_values(txn, name: str) -> list[str]:
@@ -136,22 +101,6 @@ def spf_hop(scan) -> tuple[str | None, bool]:
 
 
 # ---------------------------------------------------------------- domains
-
-
-@lru_cache(maxsize=1)
-def _psl():
-    import publicsuffixlist
-
-    return publicsuffixlist.PublicSuffixList()  # ships its list: nothing is fetched
-
-
-@lru_cache(maxsize=4096)
-def org_domain(domain: str) -> str:
-    """The organisational (registered) domain, by the public suffix list (RFC 7489 3.2)."""
-    domain = domain.strip().rstrip(".").lower()
-    if not domain:
-        return ""
-    return _psl().privatesuffix(domain) or domain
 
 
 def aligned(a: str, b: str, mode: str) -> bool:

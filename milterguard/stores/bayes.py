@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Iterable
 import redis
 
 from milterguard.learn.tokens import tokenize
-from milterguard.redisstore import RedisStore, RedisUnavailable
+from milterguard.clients.redis_client import RedisStore, RedisUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from milterguard.message import Message
+    from milterguard.mail.message import Message
 
 SPAM_UNIT = 1 << 32  # a spam count is worth this much in a token's value
 BUCKETS = 1 << 16
