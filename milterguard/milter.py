@@ -1,7 +1,9 @@
 """The milter adapter: records what the MTA reports and applies verdicts.
 
-It builds the Connection and Transaction, calls the engine at each stage,
-and turns the Verdict into milter actions.  It imports no check.  The
+It builds the Connection and Transaction, drives the engine's stage
+pipeline (engine/pipeline.py, the same one `milterguard scan` drives) from
+pymilter's callbacks, and turns each Verdict into milter actions.  It
+imports no check and takes no decision of its own.  The
 callbacks that need no answer are declared `noreply`, which saves a round
 trip with the MTA for each of them (each header above all).
 """
@@ -13,13 +15,13 @@ import logging
 import socket
 import tempfile
 import threading
-import time
 import traceback
 
 import Milter
 
 from milterguard.engine.core import Engine
-from milterguard.model import Action, Connection, Stage, Transaction, Verdict
+from milterguard.engine.pipeline import Session
+from milterguard.model import Action, Connection, Transaction, Verdict
 from milterguard.explain import log_record
 
 log = logging.getLogger("milterguard.milter")
@@ -85,12 +87,9 @@ class MilterguardMilter(Milter.Base):
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.conn: Connection | None = None
-        self.txn: Transaction | None = None
-        self.hits = None
-        self.early: Verdict | None = None  # a verdict taken before end of message
+        self.session: Session | None = None
         self.failed: str = ""  # set when the filter itself failed in a callback that cannot answer
         self.spool = None
-        self.upstream: dict[str, int] = {}  # X-Spam-* header name -> occurrences
         self.message_id = ""
         self._counted = False
 
@@ -119,6 +118,10 @@ class MilterguardMilter(Milter.Base):
         return Milter.CONTINUE
 
     # ------------------------------------------------------------ helpers
+
+    @property
+    def txn(self) -> Transaction | None:
+        return self.session.txn if self.session is not None else None
 
     def _ref(self) -> str:
         if self.txn is not None and self.txn.queue_id:
@@ -157,28 +160,20 @@ class MilterguardMilter(Milter.Base):
         except (Milter.milter.error, ValueError) as exc:
             log.warning("setreply failed for %s: %s", self._ref(), exc)
 
-    def _stage(self, stage: Stage) -> None:
-        hits = self.hits if self.txn is not None else self.conn.hits
-        verdict = self.engine.run_stage(stage, self.conn, self.txn, hits)
-        if verdict is not None and self.early is None:
-            self.early = verdict
-
-    def _decided(self) -> int | None:
-        """Apply a verdict taken early, if any; return the milter answer or None."""
-        verdict = self.early
-        if verdict is None or verdict.applied < Action.TEMPFAIL and verdict.applied != Action.DISCARD:
+    def _answer(self, verdict: Verdict | None) -> int | None:
+        """The milter answer for a verdict that ends a step (logged once), or None to go on."""
+        if verdict is None:
             return None
-        if not getattr(verdict, "_logged", False):
-            verdict.elapsed = time.monotonic() - (self.txn.started if self.txn else time.monotonic())
+        if not verdict.logged:
             self._log(verdict)
-            verdict._logged = True  # type: ignore[attr-defined]
+            verdict.logged = True
+        cfg = self.engine.config
         if verdict.applied == Action.REJECT:
-            self._reply(self.engine.config["actions.reject_code"], self.engine.config["actions.reject_status"],
-                        self.engine.config["actions.reject_text"])
+            self._reply(cfg["actions.reject_code"], cfg["actions.reject_status"], cfg["actions.reject_text"])
             return Milter.REJECT
         if verdict.applied == Action.DISCARD:
             return Milter.DISCARD
-        self._reply("451", "4.7.1", self.engine.config["actions.tempfail_text"])
+        self._reply("451", "4.7.1", cfg["actions.tempfail_text"])
         return Milter.TEMPFAIL
 
     def _log(self, verdict: Verdict) -> None:
@@ -203,12 +198,9 @@ class MilterguardMilter(Milter.Base):
         if self.spool is not None:
             self.spool.close()
         self.spool = None
-        self.txn = None
-        self.hits = None
-        self.upstream = {}
         self.message_id = ""
-        if self.early is not None and self.early.stage >= Stage.MAIL_FROM:
-            self.early = None  # a connection-level verdict outlives the transaction
+        if self.session is not None:
+            self.session.reset()
 
     # ------------------------------------------------------------ callbacks
 
@@ -230,8 +222,8 @@ class MilterguardMilter(Milter.Base):
                 value = self._macro(macro)
                 if value:
                     self.conn.macros[macro] = value
-            self.conn.hits = self.engine.new_hits()
-            self._stage(Stage.CONNECT)
+            self.session = self.engine.session(self.conn)
+            self.session.connect()  # no reply here: a verdict that ends the session answers the first RCPT
         except Exception:  # noqa: BLE001 - must never break the session
             self._fail("connect")
         return Milter.CONTINUE
@@ -250,8 +242,8 @@ class MilterguardMilter(Milter.Base):
         ip = self._macro("{client_addr}") or None
         self.conn = Connection(client_ip=ip, client_name=self._macro("{client_name}") or (f"[{ip}]" if ip else ""),
                                ident=f"conn-{next(_ids)}")
-        self.conn.hits = self.engine.new_hits()
-        self._stage(Stage.CONNECT)
+        self.session = self.engine.session(self.conn)
+        self.session.connect()
 
     @Milter.noreply
     def hello(self, hostname):
@@ -259,10 +251,9 @@ class MilterguardMilter(Milter.Base):
             return Milter.CONTINUE
         try:
             self._ensure_conn()
-            self.conn.helo = _text(hostname)
             self.conn.tls_version = self._macro("{tls_version}")
             self.conn.tls_cipher = self._macro("{cipher}")
-            self._stage(Stage.HELO)
+            self.session.helo(_text(hostname))
         except Exception:  # noqa: BLE001
             self._fail("helo")
         return Milter.CONTINUE
@@ -275,10 +266,9 @@ class MilterguardMilter(Milter.Base):
             self._ensure_conn()
             self._reset()
             self.conn.auth_user = self._macro("{auth_authen}")
-            self.txn = Transaction(mail_from=_addr(mailfrom), mail_params=Milter.param2dict(list(params)) if params else {})
-            self.txn.queue_id = self._macro("i")
-            self.hits = self.engine.start_transaction(self.conn, self.txn)
-            self._stage(Stage.MAIL_FROM)
+            txn = Transaction(mail_from=_addr(mailfrom), mail_params=Milter.param2dict(list(params)) if params else {})
+            txn.queue_id = self._macro("i")
+            self.session.mail_from(txn)
         except Exception:  # noqa: BLE001
             self._fail("envfrom")
         return Milter.CONTINUE
@@ -287,19 +277,8 @@ class MilterguardMilter(Milter.Base):
         if self.failed:
             return self._on_error()
         try:
-            if not self.engine.config["actions.early_reject"]:
-                self.txn.rcpts.append(_addr(to))
-                return Milter.CONTINUE
-            answer = self._decided()
+            answer = self._answer(self.session.rcpt(_addr(to)))
             if answer is not None:
-                return answer
-            self.txn.rcpts.append(_addr(to))
-            self._stage(Stage.RCPT)
-            answer = self._decided()
-            if answer is not None:
-                # Only this recipient is refused; the next one starts clean.
-                self.txn.rcpts.pop()
-                self.early = None
                 return answer
         except Exception:  # noqa: BLE001
             self._fail("envrcpt")
@@ -327,10 +306,7 @@ class MilterguardMilter(Milter.Base):
             name = _text(name)
             value = _text(value)
             self.txn.headers.append((name, value))
-            lowered = name.lower()
-            if lowered.startswith("x-spam-"):
-                self.upstream[name] = self.upstream.get(name, 0) + 1
-            elif lowered == "message-id":
+            if name.lower() == "message-id":
                 self.message_id = value.strip().strip("<>")
         except Exception:  # noqa: BLE001
             self._fail("header")
@@ -342,8 +318,7 @@ class MilterguardMilter(Milter.Base):
         try:
             if not self.txn.queue_id:
                 self.txn.queue_id = self._macro("i")
-            self._stage(Stage.HEADERS)
-            answer = self._decided()
+            answer = self._answer(self.session.end_of_headers())
             if answer is not None:
                 return answer
             cfg = self.engine.config
@@ -374,8 +349,7 @@ class MilterguardMilter(Milter.Base):
                 txn.queue_id = self._macro("i")
             txn.body_size = self.spool.tell() if self.spool is not None else 0
             txn.body = self.spool if self.spool is not None else b""
-            verdict = self.engine.finish(self.conn, txn, self.hits)
-            answer = self._apply(verdict)
+            answer = self._apply(self.session.end_of_message())
         except Exception:  # noqa: BLE001
             self._fail("eom")
             answer = self._on_error()
@@ -383,49 +357,30 @@ class MilterguardMilter(Milter.Base):
         return answer
 
     def _apply(self, verdict: Verdict) -> int:
+        """The final verdict: the answer, and the recipients and headers it changes."""
+        if verdict.applied in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
+            return self._answer(verdict)
         self._log(verdict)
-        cfg = self.engine.config
-        applied = verdict.applied
-        if applied == Action.REJECT:
-            self._reply(cfg["actions.reject_code"], cfg["actions.reject_status"], cfg["actions.reject_text"])
-            return Milter.REJECT
-        if applied == Action.TEMPFAIL:
-            self._reply("451", "4.7.1", cfg["actions.tempfail_text"])
-            return Milter.TEMPFAIL
-        if applied == Action.DISCARD:
-            return Milter.DISCARD
-        if verdict.mode == "shadow":
-            return Milter.ACCEPT
-        for rcpt, why in self.txn.drop_rcpts.items():
+        verdict.logged = True
+        for rcpt, why in verdict.drop_rcpts.items():
             log.info("recipient %s removed from %s: %s", rcpt, self._ref(), why)
             self.delrcpt(f"<{rcpt}>")
-        if cfg["headers.remove_upstream"]:
-            for name, count in self.upstream.items():
-                # Highest index first, so that the lower ones keep their numbers.
-                for index in range(count, 0, -1):
-                    self.chgheader(name, index, None)
-        for name, index in self.engine.headers_to_remove(verdict, self.txn):
-            self.chgheader(name, index, None)
-        for name, value in self.engine.headers_to_prepend(verdict, self.txn):
-            self.addheader(name, value, 0)
-        for name, value in self.engine.headers_for(verdict):
-            self.addheader(name, value)
-        current = self._subject()
-        subject = self.engine.subject_for(verdict, current)
-        if subject is not None:
-            if current is None:
-                self.addheader("Subject", subject)
-            else:
-                self.chgheader("Subject", 1, subject)
-        if applied == Action.REVIEW:
+        edits = verdict.edits
+        if edits is not None:
+            for name, index in edits.remove:
+                self.chgheader(name, index, None)
+            for name, value in edits.prepend:
+                self.addheader(name, value, 0)
+            for name, value in edits.add:
+                self.addheader(name, value)
+            if edits.subject is not None:
+                if any(name.lower() == "subject" for name, _value in self.txn.headers):
+                    self.chgheader("Subject", 1, edits.subject)
+                else:
+                    self.addheader("Subject", edits.subject)
+        if verdict.applied == Action.REVIEW:
             self.quarantine(f"milterguard review: score {verdict.score:.2f} ({verdict.reason})")
         return Milter.ACCEPT
-
-    def _subject(self) -> str | None:
-        for name, value in self.txn.headers:
-            if name.lower() == "subject":
-                return value
-        return None
 
     def abort(self):
         self._reset()

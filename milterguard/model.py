@@ -1,9 +1,11 @@
-"""Connection and transaction state, hits and verdicts.
+"""The shared vocabulary: stages, actions, connection and transaction
+state, the facts checks leave for each other, hits and verdicts.
 
 A `Connection` lives for one SMTP connection; a `Transaction` is created
 at each MAIL FROM and dropped at end of message or abort.  Front ends (the
-milter adapter, the CLI) only fill these objects with facts; the engine
-reads them.
+milter adapter, the CLI) only fill these objects with what the MTA said;
+the engine and the checks read them.  This module imports no other module
+of the package, and every other may import it.
 """
 
 from __future__ import annotations
@@ -52,9 +54,8 @@ class Connection:
     ident: str = ""  # a short id for log lines before the queue id is known
     hits: "Hits | None" = None  # hits of the connect and HELO stages
     timings: dict[str, float] = field(default_factory=dict)
-    # Results that one check leaves for later ones (DNS lookups of the client, say),
-    # keyed by the name of the check that made them.
-    facts: dict[str, Any] = field(default_factory=dict)
+    # What the checks of the connect and HELO stages found (the DNS session of the client's lookups).
+    facts: "Facts" = field(default_factory=lambda: Facts())
 
     @property
     def authenticated(self) -> bool:
@@ -91,13 +92,8 @@ class Transaction:
     header_view: "Message | None" = None  # the headers alone, parsed at end of headers
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
-    # Results that one check leaves for later ones (the SPF, DKIM and DMARC results that
-    # list and phishing checks consult), keyed by the name of the check that made them.
-    facts: dict[str, Any] = field(default_factory=dict)
-    # Recipients that a check found must not get this message, once past RCPT (a block entry
-    # of their domain's list matching the From header): recipient -> why.  Unless the whole
-    # message is refused, the milter removes them at end of message and delivers to the others.
-    drop_rcpts: dict[str, str] = field(default_factory=dict)
+    # What the checks found that other parts read: see `Facts`.
+    facts: "Facts" = field(default_factory=lambda: Facts())
 
     @property
     def rcpt_domains(self) -> list[str]:
@@ -111,6 +107,123 @@ class Transaction:
     @property
     def mail_from_domain(self) -> str:
         return self.mail_from.rpartition("@")[2].lower() if "@" in self.mail_from else ""
+
+
+# ---------------------------------------------------------------- facts
+# What one check finds and another part reads.  Each is written by one check
+# (named in its docstring) and read by the others named there; a fact that is
+# None was not looked for (the check is off, or had nothing to judge).
+
+
+@dataclass
+class SpfResult:
+    """SPF (checks/spf.py); read by DMARC, the lists and Authentication-Results."""
+
+    result: str  # pass, fail, softfail, neutral, none, permerror, temperror
+    domain: str  # the domain whose policy was evaluated
+    identity: str  # "mailfrom" or "helo"
+    sender: str
+    ip: str
+    explanation: str = ""
+    via_relay: bool = False
+
+
+@dataclass
+class DkimSignature:
+    domain: str
+    selector: str
+    result: str  # pass, fail, permerror, temperror
+    reason: str = ""
+
+
+@dataclass
+class DkimResult:
+    """DKIM (checks/dkim.py); read by DMARC, the lists and Authentication-Results."""
+
+    result: str  # pass (one signature verifies), fail, permerror, temperror, none
+    signatures: list[DkimSignature] = field(default_factory=list)
+
+    @property
+    def passing_domains(self) -> list[str]:
+        return [s.domain for s in self.signatures if s.result == "pass"]
+
+
+@dataclass
+class ArcResult:
+    """ARC (checks/arc.py); read by DMARC and Authentication-Results."""
+
+    result: str  # pass, fail, none, temperror
+    sealer: str = ""  # d= of the latest ARC-Seal
+    instances: int = 0
+    trusted: bool = False
+    reason: str = ""
+    results: list[str] = field(default_factory=list)  # ARC-Authentication-Results values, oldest first
+
+
+@dataclass
+class DmarcResult:
+    """DMARC (checks/dmarc.py); read by the lists and Authentication-Results.
+
+    `result` is pass, fail, none, temperror or permerror; `domain` the
+    RFC5322.From domain; `policy` the policy that applies to it (reject,
+    quarantine, none; "" without a record); `override` names what spared a
+    failing message its policy ("arc:<sealer>").
+    """
+
+    result: str
+    domain: str
+    policy: str = ""
+    record_domain: str = ""  # where the record was found
+    spf_aligned: bool = False
+    dkim_aligned: bool = False
+    applied: str = ""  # the policy after pct/t=: reject, quarantine or none
+    sample: int = -1  # 0-99, the message's place for pct (pct_sample); -1 when not needed
+    reason: str = ""
+    override: str = ""
+
+
+@dataclass
+class AuthResults:
+    """The Authentication-Results header of this message (checks/auth_results.py, RFC 8601),
+    and the headers that arrived claiming our authserv-id; scoring decides the edits."""
+
+    authserv_id: str
+    methods: list[str] = field(default_factory=list)
+    forged: list[int] = field(default_factory=list)  # 1-based indexes among Authentication-Results
+
+    def header(self) -> str:
+        if not self.methods:
+            return f"{self.authserv_id}; none"
+        return f"{self.authserv_id};\n\t" + ";\n\t".join(self.methods)
+
+
+@dataclass
+class Learned:
+    """What a learned classifier said (checks/learning.py); read by `evaluate`."""
+
+    probability: float
+    detail: dict[str, Any] = field(default_factory=dict)  # tokens used and counts, or the model version
+
+
+@dataclass
+class Facts:
+    """What checks found that other parts read: the contract between them, in one place."""
+
+    dns: Any = None  # clients.dns_client.Session: the look-ups and DNS budget of this message
+    spf: SpfResult | None = None
+    dkim: DkimResult | None = None
+    arc: ArcResult | None = None
+    dmarc: DmarcResult | None = None
+    auth_results: AuthResults | None = None
+    tokens: list[str] | None = None  # learn.tokens of the message, made once for Bayes and the classifier
+    token_hashes: list[int] | None = None
+    bayes: Learned | None = None
+    classifier: Learned | None = None
+    # Recipients whose own domain's block list refuses this message once past RCPT (checks/lists.py):
+    # recipient -> why.  Scoring turns them into Verdict.drop_rcpts.
+    blocked_rcpts: dict[str, str] = field(default_factory=dict)
+    # A check's own state between its starter and itself, keyed by the check's name; nothing else reads it.
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 MAX_TEXT = 200  # longest matched text a hit keeps
@@ -311,6 +424,16 @@ class Thresholds:
 
 
 @dataclass
+class HeaderEdits:
+    """Header changes for the front end to make, in this order: remove, prepend, add, Subject."""
+
+    remove: list[tuple[str, int]] = field(default_factory=list)  # (name, 1-based index), highest first
+    prepend: list[tuple[str, str]] = field(default_factory=list)  # go on top of the message (RFC 8601 5)
+    add: list[tuple[str, str]] = field(default_factory=list)
+    subject: str | None = None  # the new Subject (tagging), or None to leave it
+
+
+@dataclass
 class Verdict:
     """The outcome for one message, as the milter applies it and the CLI prints it."""
 
@@ -330,6 +453,11 @@ class Verdict:
     rcpt: str = ""
     # Recipients refused that way during the transaction, with their verdicts (for the CLI).
     refused: list["Verdict"] = field(default_factory=list)
+    # What the front end does to the message besides the action (scoring.finalize decides):
+    drop_rcpts: dict[str, str] = field(default_factory=dict)  # recipients removed at end of message -> why
+    edits: "HeaderEdits | None" = None
+    learn: str = ""  # "spam" or "ham": autolearn takes the message as that (scoring.autolearn_label)
+    logged: bool = False  # the front end has logged this verdict
 
     @property
     def symbols(self) -> list[str]:

@@ -8,12 +8,17 @@
   where configured; across several domains the most lenient action wins);
 - a symbol with a fixed `action:` decides the action itself (the most
   severe such symbol wins), whatever the score;
-- the mode (enforce, tag-only, shadow) says what the front end applies.
+- the mode (enforce, tag-only, shadow) says what the front end applies;
+- `finalize` decides what else the front end does with the message: the
+  recipients it removes, the header edits (X-Spam-*, Authentication-Results,
+  forged ones removed, the Subject tag) and whether autolearn takes it.
+
+Checks only report hits and facts; every decision drawn from them is here.
 """
 
 from __future__ import annotations
 
-from milterguard.model import Action, Hits, ScoredHit, Stage, Thresholds, Verdict
+from milterguard.model import Action, Facts, HeaderEdits, Hits, ScoredHit, Stage, Thresholds, Verdict
 from milterguard.ruleset.rules import RuleSet
 
 
@@ -163,3 +168,59 @@ def spam_headers(verdict: Verdict, with_symbols: bool = True) -> list[tuple[str,
         # Fold after each symbol so that no line grows past the RFC 5322 limit.
         headers.append(("X-Spam-Symbols", ",\n\t".join(parts) if parts else "none"))
     return headers
+
+
+# Symbols of the learned classifiers: autolearn leaves them out of the score it
+# judges by, so that the classifiers do not feed on their own opinion (as
+# SpamAssassin does).
+LEARNED_PREFIXES = ("BAYES_", "ML_")
+
+
+def autolearn_label(verdict: Verdict, config) -> str:
+    """"spam", "ham" or "" : what autolearn takes the message as, when bayes.autolearn is on."""
+    if not config["bayes.autolearn"]:
+        return ""
+    score = verdict.score - sum(h.weight for h in verdict.hits if h.symbol.startswith(LEARNED_PREFIXES))
+    if score >= config["bayes.autolearn_spam"]:
+        return "spam"
+    if score <= config["bayes.autolearn_ham"]:
+        return "ham"
+    return ""
+
+
+def header_edits(verdict: Verdict, facts: Facts, headers: list[tuple[str, str]], config) -> HeaderEdits:
+    """The header changes for VERDICT of a message with HEADERS (none in shadow mode)."""
+    edits = HeaderEdits()
+    if verdict.mode == "shadow":
+        return edits
+    if config["headers.remove_upstream"]:
+        # X-Spam-* of whoever handled the message before us: highest index first, so
+        # that the lower ones keep their numbers.
+        counts: dict[str, int] = {}
+        for name, _value in headers:
+            if name.lower().startswith("x-spam-"):
+                counts[name] = counts.get(name, 0) + 1
+        for name, count in counts.items():
+            edits.remove.extend((name, index) for index in range(count, 0, -1))
+    results = facts.auth_results
+    if results is not None:
+        # Those that claim our authserv-id are forged, or ours from an earlier pass (RFC 8601 5).
+        edits.remove.extend(("Authentication-Results", index) for index in sorted(results.forged, reverse=True))
+        edits.prepend.append(("Authentication-Results", results.header()))
+    if config["headers.enabled"]:
+        edits.add.extend(spam_headers(verdict, config["headers.symbols"]))
+    tag = config["actions.subject_tag"]
+    if tag and verdict.applied in (Action.TAG, Action.REVIEW):
+        subject = next((value for name, value in headers if name.lower() == "subject"), None)
+        if subject is None or not subject.startswith(tag):
+            edits.subject = f"{tag} {subject or ''}".rstrip()
+    return edits
+
+
+def finalize(verdict: Verdict, facts: Facts, headers: list[tuple[str, str]], config) -> Verdict:
+    """Decide, for a verdict taken at end of message, what the front end does besides the action."""
+    if verdict.applied not in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD) and verdict.mode != "shadow":
+        verdict.drop_rcpts = dict(facts.blocked_rcpts)
+    verdict.edits = header_edits(verdict, facts, headers, config)
+    verdict.learn = autolearn_label(verdict, config)
+    return verdict

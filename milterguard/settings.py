@@ -347,9 +347,6 @@ SETTINGS: list[Setting] = [
     Setting("auth.trusted_arc_sealers", ListOf(Str()), [],
             "Domains whose valid ARC seal vouches for the authentication results of a forwarded message: "
             "such a message that fails DMARC is not punished for it.", since="0.2"),
-    Setting("auth.dmarc_reject", Bool(), False,
-            "Reject at SMTP a message that fails DMARC under the sender's p=reject. By default it only "
-            "scores (enough to be held for review).", since="0.2"),
     Setting("auth.skip_authenticated", Bool(), True,
             "Skip SPF, DMARC and blocklists for clients that logged in (SASL) and for local clients (a unix "
             "socket or loopback address), and DKIM and ARC for the former.", since="0.2"),

@@ -43,7 +43,7 @@ def test_valid_signature(engine, keys):
     verdict, txn = scan(engine, raw, ip=None)
     assert dkim_symbols(verdict) == {"R_DKIM_ALLOW"}
     assert options(verdict, "R_DKIM_ALLOW") == ["dkim.test:s1"]
-    found = txn.facts["dkim"]
+    found = txn.facts.dkim
     assert isinstance(found, DkimResult) and found.result == "pass" and found.passing_domains == ["dkim.test"]
 
 
@@ -66,7 +66,7 @@ def test_key_missing(engine, keys):
     verdict, txn = scan(engine, raw, ip=None)
     assert dkim_symbols(verdict) == {"R_DKIM_PERMFAIL"}
     assert "no key at nokey._domainkey.dkim.test" in verdict.hit("R_DKIM_PERMFAIL").text
-    assert txn.facts["dkim"].result == "permerror"
+    assert txn.facts.dkim.result == "permerror"
 
 
 def test_key_revoked(engine, keys):
@@ -90,13 +90,13 @@ def test_two_signatures_one_bad(engine, keys):
     assert dkim_symbols(verdict) == {"R_DKIM_ALLOW", "R_DKIM_REJECT"}
     assert options(verdict, "R_DKIM_ALLOW") == ["dkim.test:s1"]
     assert options(verdict, "R_DKIM_REJECT") == ["dkim.test:s2"]
-    assert txn.facts["dkim"].result == "pass"
+    assert txn.facts.dkim.result == "pass"
 
 
 def test_no_signature(engine):
     verdict, txn = scan(engine, message(), ip=None)
     assert dkim_symbols(verdict) == {"R_DKIM_NA"}
-    assert txn.facts["dkim"].result == "none"
+    assert txn.facts.dkim.result == "none"
 
 
 def test_spooled_body_and_lf_line_ends_verify(engine, keys):
@@ -154,7 +154,7 @@ def test_thousands_of_signatures_cost_only_the_first_ten(engine, keys):
     t0 = time.perf_counter()
     verdict, txn = scan(engine, raw[:end] + junk + raw[end:], ip=None)
     elapsed = time.perf_counter() - t0
-    found = txn.facts["dkim"]
+    found = txn.facts.dkim
     assert len(found.signatures) == MAX_SIGNATURES == 10
     assert found.signatures[0].result == "pass" and found.result == "pass"
     assert {s.result for s in found.signatures[1:]} == {"permerror"}

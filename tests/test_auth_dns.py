@@ -155,4 +155,4 @@ def test_a_message_already_refused_starts_no_lookups(nsd, tmp_path):
     txn = Transaction(mail_from="a@cache.test")
     hits = engine.start_transaction(conn, txn)
     engine.run_stage(Stage.MAIL_FROM, conn, txn, hits)
-    assert "spf_job" not in txn.facts and "dns" not in txn.facts
+    assert "spf" not in txn.facts.scratch and txn.facts.dns is None

@@ -159,7 +159,7 @@ def test_own_and_skipped_domains_are_not_looked_up(nsd, tmp_path):
     txn = Transaction(mail_from="a@elsewhere.test", rcpts=["bob@ours.test"], headers=headers, body=raw_body)
     verdict = engine.evaluate(Connection(client_ip=CLEAN, client_name=f"[{CLEAN}]", helo="h.example.test"), txn)
     assert rbl_symbols(verdict) == set()
-    list_queries = [key[0] for key in txn.facts["dns"].started if len(key) == 2
+    list_queries = [key[0] for key in txn.facts.dns.started if len(key) == 2
                     and key[0].endswith((".dbl.test", ".multi.test"))]
     assert list_queries and not any("ours.test" in name or name.startswith("bad.test") for name in list_queries)
 

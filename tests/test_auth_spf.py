@@ -60,7 +60,7 @@ def test_spf_result(engine, domain, symbol):
     verdict, txn = scan(engine, message(), ip=CLIENT, mail_from=f"alice@{domain}")
     spf_symbols = {s for s in verdict.symbols if s.startswith("R_SPF_")}
     assert spf_symbols == {symbol}, verdict.hit(next(iter(spf_symbols))).text if spf_symbols else "no SPF symbol"
-    assert txn.facts["spf"].domain == domain
+    assert txn.facts.spf.domain == domain
     assert verdict.hit(symbol).options == [domain, CLIENT]
 
 
@@ -113,7 +113,7 @@ def test_permerror_says_why(engine):
 def test_null_sender_is_judged_by_helo(engine):
     verdict, txn = scan(engine, message(), ip=CLIENT, mail_from="", helo="helo.spf.test")
     assert "R_SPF_ALLOW" in verdict.symbols
-    assert txn.facts["spf"].identity == "helo" and txn.facts["spf"].domain == "helo.spf.test"
+    assert txn.facts.spf.identity == "helo" and txn.facts.spf.domain == "helo.spf.test"
 
 
 def test_trusted_relay_judges_the_hop_before_it(nsd, tmp_path):
@@ -124,7 +124,7 @@ def test_trusted_relay_judges_the_hop_before_it(nsd, tmp_path):
                 "Mon, 2 Jan 2023 10:00:01 +0000\r\n")
     verdict, txn = scan(engine, message(extra=received), ip=relay, mail_from="alice@relayed.spf.test")
     assert "R_SPF_ALLOW" in verdict.symbols
-    assert txn.facts["spf"].ip == "203.0.113.5" and txn.facts["spf"].via_relay
+    assert txn.facts.spf.ip == "203.0.113.5" and txn.facts.spf.via_relay
     # Without the relay setting, the relay itself is judged, and fails.
     verdict, _ = scan(engine_for(tmp_path, f"dns.nameservers={nsd.address}"), message(extra=received), ip=relay,
                       mail_from="alice@relayed.spf.test")

@@ -98,7 +98,7 @@ def test_learn_on_master_classify_on_a_node_reading_the_replica(tmp_path, master
     hit = verdict.hit("BAYES_SPAM")
     assert hit is not None and float(hit.options[0]) > 0.95
     assert 0 < hit.weight <= 4.0  # scaled by the probability
-    assert txn.facts["bayes"]["spam"] == 12
+    assert txn.facts.bayes.detail["spam"] == 12
     verdict, _ = scan(engine, make_message("ham", 100))
     assert verdict.hit("BAYES_HAM") is not None and verdict.hit("BAYES_SPAM") is None
 
@@ -108,7 +108,7 @@ def test_silent_until_min_learns(tmp_path, master):
     learn_some(Bayes(RedisStore(url=master.url)), 4)
     verdict, txn = scan(engine_for(tmp_path, f"redis.url={master.url}"), make_message("spam", 100))
     assert not {"BAYES_SPAM", "BAYES_HAM"} & set(verdict.symbols)
-    assert txn.facts["bayes"]["spam"] == 4
+    assert txn.facts.bayes.detail["spam"] == 4
 
 
 @needs_redis
@@ -186,7 +186,7 @@ def test_a_new_model_is_picked_up_by_a_running_engine(tmp_path, master):
     assert first.version == 1 and first.samples == 24
     engine = engine_for(tmp_path, f"redis.url={master.url}", "ml.poll_interval=0.2")
     verdict, txn = scan(engine, make_message("spam", 200))
-    assert txn.facts["classifier"]["version"] == 1
+    assert txn.facts.classifier.detail["version"] == 1
     assert verdict.hit("ML_SPAM") is not None
     # Publish a model trained on the opposite labels: the running engine swaps it in.
     rows, y = ml.load_samples(store)
@@ -195,7 +195,7 @@ def test_a_new_model_is_picked_up_by_a_running_engine(tmp_path, master):
 
     def swapped():
         verdict, txn = scan(engine, make_message("spam", 200))
-        return (verdict, txn) if txn.facts["classifier"]["version"] == 2 else None
+        return (verdict, txn) if txn.facts.classifier.detail["version"] == 2 else None
 
     verdict, txn = wait_until(swapped, timeout=5, interval=0.1, what="the running engine to load version 2")
     assert verdict.hit("ML_HAM") is not None and verdict.hit("ML_SPAM") is None

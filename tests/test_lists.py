@@ -5,12 +5,10 @@ from __future__ import annotations
 import uuid
 import pytest
 
-from milterguard.checks.dmarc import DmarcResult
-from milterguard.checks.spf import SpfResult
 from milterguard.cli import main
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.model import Action, Connection, Stage, Transaction
+from milterguard.model import Action, Connection, Stage, Transaction, DmarcResult, SpfResult
 from milterguard.mail.raw import split_message
 from support import wait_until
 
@@ -43,7 +41,8 @@ def run(etc, raw=None, ip="198.51.100.7", mail_from="alice@sender.example", rcpt
     engine = Engine.load(config, strict=True)
     headers, body = split_message(raw or mail())
     txn = Transaction(mail_from=mail_from, rcpts=list(rcpts), headers=headers, body=body, body_size=len(body))
-    txn.facts.update(facts or {})
+    for name, value in (facts or {}).items():
+        setattr(txn.facts, name, value)
     return engine.evaluate(Connection(client_ip=ip, client_name="mx.sender.example"), txn)
 
 
@@ -107,7 +106,7 @@ def test_per_domain_block_of_the_from_header_removes_that_domains_recipients(etc
                       headers=headers, body=body, body_size=len(body))
     verdict = engine.evaluate(Connection(client_ip="198.51.100.7"), txn)
     assert verdict.action != Action.REJECT and verdict.hit("LIST_BLOCK_RCPT").options == ["bob@example.org"]
-    assert list(txn.drop_rcpts) == ["bob@example.org"] and "boss@evil.example" in txn.drop_rcpts["bob@example.org"]
+    assert list(verdict.drop_rcpts) == ["bob@example.org"] and "boss@evil.example" in verdict.drop_rcpts["bob@example.org"]
     # Every recipient's domain blocks it: the message is refused at end of headers.
     verdict = run(etc, raw, mail_from="bounce@bulk.example", rcpts=("bob@example.org", "eve@dept.example.org"))
     assert verdict.reason == "LIST_BLOCK" and verdict.stage == Stage.HEADERS

@@ -8,7 +8,6 @@ forwarded message its policy (checks/dmarc.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import dkim as dkimpy
 
@@ -17,21 +16,9 @@ from milterguard.clients import dns_client as mgdns
 from milterguard.checks.dkim import DkimpyErrors, KeyAbsent, KeyUnavailable, key_lookup, start_key_lookups
 from milterguard.mail.raw import raw_message
 from milterguard.checks.registry import check, starter
-from milterguard.model import Hits, Stage
+from milterguard.model import ArcResult, Hits, Stage
 
 MAX_ARC_SETS = 50
-
-@dataclass
-class ArcResult:
-    """What the ARC check found; `txn.facts["arc"]`."""
-
-    result: str  # pass, fail, none, temperror
-    sealer: str = ""  # d= of the latest ARC-Seal
-    instances: int = 0
-    trusted: bool = False
-    reason: str = ""
-    results: list[str] = field(default_factory=list)  # ARC-Authentication-Results values, oldest first
-
 
 @starter("arc", Stage.HEADERS)
 def _start(scan) -> None:
@@ -48,7 +35,7 @@ def arc(scan, hits: Hits) -> None:
         return
     txn = scan.txn
     if not auth.header_values(txn, "ARC-Seal"):
-        txn.facts["arc"] = ArcResult("none")
+        txn.facts.arc = ArcResult("none")
         hits.add("ARC_NA", where="ARC-Seal", text="no ARC set")
         return
     raw = raw_message(txn.headers, txn.body)
@@ -57,7 +44,7 @@ def arc(scan, hits: Hits) -> None:
         # dkimpy logs what is wrong with a set as an error of its own; the reason says it too.
         cv, sets, reason = dkimpy.arc_verify(raw, logger=DkimpyErrors(), dnsfunc=dnsfunc)
     except KeyUnavailable as exc:
-        txn.facts["arc"] = ArcResult("temperror", reason=str(exc))
+        txn.facts.arc = ArcResult("temperror", reason=str(exc))
         hits.add("ARC_TEMPFAIL", where="ARC-Seal", text=str(exc))
         return
     except KeyAbsent as exc:
@@ -72,7 +59,7 @@ def arc(scan, hits: Hits) -> None:
                       reason=reason.decode() if isinstance(reason, bytes) else str(reason),
                       results=[(s.get("aar-value") or b"").decode("utf-8", "replace").strip() for s in sets])
     found.trusted = bool(sealer) and auth.under(sealer, scan.config["auth.trusted_arc_sealers"])
-    txn.facts["arc"] = found
+    txn.facts.arc = found
     where = f"ARC-Seal i={found.instances}" if found.instances else "ARC-Seal"
     text = f"cv={found.result} ({found.reason})" + (f", sealed by {sealer}" if sealer else "")
     if found.trusted:

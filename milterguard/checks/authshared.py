@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 from milterguard.clients import dns_client as mgdns
@@ -35,12 +34,12 @@ def active(scan) -> bool:
 def header_values(txn, name: str) -> list[str]:
     """The raw values of header NAME, in order (an index built once per message)."""
     headers = txn.headers
-    index = txn.facts.get("raw_header_index")
+    index = txn.facts.scratch.get("raw_header_index")
     if index is None or index[0] != len(headers):
         by_name: dict[str, list[str]] = {}
         for n, v in headers:
             by_name.setdefault(n.lower(), []).append(v)
-        index = txn.facts["raw_header_index"] = (len(headers), by_name)
+        index = txn.facts.scratch["raw_header_index"] = (len(headers), by_name)
     return list(index[1].get(name.lower(), ()))
 
 
@@ -167,17 +166,3 @@ def claimed_authserv_id(header_value: str) -> str:
         text = text[i + 1:].strip()
     m = re.match(r"[^\s;()]+", text)
     return m.group(0).strip('"').lower() if m else ""
-
-
-@dataclass
-class Results:
-    """The Authentication-Results header of this message, and the forged ones to remove."""
-
-    authserv_id: str
-    methods: list[str] = field(default_factory=list)
-    remove: list[int] = field(default_factory=list)  # 1-based indexes among Authentication-Results
-
-    def header(self) -> str:
-        if not self.methods:
-            return f"{self.authserv_id}; none"
-        return f"{self.authserv_id};\n\t" + ";\n\t".join(self.methods)

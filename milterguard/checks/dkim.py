@@ -8,7 +8,6 @@ as it was received (CRLF, raw header values).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import dkim as dkimpy
 
@@ -16,7 +15,7 @@ from milterguard.checks import authshared as auth
 from milterguard.clients import dns_client as mgdns
 from milterguard.mail.raw import raw_message
 from milterguard.checks.registry import check, starter
-from milterguard.model import Hits, Stage
+from milterguard.model import DkimResult, DkimSignature, Hits, Stage
 
 HEADER = "DKIM-Signature"
 # Signatures verified per message, topmost (newest) first.  Each one costs a parse of
@@ -77,26 +76,6 @@ def key_lookup(sess: mgdns.Session):
     return dnsfunc
 
 
-@dataclass
-class Signature:
-    domain: str
-    selector: str
-    result: str  # pass, fail, permerror, temperror
-    reason: str = ""
-
-
-@dataclass
-class DkimResult:
-    """What the DKIM check found; `txn.facts["dkim"]`."""
-
-    result: str  # pass (one signature verifies), fail, permerror, temperror, none
-    signatures: list[Signature] = field(default_factory=list)
-
-    @property
-    def passing_domains(self) -> list[str]:
-        return [s.domain for s in self.signatures if s.result == "pass"]
-
-
 @starter("dkim", Stage.HEADERS)
 def _start(scan) -> None:
     start_key_lookups(scan, HEADER)
@@ -153,7 +132,7 @@ def dkim(scan, hits: Hits) -> None:
     txn = scan.txn
     values = auth.header_values(txn, HEADER)
     if not values:
-        txn.facts["dkim"] = DkimResult("none")
+        txn.facts.dkim = DkimResult("none")
         hits.add("R_DKIM_NA", where=HEADER, text="no signature")
         return
     raw = raw_message(txn.headers, txn.body)
@@ -167,7 +146,7 @@ def dkim(scan, hits: Hits) -> None:
         t = tags(value)
         domain, selector = t.get("d", "").lower(), t.get("s", "")
         result, reason = verify_one(raw, index, dnsfunc)
-        found.signatures.append(Signature(domain, selector, result, reason))
+        found.signatures.append(DkimSignature(domain, selector, result, reason))
         by_symbol.setdefault(symbols[result], []).append((f"{domain}:{selector}", f"#{index + 1} (key {key_name(t)})",
                                                           reason or "verifies"))
     for symbol, sigs in by_symbol.items():
@@ -180,4 +159,4 @@ def dkim(scan, hits: Hits) -> None:
         hits.add(symbol, *(option for option, _, _ in sigs), where=where, text=text)
     order = ("pass", "fail", "temperror", "permerror")
     found.result = next(r for r in order if any(s.result == r for s in found.signatures))
-    txn.facts["dkim"] = found
+    txn.facts.dkim = found

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 
 from checkdmarc.dmarc import DMARCError, parse_dmarc_record
 
@@ -19,33 +18,11 @@ from milterguard.checks import authshared as auth
 from milterguard.mail.domains import org_domain
 from milterguard.clients import dns_client as mgdns
 from milterguard.checks.dkim import tags as record_tags
-from milterguard.checks.registry import check, starter, symbol_policy
-from milterguard.model import Hits, Stage
+from milterguard.checks.registry import check, starter
+from milterguard.model import DmarcResult, Hits, Stage
 
 SYMBOLS = ("DMARC_POLICY_ALLOW", "DMARC_POLICY_REJECT", "DMARC_POLICY_QUARANTINE", "DMARC_POLICY_SOFTFAIL",
            "DMARC_NA", "DMARC_BAD_POLICY", "DMARC_TEMPFAIL", "DMARC_ARC_OVERRIDE")
-
-
-@dataclass
-class DmarcResult:
-    """What the DMARC check found; `txn.facts["dmarc"]`.
-
-    `result` is pass, fail, none, temperror or permerror; `domain` the
-    RFC5322.From domain; `policy` the policy that applies to it (reject,
-    quarantine, none; "" without a record); `override` names what spared a
-    failing message its policy ("arc:<sealer>").
-    """
-
-    result: str
-    domain: str
-    policy: str = ""
-    record_domain: str = ""  # where the record was found
-    spf_aligned: bool = False
-    dkim_aligned: bool = False
-    applied: str = ""  # the policy after pct/t=: reject, quarantine or none
-    sample: int = -1  # 0-99, the message's place for pct (pct_sample); -1 when not needed
-    reason: str = ""
-    override: str = ""
 
 
 def _from_domain(scan) -> str:
@@ -99,12 +76,6 @@ def pct_sample(message) -> int:
     return int.from_bytes(digest[:8], "big") % 100
 
 
-@symbol_policy
-def _reject_at_smtp(config) -> dict:
-    """auth.dmarc_reject gives DMARC_POLICY_REJECT a fixed reject action."""
-    return {"DMARC_POLICY_REJECT": {"action": "reject"}} if config["auth.dmarc_reject"] else {}
-
-
 @check(stage=Stage.EOM, emits=SYMBOLS, after=("spf", "dkim", "arc"), priority=45, active=mgdns.enabled)
 def dmarc(scan, hits: Hits) -> None:
     """The From domain's DMARC policy against aligned SPF and DKIM results."""
@@ -117,11 +88,11 @@ def dmarc(scan, hits: Hits) -> None:
     sess = mgdns.session(scan)
     status, record, where = _fetch(sess, domain)
     if status == "temperror":
-        txn.facts["dmarc"] = DmarcResult("temperror", domain, reason=record)
+        txn.facts.dmarc = DmarcResult("temperror", domain, reason=record)
         hits.add("DMARC_TEMPFAIL", domain, where=f"_dmarc.{where}", text=record)
         return
     if status == "none":
-        txn.facts["dmarc"] = DmarcResult("none", domain, reason="no record")
+        txn.facts.dmarc = DmarcResult("none", domain, reason="no record")
         hits.add("DMARC_NA", domain, where="_dmarc." + domain, text="no DMARC record")
         return
     # Report addresses are not used, and checking them would query DNS: leave them out.
@@ -129,7 +100,7 @@ def dmarc(scan, hits: Hits) -> None:
     try:
         parsed = parse_dmarc_record(bare, where)["tags"]
     except DMARCError as exc:
-        txn.facts["dmarc"] = DmarcResult("permerror", domain, record_domain=where, reason=str(exc))
+        txn.facts.dmarc = DmarcResult("permerror", domain, record_domain=where, reason=str(exc))
         hits.add("DMARC_BAD_POLICY", domain, where=f"_dmarc.{where}", text=f"{record}: {exc}")
         return
     value = {k: str(v["value"]).lower() for k, v in parsed.items() if not isinstance(v["value"], list)}
@@ -137,8 +108,8 @@ def dmarc(scan, hits: Hits) -> None:
     policy = value.get("p", "none") if where == domain else value.get("sp", value.get("p", "none"))
     adkim, aspf = value.get("adkim", "r"), value.get("aspf", "r")
 
-    spf = txn.facts.get("spf")
-    dkim = txn.facts.get("dkim")
+    spf = txn.facts.spf
+    dkim = txn.facts.dkim
     spf_aligned = bool(spf and spf.result == "pass" and auth.aligned(spf.domain, domain, aspf))
     dkim_domains = dkim.passing_domains if dkim else []
     dkim_aligned = any(auth.aligned(d, domain, adkim) for d in dkim_domains)
@@ -164,7 +135,7 @@ def dmarc(scan, hits: Hits) -> None:
     reason = "; ".join(reasons)
     found = DmarcResult("pass" if spf_aligned or dkim_aligned else "fail", domain, policy, where,
                         spf_aligned, dkim_aligned, reason=reason)
-    txn.facts["dmarc"] = found
+    txn.facts.dmarc = found
     if found.result == "pass":
         found.applied = "none"
         hits.add("DMARC_POLICY_ALLOW", domain, policy, where=f"_dmarc.{where}", text=reason)
@@ -187,7 +158,7 @@ def dmarc(scan, hits: Hits) -> None:
         else:
             reason += f"; pct={pct}, sample {found.sample}: {policy} applied"
     found.applied = applied
-    arc = txn.facts.get("arc")
+    arc = txn.facts.arc
     if arc is not None and arc.result == "pass" and arc.trusted:
         found.override = f"arc:{arc.sealer}"
         hits.add("DMARC_ARC_OVERRIDE", domain, arc.sealer, where=f"_dmarc.{where}",

@@ -6,12 +6,9 @@ and the message goes on; the first failure of an outage is logged once by
 milterguard.clients.redis_client.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
 
-Autolearn (off by default) learns a scanned message once it is scored: as
-spam at or above `bayes.autolearn_spam`, as ham at or below
-`bayes.autolearn_ham`, where the score leaves out the learned symbols
-themselves (so that the classifiers do not feed on their own opinion, as
-SpamAssassin does), only on a node that may write to the master, and never
-over a message learned before.
+Autolearn (off by default) learns a scanned message once it is scored, as
+scoring decided (`Verdict.learn`, see milterguard/scoring.py), only on a
+node that may write to the master, and never over a message learned before.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from milterguard.checks.registry import check, on_verdict, preparer
-from milterguard.model import Hits, Stage
+from milterguard.model import Hits, Learned, Stage
 from milterguard.stores.bayes import Bayes, message_digest, token_hash
 from milterguard.stores.models import model_cache
 from milterguard.learn.tokens import tokenize
@@ -27,18 +24,17 @@ from milterguard.clients.redis_client import RedisUnavailable, get_store
 from milterguard.clients.redis_client import configured as redis_configured
 
 log = logging.getLogger("milterguard.learn")
-LEARNED_PREFIXES = ("BAYES_", "ML_")
 
 _BAYES: dict[int, Bayes] = {}
 
 
 def tokens_of(scan) -> list[str]:
     """The message's tokens, computed once per message for both classifiers."""
-    facts = scan.txn.facts.setdefault("tokens", {})
-    if "tokens" not in facts:
-        facts["tokens"] = tokenize(scan.message)
-        facts["hashes"] = [token_hash(t) for t in facts["tokens"]]
-    return facts["tokens"]
+    facts = scan.txn.facts
+    if facts.tokens is None:
+        facts.tokens = tokenize(scan.message)
+        facts.token_hashes = [token_hash(t) for t in facts.tokens]
+    return facts.tokens
 
 
 def bayes_for(store, config) -> Bayes:
@@ -81,11 +77,11 @@ def bayes(scan, hits: Hits) -> None:
         return
     tokens_of(scan)
     try:
-        prob, used, n_spam, n_ham = bayes_for(store, config).classify_hashes(scan.txn.facts["tokens"]["hashes"])
+        prob, used, n_spam, n_ham = bayes_for(store, config).classify_hashes(scan.txn.facts.token_hashes)
     except RedisUnavailable as exc:
         hits.add("BAYES_TEMPFAIL", where="Redis", text=str(exc)[:200])
         return
-    scan.txn.facts["bayes"] = {"probability": prob, "tokens": used, "spam": n_spam, "ham": n_ham}
+    scan.txn.facts.bayes = Learned(prob, {"tokens": used, "spam": n_spam, "ham": n_ham})
     minimum = config["bayes.min_learns"]
     if n_spam < minimum or n_ham < minimum:
         return  # not trained enough to say anything
@@ -111,24 +107,18 @@ def classifier(scan, hits: Hits) -> None:
     if model is None:
         return  # nothing trained yet
     tokens_of(scan)
-    prob = model.probability(scan.txn.facts["tokens"]["hashes"])
-    scan.txn.facts["classifier"] = {"probability": prob, "version": model.version}
+    prob = model.probability(scan.txn.facts.token_hashes)
+    scan.txn.facts.classifier = Learned(prob, {"version": model.version})
     _emit(hits, "ML", prob, config["ml.spam_probability"], config["ml.ham_probability"],
           f"model version {model.version}")
 
 
 @on_verdict("bayes")
 def autolearn(scan, verdict) -> None:
-    """Learn the message by its score, when bayes.autolearn is on."""
+    """Learn the message as scoring decided (Verdict.learn), when bayes.autolearn is on."""
     config = scan.config
-    if not config["bayes.autolearn"] or scan.message is None:
-        return
-    score = verdict.score - sum(h.weight for h in verdict.hits if h.symbol.startswith(LEARNED_PREFIXES))
-    if score >= config["bayes.autolearn_spam"]:
-        label = "spam"
-    elif score <= config["bayes.autolearn_ham"]:
-        label = "ham"
-    else:
+    label = verdict.learn
+    if not label or scan.message is None:
         return
     store = get_store(config)
     if store is None or not store.can_write:
@@ -138,5 +128,4 @@ def autolearn(scan, verdict) -> None:
     except RedisUnavailable:
         return  # logged once per outage by the store
     if result.outcome == "learned":
-        log.info("autolearn %s as %s (score %.2f without learned symbols)", scan.txn.queue_id or scan.conn.ident,
-                 label, score)
+        log.info("autolearn %s as %s (score %.2f)", scan.txn.queue_id or scan.conn.ident, label, verdict.score)

@@ -8,7 +8,8 @@ Each list holds four kinds of entry: email address, domain, IP address, CIDR.
   LIST_BLOCK has a fixed reject action.  A global entry refuses the message;
   a recipient domain's entry refuses that domain's recipients only: at RCPT
   the engine answers that RCPT alone (Verdict.rcpt), after it the recipients
-  are removed at end of message (LIST_BLOCK_RCPT, Transaction.drop_rcpts).
+  are removed at end of message (LIST_BLOCK_RCPT; the check records them in
+  Facts.blocked_rcpts, and scoring puts them on the verdict, Verdict.drop_rcpts).
 - Allow entries lower the score (LIST_ALLOW); they never lift a fixed
   action such as CLAMAV_VIRUS.  Address and domain entries match the header
   From, and not when the From domain fails DMARC, then the envelope sender,
@@ -141,9 +142,9 @@ def lists_from_block(scan, hits: Hits) -> None:
         _hit(hits, "LIST_BLOCK", value, entry, domain, what)
         return
     for rcpt, (domain, what, value, entry) in blocked.items():
-        txn.drop_rcpts[rcpt] = f"{what} {value} matches {entry} of the {_where(domain)}"
+        txn.facts.blocked_rcpts[rcpt] = f"{what} {value} matches {entry} of the {_where(domain)}"
     hits.add("LIST_BLOCK_RCPT", *blocked, where="recipient lists",
-             text="; ".join(f"{rcpt}: {why}" for rcpt, why in txn.drop_rcpts.items()))
+             text="; ".join(f"{rcpt}: {why}" for rcpt, why in txn.facts.blocked_rcpts.items()))
 
 
 @check(stage=Stage.EOM, emits=EMITS, after=("dmarc", "spf"), priority=5, name="lists_from_allow")
@@ -161,10 +162,8 @@ def lists_from_allow(scan, hits: Hits) -> None:
         entry = store.lookup("allow", domain, sender)
         if entry is None:
             continue
-        # Contract with the DMARC check: txn.facts["dmarc"] has .result and .domain.
-        dmarc = txn.facts.get("dmarc")
-        if dmarc is not None and getattr(dmarc, "result", "") == "fail" and (
-                getattr(dmarc, "domain", "") or from_domain).lower() == from_domain:
+        dmarc = txn.facts.dmarc
+        if dmarc is not None and dmarc.result == "fail" and (dmarc.domain or from_domain).lower() == from_domain:
             hits.add("LIST_ALLOW_IGNORED", f"{_entry_kind(entry)}:{entry}", where=_where(domain),
                      text=f"From {sender} matches {entry}, but {from_domain} fails DMARC")
             return
@@ -174,10 +173,8 @@ def lists_from_allow(scan, hits: Hits) -> None:
         entry = store.lookup("allow", domain, txn.mail_from)
         if entry is None:
             continue
-        # Contract with the SPF check: txn.facts["spf"] has .result and .identity.
-        spf = txn.facts.get("spf")
-        if spf is not None and getattr(spf, "identity", "mailfrom") == "mailfrom" and \
-                getattr(spf, "result", "") in ("fail", "softfail"):
+        spf = txn.facts.spf
+        if spf is not None and spf.identity == "mailfrom" and spf.result in ("fail", "softfail"):
             hits.add("LIST_ALLOW_IGNORED", f"{_entry_kind(entry)}:{entry}", where=_where(domain),
                      text=f"envelope sender {txn.mail_from} matches {entry}, but fails SPF ({spf.result})")
             return

@@ -201,7 +201,7 @@ def symbols_for(spec: dict, address: str) -> list[str]:
 def _collect(scan, hits: Hits, kinds: tuple[str, ...]) -> None:
     sess = mgdns.session(scan)
     # Lookups started at connect live in the connection's session: collect those too.
-    conn_sess = scan.conn.facts.get("dns")
+    conn_sess = scan.conn.facts.dns
     lists = active_lists(scan.config)
     for query in _queries(scan, kinds):
         spec = lists[query.list_name]

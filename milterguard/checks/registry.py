@@ -1,11 +1,12 @@
 """The registry of Python checks.
 
 A check declares the stage it runs at and every symbol it may emit; the
-weights of those symbols live in the rule files.  A check never scores,
-never reads thresholds and never calls a milter action::
+weights and any fixed actions of those symbols live in the rule files.  A
+check never scores, never reads thresholds, never decides what happens to
+the message and never calls a milter action: it adds hits and facts::
 
     @check(stage=Stage.HELO, emits=("HELO_BARE_IP", "HELO_NOT_FQDN"))
-    def helo_shape(scan: Scan, hits: Hits) -> None:
+    def helo_shape(scan, hits: Hits) -> None:
         ...
 """
 
@@ -124,18 +125,6 @@ def preparer(check_name: str):
     return register
 
 
-SYMBOL_POLICIES: list[Callable] = []
-
-
-def symbol_policy(fn: Callable) -> Callable:
-    """Register `fn(config) -> {symbol: {key: value}}`: overrides of rule-file
-    declarations that follow from a check's settings (a fixed action, say).
-    The `symbols:` setting still wins over them."""
-    if fn not in SYMBOL_POLICIES:
-        SYMBOL_POLICIES.append(fn)
-    return fn
-
-
 CONFIGURED_SYMBOLS: list[Callable] = []
 
 
@@ -146,14 +135,6 @@ def configured_symbols(fn: Callable) -> Callable:
     if fn not in CONFIGURED_SYMBOLS:
         CONFIGURED_SYMBOLS.append(fn)
     return fn
-
-
-def symbol_overrides(config) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for fn in SYMBOL_POLICIES:
-        for symbol, change in fn(config).items():
-            out.setdefault(symbol, {}).update(change)
-    return out
 
 
 def ordered(specs: list[CheckSpec]) -> list[CheckSpec]:
@@ -190,5 +171,4 @@ def declared_families() -> dict[str, str]:
 
 
 __all__ = ["CHECKS", "STARTERS", "VERDICT_HOOKS", "on_verdict", "CheckSpec", "Emits", "Hits", "Stage", "check", "starter", "preparer", "ordered", "all_declared",
-           "declared_families", "symbol_policy", "symbol_overrides",
-           "configured_symbols"]
+           "declared_families", "configured_symbols"]

@@ -15,14 +15,13 @@ judged once, not once per message.  Temporary errors are not remembered.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import spf as pyspf
 
 from milterguard.checks import authshared as auth
 from milterguard.clients import dns_client as mgdns
 from milterguard.checks.registry import check, starter
-from milterguard.model import Hits, Stage
+from milterguard.model import Hits, SpfResult, Stage
 
 SYMBOLS = {
     "pass": "R_SPF_ALLOW",
@@ -58,23 +57,6 @@ def _lookup(name, qtype, tcpfallback=True, timeout=30):
 pyspf.DNSLookup = _lookup
 
 
-@dataclass
-class SpfResult:
-    """What the SPF check found; `txn.facts["spf"]`."""
-
-    result: str  # pass, fail, softfail, neutral, none, permerror, temperror
-    domain: str  # the domain whose policy was evaluated
-    identity: str  # "mailfrom" or "helo"
-    sender: str
-    ip: str
-    explanation: str = ""
-    via_relay: bool = False
-
-    @property
-    def symbol(self) -> str:
-        return SYMBOLS[self.result]
-
-
 def _memo_key(ip: str, sender: str, helo: str) -> tuple:
     return ("spf", ip, sender, helo)
 
@@ -106,7 +88,7 @@ def _identity(scan) -> tuple[str, str, str]:
 
 
 def _start(scan) -> None:
-    if not auth.active(scan) or scan.txn is None or "spf_job" in scan.txn.facts:
+    if not auth.active(scan) or scan.txn is None or "spf" in scan.txn.facts.scratch:
         return
     ip, via_relay = auth.spf_hop(scan)
     if ip is None:
@@ -122,7 +104,7 @@ def _start(scan) -> None:
     else:
         future = sess.start_call(("spf", ip, sender), _evaluate, sess.resolver, ip, sender, scan.conn.helo,
                                  cfg["dns.timeout"], cfg["dns.message_budget"])
-    scan.txn.facts["spf_job"] = (future, identity, sender, domain, ip, via_relay)
+    scan.txn.facts.scratch["spf"] = (future, identity, sender, domain, ip, via_relay)
 
 
 starter("spf", Stage.MAIL_FROM)(_start)
@@ -132,7 +114,7 @@ starter("spf", Stage.HEADERS)(_start)
 @check(stage=Stage.HEADERS, emits=tuple(SYMBOLS.values()), priority=20, active=mgdns.enabled)
 def spf(scan, hits: Hits) -> None:
     """SPF of the envelope sender (or of HELO for the null sender)."""
-    job = scan.txn.facts.get("spf_job")
+    job = scan.txn.facts.scratch.get("spf")
     if job is None:
         return
     future, identity, sender, domain, ip, via_relay = job
@@ -143,9 +125,9 @@ def spf(scan, hits: Hits) -> None:
         result, explanation = "temperror", str(exc)
     found = SpfResult(result=result, domain=domain, identity=identity, sender=sender, ip=ip,
                       explanation=explanation, via_relay=via_relay)
-    scan.txn.facts["spf"] = found
+    scan.txn.facts.spf = found
     where = "MAIL FROM" if identity == "mailfrom" else "HELO"
     text = f"{result} for {sender} from {ip}" + (" (hop behind a trusted relay)" if via_relay else "")
     if explanation:
         text += f": {explanation}"
-    hits.add(found.symbol, f"{domain}", ip, where=where, text=text)
+    hits.add(SYMBOLS[found.result], f"{domain}", ip, where=where, text=text)

@@ -159,8 +159,8 @@ def _evaluate(args, config, cleanup: bool) -> int:
             learned = sum(txn.timings.get(name, 0.0) for name in ("bayes", "classifier"))
             rows.append({
                 "path": path, "label": label, "score": verdict.score,
-                "bayes": txn.facts.get("bayes", {}).get("probability", 0.5),
-                "classifier": txn.facts.get("classifier", {}).get("probability", 0.5),
+                "bayes": txn.facts.bayes.probability if txn.facts.bayes else 0.5,
+                "classifier": txn.facts.classifier.probability if txn.facts.classifier else 0.5,
                 "without_classifier": verdict.score - _learned_weight(verdict, LEARNED_GROUPS["classifier"]),
                 "rules": verdict.score - _learned_weight(verdict, LEARNED_GROUPS["bayes"] + LEARNED_GROUPS["classifier"]),
                 "ms": elapsed * 1000, "learned_ms": learned * 1000,

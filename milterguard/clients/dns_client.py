@@ -345,10 +345,9 @@ class Budget:
 def session(scan) -> "Session":
     """The DNS session of this message (or of the connection before MAIL FROM)."""
     holder = scan.txn.facts if scan.txn is not None else scan.conn.facts
-    sess = holder.get("dns")
+    sess = holder.dns
     if sess is None:
-        sess = Session(resolver_for(scan.config), Budget(scan.config["dns.message_budget"]))
-        holder["dns"] = sess
+        sess = holder.dns = Session(resolver_for(scan.config), Budget(scan.config["dns.message_budget"]))
     return sess
 
 

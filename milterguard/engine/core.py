@@ -1,19 +1,20 @@
 """The engine: runs the rules and checks of each stage and scores the hits.
 
-The milter calls `run_stage` as each SMTP stage arrives and `finish` at
-end of message; the CLI calls `evaluate`, which runs the very same stages
-in the same order.  Neither front end imports a check.
+Front ends drive a `Session` (engine/pipeline.py), which calls `run_stage`
+as each SMTP stage arrives and `finish` at end of message: the milter from
+pymilter's callbacks, the CLI through `evaluate`, for a message read from a
+file.  Neither front end imports a check.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 from milterguard import scoring
 from milterguard.config import Config
 from milterguard.checks import registry
+from milterguard.engine.pipeline import Session, run_session
 from milterguard.model import Action, Connection, Hits, Stage, Transaction, Verdict
 from milterguard.ruleset.rules import PatternSet, Rule, RuleSet, load_rules
 
@@ -62,7 +63,9 @@ class Scan:
 
 
 def header_view(txn: Transaction, config: Config):
-    if txn.header_view is None:
+    """The headers received so far, parsed (again when more have come since)."""
+    view = txn.header_view
+    if view is None or view.header_count != len(txn.headers):
         from milterguard.mail.message import Message
 
         txn.header_view = Message.from_parts(
@@ -286,7 +289,7 @@ class Engine:
     def _run_check(self, spec: registry.CheckSpec, scan: Scan, hits: Hits, timings: dict[str, float]) -> None:
         hits._enter(scan.stage, spec.name, spec.emits)
         facts = scan.txn.facts if scan.txn is not None else scan.conn.facts
-        dns_session = facts.get("dns")
+        dns_session = facts.dns
         waited = dns_session.budget.spent if dns_session is not None else 0.0
         t0 = time.perf_counter()
         try:
@@ -302,7 +305,7 @@ class Engine:
         timings[spec.name] = timings.get(spec.name, 0.0) + elapsed
         # Waits for DNS answers are bounded by the message's DNS budget and reported by
         # the check's own *_TEMPFAIL symbol; the check's budget is for its own work.
-        dns_session = facts.get("dns")
+        dns_session = facts.dns
         if dns_session is not None:
             elapsed -= dns_session.budget.spent - waited
         if elapsed > self.check_budget:
@@ -375,6 +378,7 @@ class Engine:
         t1 = time.perf_counter()
         self._run_composites(hits)
         verdict = scoring.score(hits, self.ruleset, self.config, txn.rcpt_domains, Stage.FINAL)
+        scoring.finalize(verdict, txn.facts, txn.headers, self.config)
         txn.timings["composites+scoring"] = time.perf_counter() - t1
         self._run_verdict_hooks(conn, txn, verdict)
         verdict.timings = dict(conn.timings) | dict(txn.timings)
@@ -388,81 +392,21 @@ class Engine:
             hits.merge(conn.hits)
         return hits
 
-    def evaluate(self, conn: Connection, txn: Transaction, on_stage: Callable[[Stage, Verdict | None], None] | None = None) -> Verdict:
-        """Every stage in order, as the milter would see them; for the CLI.
+    def session(self, conn: Connection) -> Session:
+        """The stage pipeline of one SMTP connection, for a front end to drive."""
+        return Session(self, conn)
 
-        Stops at the first stage whose verdict is final, as the milter does.
+    def evaluate(self, conn: Connection, txn: Transaction) -> Verdict:
+        """A whole session for one message, through the same pipeline as the milter; for the CLI.
+
+        Stops at the first verdict that ends the session, as the milter does.
         """
-        conn.hits = self.new_hits()
-        for stage in (Stage.CONNECT, Stage.HELO):
-            verdict = self.run_stage(stage, conn, None, conn.hits)
-            if verdict is not None:
-                verdict.elapsed = time.monotonic() - txn.started
-                return verdict
-        hits = self.start_transaction(conn, txn)
-        rcpts, txn.rcpts = list(txn.rcpts), []
-        verdict = self.run_stage(Stage.MAIL_FROM, conn, txn, hits)
-        refused: list[Verdict] = []
-        for rcpt in rcpts:
-            if verdict is not None:
-                break
-            txn.rcpts.append(rcpt)
-            verdict = self.run_stage(Stage.RCPT, conn, txn, hits)
-            if verdict is not None and verdict.rcpt:
-                # As the milter does: that recipient is refused, the others go on.
-                txn.rcpts.pop()
-                refused.append(verdict)
-                verdict = None
-        if verdict is None and refused and not txn.rcpts:
-            verdict = refused.pop()  # every recipient refused: no message follows
-        if verdict is None:
-            verdict = self.run_stage(Stage.HEADERS, conn, txn, hits)
-        if verdict is not None:
-            verdict.refused = refused
-            verdict.elapsed = time.monotonic() - txn.started
-            return verdict
-        verdict = self.finish(conn, txn, hits)
-        verdict.refused = refused
-        return verdict
-
-    def headers_for(self, verdict: Verdict) -> list[tuple[str, str]]:
-        """X-Spam-* headers to add for VERDICT (none in shadow mode)."""
-        if verdict.mode == "shadow" or not self.config["headers.enabled"]:
-            return []
-        return scoring.spam_headers(verdict, self.config["headers.symbols"])
-
-    def headers_to_prepend(self, verdict: Verdict, txn: Transaction) -> list[tuple[str, str]]:
-        """Headers that go on top of the message: the Authentication-Results (RFC 8601 5)."""
-        results = txn.facts.get("auth_results")
-        if verdict.mode == "shadow" or results is None:
-            return []
-        return [("Authentication-Results", results.header())]
-
-    def headers_to_remove(self, verdict: Verdict, txn: Transaction) -> list[tuple[str, int]]:
-        """(name, 1-based index among headers of that name), highest index first: the
-        Authentication-Results that claim our authserv-id."""
-        results = txn.facts.get("auth_results")
-        if verdict.mode == "shadow" or results is None:
-            return []
-        return [("Authentication-Results", index) for index in sorted(results.remove, reverse=True)]
-
-    def subject_for(self, verdict: Verdict, subject: str | None) -> str | None:
-        """The new Subject when the applied action tags, else None."""
-        tag = self.config["actions.subject_tag"]
-        if not tag or verdict.applied not in (Action.TAG, Action.REVIEW):
-            return None
-        subject = subject or ""
-        if subject.startswith(tag):
-            return None
-        return f"{tag} {subject}".rstrip()
+        return run_session(self, conn, txn)
 
 
 def _symbol_overrides(config: Config) -> dict[str, dict]:
-    """What the checks' settings imply for their symbols, then the `symbols:` setting over it."""
-    overrides = registry.symbol_overrides(config)
-    for symbol, change in config["symbols"].items():
-        overrides.setdefault(symbol, {}).update(change)
-    return overrides
+    """The `symbols:` setting: changes to the rule files' declarations."""
+    return {symbol: dict(change) for symbol, change in config["symbols"].items()}
 
 
 class _Declared(dict):
