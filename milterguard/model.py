@@ -14,10 +14,7 @@ import enum
 import ipaddress
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover
-    from milterguard.mail.message import Message
+from typing import Any
 
 
 class Stage(enum.IntEnum):
@@ -88,8 +85,8 @@ class Transaction:
     headers: list[tuple[str, str]] = field(default_factory=list)  # (name, raw value)
     body: Any = b""  # bytes, or a file object holding the body (spooled)
     body_size: int = 0
-    message: "Message | None" = None  # parsed at end of message
-    header_view: "Message | None" = None  # the headers alone, parsed at end of headers
+    message: Any = None  # the parsed mail.message.Message, at end of message
+    header_view: Any = None  # a Message of the headers alone, parsed at end of headers
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
     # What the checks found that other parts read: see `Facts`.

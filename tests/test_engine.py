@@ -105,3 +105,14 @@ def test_disabled_symbol_is_not_reported(tmp_path):
 def test_same_message_same_verdict_across_runs(tmp_path):
     engine = Engine.load(load_config(etc_dir=tmp_path))
     assert run(engine).symbols == run(engine).symbols
+
+
+def test_parser_limits_become_symbols(tmp_path):
+    """A message past the MIME walker's part limit says so: what lies past it is not scanned."""
+    from milterguard.mail.mime import MAX_PARTS
+
+    parts = "".join(f"--b\nContent-Type: text/plain\n\npart {i}\n" for i in range(MAX_PARTS + 5))
+    raw = (b"From: a@example.com\nTo: b@example.net\nSubject: many\nMIME-Version: 1.0\n"
+           b'Content-Type: multipart/mixed; boundary="b"\n\n' + parts.encode() + b"--b--\n")
+    verdict = run(Engine.load(load_config(etc_dir=tmp_path), strict=True), raw)
+    assert "MIME_TOO_MANY_PARTS" in verdict.symbols and "MIME_TOO_DEEP" not in verdict.symbols

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 
 from milterguard.checks.registry import check
+from milterguard.mail.defects import DEFECTS
 from milterguard.model import Hits, Stage
 
 # Defects the message parser reports, each its own symbol.
-DEFECT_SYMBOLS = ("MIME_BAD_BOUNDARY", "MIME_BAD_BASE64", "MIME_BAD_CHARSET", "HEADER_8BIT", "HEADER_NO_COLON",
-                  "MIME_MISSING_VERSION")
+DEFECT_SYMBOLS = tuple(sorted(DEFECTS))
 
 _FAREAST = re.compile(r"^(?:gb2312|gbk|gb18030|big5|ks_c_5601.*|euc-kr|euc-jp|iso-2022-jp|iso-2022-kr|shift_jis|hz-gb-2312)$")
 _IMG = re.compile(r"<img\b", re.I)

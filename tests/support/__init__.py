@@ -56,6 +56,14 @@ __all__ = [
 ]
 
 LOOPBACK = "127.0.0.1"
+
+
+def corpus_dir() -> Path:
+    """The shared mail corpus: $MILTERGUARD_CORPUS, else shared/corpus beside the checkout."""
+    configured = os.environ.get("MILTERGUARD_CORPUS")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[3] / "shared" / "corpus"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 T = TypeVar("T")
