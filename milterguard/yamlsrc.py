@@ -78,7 +78,8 @@ def load_text(text: str, file: str = "<string>") -> Located:
         data = None if node is None else _walk(loader, node, (), lines, file)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
+        # A fault found at the end of the text (an unclosed bracket) is on its last line.
+        line = max(1, min(mark.line + 1, len(text.splitlines()))) if mark else 1
         raise SourceError(f"{file}:{line}", f"YAML syntax error: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise SourceError(file, f"YAML error: {exc}") from None

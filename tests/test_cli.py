@@ -259,6 +259,52 @@ def test_lint_warning_fails_only_with_strict(capsys, etc, tmp_path):
     assert status == 1
 
 
+def test_lint_of_a_file_with_a_hyphen_reports_the_real_fault_once(capfd, etc, tmp_path):
+    # The default group comes from the file name, made into a valid group name; a bad
+    # regex is one file:line error, without RE2's own log lines on stderr.
+    path = tmp_path / "my-rules.yaml"
+    path.write_text(
+        "- symbol: LOCAL_LOOKAHEAD\n"
+        "  description: RE2 has no lookahead\n"
+        "  weight: 1\n"
+        "  match: {body: 'foo(?=bar)'}\n"
+        "  examples: {hit: [foobar], miss: [foo]}\n"
+    )
+    status = main(["lint", "--etc-dir", str(etc), str(path)])
+    out, err = capfd.readouterr()
+    assert status == 1
+    assert "group" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {path}:4: LOCAL_LOOKAHEAD: regex not accepted by RE2 "
+                      "(no lookaround or backreferences): invalid perl operator: (?="]
+    assert err.splitlines()[-1].endswith(" 1 errors, 0 warnings"), err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_rules_of_a_file_with_a_hyphen_are_in_its_group(capsys, etc, messages):
+    (etc / "rules.d").mkdir()
+    (etc / "rules.d" / "10-my-rules.yaml").write_text(
+        "- symbol: LOCAL_HELLO\n  description: Says hello\n  weight: 0.5\n"
+        "  match: {body: 'Hi Bob'}\n  examples: {hit: [Hi Bob], miss: [Bye]}\n"
+    )
+    status, out, err = run(capsys, "scan", "--json", "--etc-dir", str(etc), str(messages / "ham.eml"))
+    assert status == 0, err
+    hit = next(s for s in json.loads(out)["symbols"] if s["name"] == "LOCAL_HELLO")
+    assert hit["group"] == "my_rules"
+
+
+def test_lint_counts_a_file_with_a_yaml_syntax_error(capsys, etc, tmp_path):
+    path = tmp_path / "unclosed.yaml"
+    path.write_text("- symbol: LOCAL_X\n  description: [unclosed\n")
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc))
+    shipped_files = int(err.split()[0])
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc), str(path))
+    assert status == 1
+    assert [line for line in out.splitlines() if line.startswith("error: ")] == [
+        f"error: {path}:2: YAML syntax error: expected ',' or ']', but got '<stream end>'"]
+    assert err.startswith(f"{shipped_files + 1} rule files, ")
+
+
 def test_lint_missing_path_is_status_2(capsys, etc, tmp_path):
     status, out, err = run(capsys, "lint", "--etc-dir", str(etc), str(tmp_path / "nope.yaml"))
     assert status == 2
