@@ -106,6 +106,24 @@ def test_missing_config_file_is_an_error(capsys, etc, tmp_path):
     assert "nope.yaml" in err and "does not exist" in err
 
 
+def test_options_go_before_or_after_arguments(capsys, etc):
+    # An option between two positionals of a command, as argparse users expect.
+    status, out, err = run(capsys, "list", "add", "allow", "--domain", "example.net", "friend.example",
+                           "--etc-dir", str(etc))
+    assert status == 0, err
+    assert out == f"friend.example added to {etc / 'lists' / 'example.net' / 'allow.map'}\n"
+    status, out, err = run(capsys, "list", "--etc-dir", str(etc), "show", "--domain", "example.net", "allow")
+    assert status == 0, err
+    assert out.splitlines()[1:] == ["friend.example"]
+
+
+def test_a_usage_error_names_the_command(capsys, etc):
+    with pytest.raises(SystemExit) as exc:
+        main(["list", "add", "--etc-dir", str(etc), "allow", "--no-such-option"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: milterguard list ")
+
+
 # ---------------------------------------------------------------- scan
 
 

@@ -40,26 +40,38 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="configuration directory (default /etc/milterguard, or $MILTERGUARD_ETC_DIR)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each command's parser by name."""
     parser = argparse.ArgumentParser(prog="milterguard", description="Anti-spam and anti-phishing milter.")
     parser.add_argument("--version", action="version", version=f"milterguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = {}
     for name, (module, help_text) in COMMANDS.items():
         mod = import_module(module)
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().split("\n")[0])
         mod.add_arguments(p)
         add_common(p)
-        p.set_defaults(_module=mod)
-    return parser
+        p.set_defaults(_module=mod, command=name)
+        commands[name] = p
+    return parser, commands
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
+    # Not list(argv): importing the `list` command binds that name in this package.
+    argv = sys.argv[1:] if argv is None else [*argv]
+    parser, commands = build_parser()
+    # The top level has only options without values, so the first word is the command.
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    if at == len(argv) or argv[at] not in commands:
+        parser.parse_args(argv)  # --help, --version, or a usage error
         parser.print_help(sys.stderr)
         return 2
+    parser.parse_args(argv[:at])
+    # The command's own parser takes its options and arguments in any order
+    # (`list add allow --domain example.net friend.example`); argparse's dispatch
+    # to a subcommand would leave the words after an option over, as an error.
+    args = commands[argv[at]].parse_intermixed_args(argv[at + 1:])
     return args._module.run(args)
 
 
