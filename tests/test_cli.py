@@ -339,7 +339,14 @@ def test_config_dump_origin_names_the_local_d_line(capsys, etc):
     status, out, err = run(capsys, "config", "dump", "--origin", "--etc-dir", str(etc))
     assert status == 0, err
     lines = out.splitlines()
-    assert f"thresholds: {{reject: 12.0, review: 6.0, tag: 4.0}}    # {local / 'scoring.yaml'}:2" in lines
+    # Each key of a merged mapping has its own origin: local.d set only thresholds.reject.
+    assert f"thresholds.reject: 12.0    # {local / 'scoring.yaml'}:3" in lines
+    shipped = cfgmod.find_share_dir() / "conf" / "milterguard.yaml"
+    assert [line for line in lines if line.startswith("thresholds")] == [
+        f"thresholds.reject: 12.0    # {local / 'scoring.yaml'}:3",
+        f"thresholds.review: 6.0    # {shipped}:31",
+        f"thresholds.tag: 4.0    # {shipped}:31",
+    ]
     assert f"actions.mode: tag-only    # {local / 'scoring.yaml'}:4" in lines
     shipped = next(line for line in lines if line.startswith("milter.socket:"))
     assert shipped.startswith("milter.socket: 'inet:11339@127.0.0.1'    # ")

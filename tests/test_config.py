@@ -116,6 +116,28 @@ def test_thresholds_must_be_ordered(tmp_path):
         load_config(etc_dir=tmp_path, sets=["thresholds.tag=20"])
 
 
+def test_each_part_of_a_merged_mapping_has_its_own_origin(tmp_path):
+    write(tmp_path / "local.d" / "10-a.yaml", "symbols:\n  SUBJ_FREE: {weight: 0.5}\n  SUBJ_ALL_CAPS: {weight: 1}\n")
+    write(tmp_path / "local.d" / "20-b.yaml", "symbols:\n  SUBJ_FREE:\n    enabled: false\n")
+    cfg = load_config(etc_dir=tmp_path, sets=["thresholds.tag=5"])
+    shipped = str(cfgmod.find_share_dir() / "conf" / "milterguard.yaml")
+    assert cfg.origin("symbols", ("SUBJ_FREE", "weight")) == f"{tmp_path / 'local.d' / '10-a.yaml'}:2"
+    assert cfg.origin("symbols", ("SUBJ_FREE", "enabled")) == f"{tmp_path / 'local.d' / '20-b.yaml'}:3"
+    assert cfg.origin("symbols", ("SUBJ_ALL_CAPS", "weight")) == f"{tmp_path / 'local.d' / '10-a.yaml'}:3"
+    assert cfg.origin("thresholds", ("tag",)) == "--set thresholds.tag"
+    assert cfg.origin("thresholds", ("reject",)).startswith(shipped + ":")
+    text = cfgmod.dump(cfg, origin=True)
+    assert "symbols.SUBJ_ALL_CAPS: {weight: 1.0}    # " in text
+    assert "thresholds.tag: 5.0    # --set thresholds.tag\n" in text
+    # A section replaced by override.d takes its origin from there, whole.
+    write(tmp_path / "override.d" / "symbols.yaml", "symbols:\n  SUBJ_FREE: {weight: 2}\n")
+    cfg = load_config(etc_dir=tmp_path)
+    assert cfg["symbols"] == {"SUBJ_FREE": {"weight": 2.0}}
+    assert cfg.origin("symbols", ("SUBJ_FREE", "weight")) == f"{tmp_path / 'override.d' / 'symbols.yaml'}:2"
+    assert (f"symbols: {{SUBJ_FREE: {{weight: 2.0}}}}    # {tmp_path / 'override.d' / 'symbols.yaml'}:2\n"
+            in cfgmod.dump(cfg, origin=True))
+
+
 def test_dump_shows_origins(tmp_path):
     write(tmp_path / "local.d" / "a.yaml", "actions: {mode: shadow}\n")
     text = cfgmod.dump(load_config(etc_dir=tmp_path), origin=True)
