@@ -211,6 +211,15 @@ def test_scan_missing_file_is_status_2(capsys, etc, tmp_path):
     assert "missing.eml" in err
 
 
+def test_scan_of_an_empty_directory_says_so_and_fails(capsys, etc, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, out, err = run(capsys, "scan", "--etc-dir", str(etc), str(empty))
+    assert status == 2
+    assert out == ""
+    assert err == f"milterguard: no messages in {empty}\n"
+
+
 # ---------------------------------------------------------------- lint
 
 
@@ -460,6 +469,47 @@ def test_corpus_markdown_table_matches_the_json(capsys, etc, small_corpus):
     for name, cells in listed.items():
         assert float(cells[2]) == pytest.approx(rows[name]["spam_pct"], abs=0.01)
         assert float(cells[3]) == pytest.approx(rows[name]["ham_pct"], abs=0.01)
+
+
+@pytest.fixture
+def split_corpus(tmp_path):
+    """Ten ham messages, some in the train and some in the test split; the names of each split."""
+    from milterguard.corpus import split_of
+
+    ham = tmp_path / "ten"
+    ham.mkdir()
+    names = {"train": [], "test": []}
+    for i in range(10):
+        (ham / f"m{i}.eml").write_bytes(HAM)
+        names[split_of(f"m{i}.eml")].append(f"m{i}.eml")
+    assert names["train"] and names["test"]
+    return ham, names
+
+
+def test_corpus_takes_every_message_unless_a_split_is_asked(capsys, etc, split_corpus):
+    ham, names = split_corpus
+    common = ("corpus", "--etc-dir", str(etc), "--ham", str(ham), "--jobs", "1")
+    status, out, err = run(capsys, *common)
+    assert status == 0, err
+    assert "\nall split: 0 spam, 10 ham; " in out
+    status, out, err = run(capsys, *common, "--json")
+    assert json.loads(out)["summary"]["ham"] == 10
+    for split in ("train", "test"):
+        n = len(names[split])
+        status, out, err = run(capsys, *common, "--split", split)
+        assert status == 0, err
+        assert f"\n{split} split: 0 spam, {n} ham ({n} of 10 messages); " in out
+        status, out, err = run(capsys, *common, "--split", split, "--markdown")
+        assert out.startswith(f"{split} split: 0 spam, {n} ham ({n} of 10 messages).\n")
+        status, out, err = run(capsys, *common, "--split", split, "--json")
+        summary = json.loads(out)["summary"]
+        assert (summary["split"], summary["ham"], summary["found"]) == (split, n, 10)
+
+
+def test_corpus_without_messages_says_so(capsys, etc, tmp_path):
+    status, out, err = run(capsys, "corpus", "--etc-dir", str(etc), "--ham", str(tmp_path))
+    assert status == 2
+    assert err == f"milterguard: no messages under {tmp_path}\n"
 
 
 def test_corpus_needs_a_spam_or_ham_dir(capsys, etc):
