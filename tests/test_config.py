@@ -142,3 +142,33 @@ def test_dump_shows_origins(tmp_path):
     write(tmp_path / "local.d" / "a.yaml", "actions: {mode: shadow}\n")
     text = cfgmod.dump(load_config(etc_dir=tmp_path), origin=True)
     assert "actions.mode: shadow    # " in text and "a.yaml:1" in text
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:3310", "clamd.example.net:3310", "[::1]:3310", ":3310",
+                                     "/run/clamav/clamd.ctl", "unix:/run/clamav/clamd.ctl", ""])
+def test_clamav_address_forms_the_check_accepts(tmp_path, address):
+    from milterguard.checks.clamav import client_for
+
+    cfg = load_config(etc_dir=tmp_path, sets=[f"clamav.address={address}"])
+    assert cfg["clamav.address"] == address
+    if address:
+        client_for(address, 1.0)  # builds the client; nothing connects yet
+
+
+@pytest.mark.parametrize("address", ["tcp:127.0.0.1:3310", "127.0.0.1", "localhost:99999", "::1:3310",
+                                     "[not-v6]:3310", "unix:clamd.ctl", "clamd host:3310"])
+def test_clamav_address_is_checked_at_load(tmp_path, address):
+    write(tmp_path / "local.d" / "clamav.yaml", f"clamav:\n  address: '{address}'\n")
+    with pytest.raises(ConfigError, match=f"clamav.yaml:2: clamav.address: "):
+        load_config(etc_dir=tmp_path)
+    with pytest.raises(ConfigError, match="^--set: clamav.address: "):
+        load_config(etc_dir=tmp_path / "empty", sets=[f"clamav.address={address}"])
+
+
+def test_spool_dir_must_be_a_directory(tmp_path):
+    assert load_config(etc_dir=tmp_path, sets=[f"message.spool_dir={tmp_path}"])["message.spool_dir"] == str(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--set: message.spool_dir: no directory '.*/nope'$"):
+        load_config(etc_dir=tmp_path, sets=[f"message.spool_dir={tmp_path / 'nope'}"])
+    write(tmp_path / "local.d" / "spool.yaml", f"message: {{spool_dir: '{tmp_path / 'local.d' / 'spool.yaml'}'}}\n")
+    with pytest.raises(ConfigError, match=r"spool.yaml:1: message.spool_dir: '.*' is not a directory$"):
+        load_config(etc_dir=tmp_path)

@@ -19,6 +19,7 @@ import time
 
 from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
+from milterguard.settings import parse_clamd_address
 
 log = logging.getLogger("milterguard.clamav")
 
@@ -96,16 +97,11 @@ def _library():
 
 def client_for(address: str, timeout: float):
     """A clamd client for `HOST:PORT`, `[V6]:PORT`, `/path` or `unix:/path`."""
-    address = address.strip()
-    if address.startswith("unix:"):
-        address = address[5:]
+    where, port = parse_clamd_address(address)  # the configuration has checked it
     _clamd, tcp_client, unix_client = _library()
-    if address.startswith("/"):
-        return unix_client(address, timeout=timeout)
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"clamav.address must be HOST:PORT or a socket path, got {address!r}")
-    return tcp_client(host.strip("[]") or "127.0.0.1", int(port), timeout=timeout)
+    if port is None:
+        return unix_client(where, timeout=timeout)
+    return tcp_client(where, port, timeout=timeout)
 
 
 class _Joined(io.RawIOBase):
