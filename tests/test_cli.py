@@ -535,6 +535,33 @@ def test_bench_two_messages_one_round(capsys, etc, messages):
     assert out.startswith("2 messages in one process: ")
 
 
+def test_bench_makes_no_dns_lookup_unless_asked(capsys, etc, messages):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(0.05)
+        common = ("bench", "--etc-dir", str(etc), "--rounds", "1", "--json", str(messages / "ham.eml"),
+                  "--set", f"dns.nameservers=127.0.0.1:{server.getsockname()[1]}",
+                  "--set", "dns.timeout=0.1", "--set", "dns.message_budget=0.2")
+
+        def queries() -> int:
+            count = 0
+            try:
+                while True:
+                    server.recv(4096)
+                    count += 1
+            except TimeoutError:
+                return count
+
+        status, out, err = run(capsys, *common)
+        assert status == 0, err
+        assert queries() == 0
+        status, out, err = run(capsys, *common, "--dns")
+        assert status == 0, err
+        assert queries() > 0
+
+
 # ---------------------------------------------------------------- serve
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from milterguard.cli.common import CliError, load, load_engine, report
+from milterguard.cli.common import CliError, add_dns_option, load_engine, load_offline, report
 from milterguard.corpus import Progress, Result, select, symbol_stats
 from milterguard.rawmail import iter_message_files, read_message
 
@@ -34,8 +34,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/rules-qa.md)")
     parser.add_argument("--all-symbols", action="store_true", help="with extra rule files: list every symbol, not only theirs")
     parser.add_argument("--progress", action="store_true", default=None, help="draw a progress bar even when stderr is not a terminal")
-    parser.add_argument("--dns", action="store_true",
-                        help="let the checks look things up in DNS (default: off, as answers today say nothing of stored mail)")
+    add_dns_option(parser)
 
 
 def _scan(item: tuple[str, str]) -> Result:
@@ -64,11 +63,7 @@ def run(args) -> int:
     if not args.spam and not args.ham:
         return report(CliError("give --spam DIR and/or --ham DIR"))
     try:
-        # Stored mail is judged offline unless asked: today's SPF, DKIM and blocklist
-        # answers say nothing about a message of another year, and a corpus run would
-        # send thousands of queries.  --set dns.enabled=... still wins.
-        user_set = any(item.split("=", 1)[0].strip() == "dns.enabled" for item in args.sets)
-        config = load(args) if args.dns or user_set else load(args, ["dns.enabled=false"])
+        config = load_offline(args)
         if args.rules:
             for path in args.rules:
                 if not os.path.isfile(path):
