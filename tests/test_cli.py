@@ -76,6 +76,41 @@ def corpus_files(kind: str, count: int) -> list[Path]:
     return sorted(folder.glob("*.eml"))[:count]
 
 
+class DnsListener:
+    """A UDP socket on loopback named as the only name server; it never answers."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.sets = ("--set", f"dns.nameservers=127.0.0.1:{sock.getsockname()[1]}",
+                     "--set", "dns.timeout=0.1", "--set", "dns.message_budget=0.2")
+
+    def queries(self) -> list[tuple[str, int]]:
+        """(name, type) of each query received since the last call."""
+        import struct
+
+        found = []
+        while True:
+            try:
+                packet = self.sock.recv(4096)
+            except TimeoutError:
+                return found
+            labels, at = [], 12
+            while packet[at]:
+                labels.append(packet[at + 1:at + 1 + packet[at]].decode("ascii", "replace"))
+                at += 1 + packet[at]
+            found.append((".".join(labels), struct.unpack("!H", packet[at + 1:at + 3])[0]))
+
+
+@pytest.fixture
+def dns_listener():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.05)
+        yield DnsListener(sock)
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     out, err = capsys.readouterr()
@@ -203,6 +238,22 @@ def test_scan_of_a_corpus_spam_message(capsys, etc):
     assert status == 0, err
     assert out.startswith(f"== {path}\n")
     assert f"total {record['score']:.2f} -> {record['action']}" in out
+
+
+def test_scan_ip_looks_up_through_the_configured_servers_only(capsys, etc, messages, dns_listener):
+    # No reverse look-up of --ip (the client name is [IP] unless --client-name says otherwise),
+    # and no look-up at all with DNS off; the loopback_only fixture catches the system's resolver.
+    common = ("scan", "--json", "--etc-dir", str(etc), "--ip", "198.51.100.7", str(messages / "ham.eml"),
+              *dns_listener.sets)
+    status, out, err = run(capsys, *common, "--set", "dns.enabled=false")
+    assert status == 0, err
+    assert dns_listener.queries() == []
+    status, out, err = run(capsys, *common)
+    assert status == 0, err
+    queries = dns_listener.queries()
+    assert ("example.org", 16) in queries  # the sender's SPF record, TXT
+    assert all(qtype != 12 for _, qtype in queries), queries  # no PTR
+    assert "RDNS_NONE" in {s["name"] for s in json.loads(out)["symbols"]}
 
 
 def test_scan_missing_file_is_status_2(capsys, etc, tmp_path):
@@ -535,31 +586,15 @@ def test_bench_two_messages_one_round(capsys, etc, messages):
     assert out.startswith("2 messages in one process: ")
 
 
-def test_bench_makes_no_dns_lookup_unless_asked(capsys, etc, messages):
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
-        server.bind(("127.0.0.1", 0))
-        server.settimeout(0.05)
-        common = ("bench", "--etc-dir", str(etc), "--rounds", "1", "--json", str(messages / "ham.eml"),
-                  "--set", f"dns.nameservers=127.0.0.1:{server.getsockname()[1]}",
-                  "--set", "dns.timeout=0.1", "--set", "dns.message_budget=0.2")
-
-        def queries() -> int:
-            count = 0
-            try:
-                while True:
-                    server.recv(4096)
-                    count += 1
-            except TimeoutError:
-                return count
-
-        status, out, err = run(capsys, *common)
-        assert status == 0, err
-        assert queries() == 0
-        status, out, err = run(capsys, *common, "--dns")
-        assert status == 0, err
-        assert queries() > 0
+def test_bench_makes_no_dns_lookup_unless_asked(capsys, etc, messages, dns_listener):
+    common = ("bench", "--etc-dir", str(etc), "--rounds", "1", "--json", str(messages / "ham.eml"),
+              *dns_listener.sets)
+    status, out, err = run(capsys, *common)
+    assert status == 0, err
+    assert dns_listener.queries() == []
+    status, out, err = run(capsys, *common, "--dns")
+    assert status == 0, err
+    assert dns_listener.queries()
 
 
 # ---------------------------------------------------------------- serve
