@@ -608,6 +608,20 @@ def test_serve_refuses_broken_rules(capsys, etc):
     assert "rule errors" in err and f"{etc / 'rules.d' / 'bad.yaml'}:1" in err
 
 
+# ---------------------------------------------------------------- start-up
+
+
+def test_commands_print_no_warnings_of_the_libraries(tmp_path, messages):
+    # dnspython's DNSSEC module made cryptography warn that DSA is deprecated, eight
+    # lines at the top of every command that loads the checks.
+    for argv in (["--version"], ["lint", "--etc-dir", str(tmp_path)],
+                 ["scan", "--etc-dir", str(tmp_path), str(messages / "ham.eml")]):
+        done = subprocess.run([sys.executable, "-m", "milterguard", *argv], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr, done.stderr
+
+
 # ---------------------------------------------------------------- installed scripts
 
 
