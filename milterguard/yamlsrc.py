@@ -13,6 +13,10 @@ from typing import Any
 
 import yaml
 
+# libyaml's parser where PyYAML was built with it: it reads the shipped rules about
+# five times faster, and its nodes carry their line as the pure-Python parser's do.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class SourceError(ValueError):
     """An error in a configuration or rule file, with its place."""
@@ -71,7 +75,7 @@ def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, lines: dict[tup
 
 def load_text(text: str, file: str = "<string>") -> Located:
     """Parse one YAML document; raise SourceError with file:line on a syntax error."""
-    loader = yaml.SafeLoader(text)
+    loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         lines: dict[tuple, int] = {}
