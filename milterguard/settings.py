@@ -558,6 +558,14 @@ for _s in SETTINGS:
     SECTIONS.setdefault(_head, set()).add(_rest)
 
 
+def redis_configured(config: Any) -> bool:
+    """Whether the configuration names a Redis at all (URL, replicas or Sentinels).
+
+    Here rather than in milterguard.redisstore, so that the checks can ask it without
+    importing the Redis client."""
+    return bool(config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels"))
+
+
 def default_workers() -> int:
     """One worker per usable CPU."""
     try:

@@ -12,7 +12,7 @@ import logging
 from milterguard.engine.checks import check
 from milterguard.engine.model import Hits, Stage
 from milterguard.fuzzy import FuzzyStore, digest
-from milterguard.redisstore import configured as redis_configured
+from milterguard.settings import redis_configured
 
 log = logging.getLogger("milterguard.fuzzy")
 

@@ -20,11 +20,12 @@ import logging
 
 from milterguard.engine.checks import check, on_verdict, preparer
 from milterguard.engine.model import Hits, Stage
-from milterguard.learn.bayes import Bayes, message_digest, token_hash
-from milterguard.learn.model import model_cache
 from milterguard.learn.tokens import tokenize
-from milterguard.redisstore import RedisUnavailable, get_store
-from milterguard.redisstore import configured as redis_configured
+from milterguard.settings import redis_configured
+
+# The Redis client and numpy (milterguard.redisstore, milterguard.learn.bayes and .model)
+# are imported by the functions below, which run only with Redis configured: a filter
+# or a scan without Redis does not pay their 0.3 s of start-up.
 
 log = logging.getLogger("milterguard.learn")
 LEARNED_PREFIXES = ("BAYES_", "ML_")
@@ -36,12 +37,16 @@ def tokens_of(scan) -> list[str]:
     """The message's tokens, computed once per message for both classifiers."""
     facts = scan.txn.facts.setdefault("tokens", {})
     if "tokens" not in facts:
+        from milterguard.learn.bayes import token_hash
+
         facts["tokens"] = tokenize(scan.message)
         facts["hashes"] = [token_hash(t) for t in facts["tokens"]]
     return facts["tokens"]
 
 
 def bayes_for(store, config) -> Bayes:
+    from milterguard.learn.bayes import Bayes
+
     bayes = _BAYES.get(id(store))
     if bayes is None or bayes.store is not store:
         bayes = _BAYES[id(store)] = Bayes(store, max_samples=config["ml.max_samples"])
@@ -52,6 +57,9 @@ def bayes_for(store, config) -> Bayes:
 def connect_at_load(config) -> None:
     """Ask Redis once when the engine loads, so that a Redis down at start is logged then,
     and load the classifier's model before the workers fork (they share it)."""
+    from milterguard.learn.model import model_cache
+    from milterguard.redisstore import RedisUnavailable, get_store
+
     store = get_store(config)
     if store is None or not config["ml.enabled"]:
         return
@@ -73,6 +81,8 @@ def _emit(hits: Hits, prefix: str, prob: float, spam_at: float, ham_at: float, d
        active=lambda config: config["bayes.enabled"] and redis_configured(config))
 def bayes(scan, hits: Hits) -> None:
     """Bayes probability from the token counts learned in Redis."""
+    from milterguard.redisstore import RedisUnavailable, get_store
+
     config = scan.config
     if scan.message is None or not config["bayes.enabled"]:
         return
@@ -97,6 +107,9 @@ def bayes(scan, hits: Hits) -> None:
        active=lambda config: config["ml.enabled"] and redis_configured(config))
 def classifier(scan, hits: Hits) -> None:
     """Probability from the trained model shared through Redis."""
+    from milterguard.learn.model import model_cache
+    from milterguard.redisstore import RedisUnavailable, get_store
+
     config = scan.config
     if scan.message is None or not config["ml.enabled"]:
         return
@@ -130,6 +143,9 @@ def autolearn(scan, verdict) -> None:
         label = "ham"
     else:
         return
+    from milterguard.learn.bayes import message_digest
+    from milterguard.redisstore import RedisUnavailable, get_store
+
     store = get_store(config)
     if store is None or not store.can_write:
         return
