@@ -623,6 +623,32 @@ def test_commands_print_no_warnings_of_the_libraries(tmp_path, messages):
         assert "Warning" not in done.stderr, done.stderr
 
 
+def modules_after(argv: list[str], cwd: Path) -> set[str]:
+    """The modules a fresh interpreter has imported once `milterguard ARGV` has run."""
+    script = ("import json, sys\nfrom milterguard.cli import main\ntry:\n    main(json.loads(sys.argv[1]))\n"
+              "except SystemExit:\n    pass\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+    return set(json.loads(done.stderr.splitlines()[-1]))
+
+
+HEAVY = {"redis", "numpy", "sklearn", "scipy", "checkdmarc"}
+
+
+def test_start_up_imports_only_what_the_command_needs(tmp_path, messages):
+    # --version and --help import no command; a scan without Redis imports neither the
+    # Redis client nor numpy, and no DMARC record means no checkdmarc.
+    for argv in (["--version"], ["--help"]):
+        found = modules_after(argv, tmp_path)
+        assert not {m for m in found if m.startswith("milterguard.cli.")}, argv
+        assert not found & HEAVY, argv
+    found = modules_after(["scan", "--help"], tmp_path)
+    assert {m for m in found if m.startswith("milterguard.cli.")} <= {"milterguard.cli.scan", "milterguard.cli.common"}
+    found = modules_after(["scan", "--etc-dir", str(tmp_path), str(messages / "ham.eml")], tmp_path)
+    assert "milterguard.checks.dmarc" in found
+    assert not found & HEAVY, found & HEAVY
+
+
 # ---------------------------------------------------------------- installed scripts
 
 
