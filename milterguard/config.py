@@ -65,6 +65,10 @@ class Config:
     etc_dir: Path
     share_dir: Path
     files: list[str] = field(default_factory=list)
+    # For mappings merged key by key (thresholds, symbols...): the origin of each value
+    # inside, by its path; a path not listed has the origin of its nearest listed parent,
+    # or the setting's own.
+    part_origins: dict[str, dict[tuple, str]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -89,16 +93,41 @@ class Config:
     def workers(self) -> int:
         return self.values["milter.workers"] or S.default_workers()
 
+    def origin(self, key: str, path: tuple = ()) -> str:
+        """Where the value at PATH inside setting KEY was set."""
+        parts = self.part_origins.get(key, {})
+        while path:
+            if path in parts:
+                return parts[path]
+            path = path[:-1]
+        return parts.get((), self.origins[key])
+
+    def set_part_origins(self, key: str, value: Any, where, path: tuple = ()) -> None:
+        """Record the origin of each value that VALUE, merged into setting KEY at PATH, sets.
+
+        WHERE gives the origin of a path inside VALUE (a function), or is one origin for all.
+        """
+        parts = self.part_origins.setdefault(key, {})
+        if isinstance(value, dict) and value:
+            for sub, item in value.items():
+                self.set_part_origins(key, item, where, path + (str(sub),))
+            return
+        # A value that is not a mapping replaces whatever was there, with its parts.
+        for old in [p for p in parts if p[: len(path)] == path]:
+            del parts[old]
+        parts[path] = where(path) if callable(where) else where
+
     def with_sets(self, sets: Iterable[str]) -> "Config":
         """A copy with more --set flags applied."""
-        new = Config(copy.deepcopy(self.values), dict(self.origins), self.etc_dir, self.share_dir, list(self.files))
+        new = Config(copy.deepcopy(self.values), dict(self.origins), self.etc_dir, self.share_dir, list(self.files),
+                     {k: dict(v) for k, v in self.part_origins.items()})
         for item in sets:
             _apply_set(new, item)
         return new
 
 
-def _flatten(data: Any, located, file: str, path: tuple = ()) -> dict[str, tuple[Any, str]]:
-    """Turn nested sections into {dotted key: (value, "file:line")}."""
+def _flatten(data: Any, located, file: str, path: tuple = ()) -> dict[str, tuple[Any, str, tuple]]:
+    """Turn nested sections into {dotted key: (value, "file:line", path in the file)}."""
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -110,7 +139,7 @@ def _flatten(data: Any, located, file: str, path: tuple = ()) -> dict[str, tuple
         dotted = ".".join(str(p) for p in sub)
         where = str(located.loc(sub))
         if dotted in S.BY_KEY:
-            out[dotted] = (value, where)
+            out[dotted] = (value, where, sub)
         elif any(k.startswith(dotted + ".") for k in S.BY_KEY):
             out.update(_flatten(value, located, file, sub))
         else:
@@ -159,6 +188,7 @@ def _apply_set(cfg: Config, item: str) -> None:
                 merged = _deep_merge(cfg.values[parent], leaf)
                 cfg.values[parent] = _validate(parent, merged, f"--set {key}")
                 cfg.origins[parent] = f"--set {key}"
+                cfg.set_part_origins(parent, leaf, f"--set {key}")
                 return
         raise ConfigError("--set", f"unknown setting {key!r}")
     try:
@@ -167,6 +197,7 @@ def _apply_set(cfg: Config, item: str) -> None:
         raise ConfigError("--set", f"{key}: {exc}") from None
     cfg.values[key] = value
     cfg.origins[key] = "--set"
+    cfg.part_origins.pop(key, None)
 
 
 def load_config(
@@ -191,11 +222,14 @@ def load_config(
                     if key == section or key.startswith(section + "."):
                         cfg.values[key] = copy.deepcopy(S.BY_KEY[key].default)
                         cfg.origins[key] = f"default (section replaced by {path})"
-        for key, (value, where) in flat.items():
-            value = _validate(key, value, where)
-            if S.BY_KEY[key].merge and not replace_sections:
-                value = _validate(key, _deep_merge(cfg.values[key], value), where)
-            cfg.values[key] = value
+                        cfg.part_origins.pop(key, None)
+        for key, (value, where, at) in flat.items():
+            checked = _validate(key, value, where)
+            if S.BY_KEY[key].merge:
+                if not replace_sections:
+                    checked = _validate(key, _deep_merge(cfg.values[key], checked), where)
+                cfg.set_part_origins(key, value, lambda sub: str(located.loc(at + sub)))
+            cfg.values[key] = checked
             cfg.origins[key] = where
         cfg.files.append(str(path))
 
@@ -239,15 +273,31 @@ def dump(cfg: Config, origin: bool = False) -> str:
     """The effective configuration as YAML, optionally with each value's origin."""
     import yaml
 
+    def line(name: str, value: Any) -> str:
+        text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()
+        return text[1:-1] if text.startswith("{") and text.endswith("}") else text
+
+    def origins(key: str, path: tuple, value: Any) -> set[str]:
+        if isinstance(value, dict) and value:
+            return set().union(*(origins(key, path + (str(k),), v) for k, v in value.items()))
+        return {cfg.origin(key, path)}
+
+    def pieces(key: str, path: tuple, value: Any) -> Iterable[str]:
+        """Lines for VALUE at PATH of setting KEY: one per part with an origin of its own."""
+        found = origins(key, path, value)
+        if len(found) > 1:
+            for sub in sorted(value, key=str):
+                yield from pieces(key, path + (str(sub),), value[sub])
+        else:
+            yield f"{line('.'.join((key,) + path), value)}    # {found.pop()}"
+
     lines: list[str] = []
     for setting in S.SETTINGS:
         value = cfg.values[setting.key]
-        text = yaml.safe_dump({setting.key: value}, default_flow_style=True, width=10_000).strip()
-        if text.startswith("{") and text.endswith("}"):
-            text = text[1:-1]
         if origin:
-            text = f"{text}    # {cfg.origins[setting.key]}"
-        lines.append(text)
+            lines += pieces(setting.key, (), value)
+        else:
+            lines.append(line(setting.key, value))
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,60 @@ class Str(Type):
         return text
 
 
+_HOST_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+
+
+def parse_clamd_address(text: str) -> tuple[str, int | None]:
+    """A clamd address: (socket path, None) for `/path` or `unix:/path`, (host, port) for
+    `HOST:PORT` or `[V6]:PORT` (an empty HOST is 127.0.0.1).  ValueError for anything else."""
+    import ipaddress
+
+    address = text.strip()
+    path = address[5:] if address.startswith("unix:") else address
+    if path.startswith("/"):
+        return path, None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, [IPv6]:PORT, /socket/path or unix:/socket/path, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address in brackets") from None
+    elif host and not _HOST_RE.fullmatch(host):
+        raise ValueError(f"{host!r} is not a host name or IPv4 address (an IPv6 address goes in brackets), in {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+class ClamdAddress(Str):
+    name = "clamd address"
+
+    def __call__(self, value: Any) -> str:
+        value = super().__call__(value)
+        if value.strip():
+            parse_clamd_address(value)
+        return value
+
+    def from_text(self, text: str) -> str:
+        return self(text)
+
+
+class Directory(Str):
+    """The path of a directory that exists; empty for none."""
+
+    name = "directory"
+
+    def __call__(self, value: Any) -> str:
+        value = super().__call__(value)
+        if value and not os.path.isdir(value):
+            raise ValueError(f"{value!r} is not a directory" if os.path.exists(value) else f"no directory {value!r}")
+        return value
+
+    def from_text(self, text: str) -> str:
+        return self(text)
+
+
 class Int(Type):
     name = "integer"
 
@@ -299,7 +353,8 @@ SETTINGS: list[Setting] = [
     # --- message
     Setting("message.spool_bytes", Size(), 1024 * 1024,
             "Bodies larger than this are spooled to a temporary file instead of memory."),
-    Setting("message.spool_dir", Str(), "", "Directory for spooled bodies; empty for the system default."),
+    Setting("message.spool_dir", Directory(), "", "Directory for spooled bodies, which must exist when the configuration is read; empty for the "
+            "system default."),
     Setting("message.max_scan_bytes", Size(), 10 * 1024 * 1024,
             "Only this much of a message is parsed and scanned; a larger message gets SCAN_TRUNCATED "
             "and is otherwise treated as usual (never rejected for its size alone)."),
@@ -423,8 +478,9 @@ SETTINGS: list[Setting] = [
             "Learned messages kept (as token hashes, about 2 KB each) for `milterguard train`; the oldest go first.",
             since="0.2"),
     # --- content: ClamAV, attachments, content hashes, phishing, lists
-    Setting("clamav.address", Str(), "",
-            "clamd to scan with: `HOST:PORT` (`[v6]:PORT`) for TCP, or the path of its unix socket. "
+    Setting("clamav.address", ClamdAddress(), "",
+            "clamd to scan with: `HOST:PORT` (`[v6]:PORT`) for TCP, or the path of its unix socket (`/path` "
+            "or `unix:/path`). "
             "Empty turns virus scanning off (logged once at the first message).", since="0.2"),
     Setting("clamav.scan", Choice("message", "attachments"), "message",
             "What goes to clamd: the whole `message` as received (clamd decodes MIME itself), or each "
@@ -497,6 +553,14 @@ SECTIONS: dict[str, set[str]] = {}
 for _s in SETTINGS:
     _head, _, _rest = _s.key.partition(".")
     SECTIONS.setdefault(_head, set()).add(_rest)
+
+
+def redis_configured(config: Any) -> bool:
+    """Whether the configuration names a Redis at all (URL, replicas or Sentinels).
+
+    Here rather than in milterguard.clients.redis_client, so that the checks can ask it without
+    importing the Redis client."""
+    return bool(config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels"))
 
 
 def default_workers() -> int:

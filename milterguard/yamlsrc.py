@@ -13,6 +13,10 @@ from typing import Any
 
 import yaml
 
+# libyaml's parser where PyYAML was built with it: it reads the shipped rules about
+# five times faster, and its nodes carry their line as the pure-Python parser's do.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class SourceError(ValueError):
     """An error in a configuration or rule file, with its place."""
@@ -71,14 +75,15 @@ def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, lines: dict[tup
 
 def load_text(text: str, file: str = "<string>") -> Located:
     """Parse one YAML document; raise SourceError with file:line on a syntax error."""
-    loader = yaml.SafeLoader(text)
+    loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         lines: dict[tuple, int] = {}
         data = None if node is None else _walk(loader, node, (), lines, file)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
+        # A fault found at the end of the text (an unclosed bracket) is on its last line.
+        line = max(1, min(mark.line + 1, len(text.splitlines()))) if mark else 1
         raise SourceError(f"{file}:{line}", f"YAML syntax error: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise SourceError(file, f"YAML error: {exc}") from None

@@ -76,6 +76,41 @@ def corpus_files(kind: str, count: int) -> list[Path]:
     return sorted(folder.glob("*.eml"))[:count]
 
 
+class DnsListener:
+    """A UDP socket on loopback named as the only name server; it never answers."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.sets = ("--set", f"dns.nameservers=127.0.0.1:{sock.getsockname()[1]}",
+                     "--set", "dns.timeout=0.1", "--set", "dns.message_budget=0.2")
+
+    def queries(self) -> list[tuple[str, int]]:
+        """(name, type) of each query received since the last call."""
+        import struct
+
+        found = []
+        while True:
+            try:
+                packet = self.sock.recv(4096)
+            except TimeoutError:
+                return found
+            labels, at = [], 12
+            while packet[at]:
+                labels.append(packet[at + 1:at + 1 + packet[at]].decode("ascii", "replace"))
+                at += 1 + packet[at]
+            found.append((".".join(labels), struct.unpack("!H", packet[at + 1:at + 3])[0]))
+
+
+@pytest.fixture
+def dns_listener():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.05)
+        yield DnsListener(sock)
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     out, err = capsys.readouterr()
@@ -104,6 +139,24 @@ def test_missing_config_file_is_an_error(capsys, etc, tmp_path):
     status, out, err = run(capsys, "config", "dump", "--etc-dir", str(etc), "--config", str(tmp_path / "nope.yaml"))
     assert status == 2
     assert "nope.yaml" in err and "does not exist" in err
+
+
+def test_options_go_before_or_after_arguments(capsys, etc):
+    # An option between two positionals of a command, as argparse users expect.
+    status, out, err = run(capsys, "list", "add", "allow", "--domain", "example.net", "friend.example",
+                           "--etc-dir", str(etc))
+    assert status == 0, err
+    assert out == f"friend.example added to {etc / 'lists' / 'example.net' / 'allow.map'}\n"
+    status, out, err = run(capsys, "list", "--etc-dir", str(etc), "show", "--domain", "example.net", "allow")
+    assert status == 0, err
+    assert out.splitlines()[1:] == ["friend.example"]
+
+
+def test_a_usage_error_names_the_command(capsys, etc):
+    with pytest.raises(SystemExit) as exc:
+        main(["list", "add", "--etc-dir", str(etc), "allow", "--no-such-option"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: milterguard list ")
 
 
 # ---------------------------------------------------------------- scan
@@ -187,10 +240,35 @@ def test_scan_of_a_corpus_spam_message(capsys, etc):
     assert f"total {record['score']:.2f} -> {record['action']}" in out
 
 
+def test_scan_ip_looks_up_through_the_configured_servers_only(capsys, etc, messages, dns_listener):
+    # No reverse look-up of --ip (the client name is [IP] unless --client-name says otherwise),
+    # and no look-up at all with DNS off; the loopback_only fixture catches the system's resolver.
+    common = ("scan", "--json", "--etc-dir", str(etc), "--ip", "198.51.100.7", str(messages / "ham.eml"),
+              *dns_listener.sets)
+    status, out, err = run(capsys, *common, "--set", "dns.enabled=false")
+    assert status == 0, err
+    assert dns_listener.queries() == []
+    status, out, err = run(capsys, *common)
+    assert status == 0, err
+    queries = dns_listener.queries()
+    assert ("example.org", 16) in queries  # the sender's SPF record, TXT
+    assert all(qtype != 12 for _, qtype in queries), queries  # no PTR
+    assert "RDNS_NONE" in {s["name"] for s in json.loads(out)["symbols"]}
+
+
 def test_scan_missing_file_is_status_2(capsys, etc, tmp_path):
     status, out, err = run(capsys, "scan", "--etc-dir", str(etc), str(tmp_path / "missing.eml"))
     assert status == 2
     assert "missing.eml" in err
+
+
+def test_scan_of_an_empty_directory_says_so_and_fails(capsys, etc, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, out, err = run(capsys, "scan", "--etc-dir", str(etc), str(empty))
+    assert status == 2
+    assert out == ""
+    assert err == f"milterguard: no messages in {empty}\n"
 
 
 # ---------------------------------------------------------------- lint
@@ -259,6 +337,53 @@ def test_lint_warning_fails_only_with_strict(capsys, etc, tmp_path):
     assert status == 1
 
 
+def test_lint_of_a_file_with_a_hyphen_reports_the_real_fault_once(capfd, etc, tmp_path):
+    # The default group comes from the file name, made into a valid group name; a bad
+    # regex is one file:line error, without RE2's own log lines on stderr.
+    path = tmp_path / "my-rules.yaml"
+    path.write_text(
+        "- symbol: LOCAL_LOOKAHEAD\n"
+        "  description: RE2 has no lookahead\n"
+        "  weight: 1\n"
+        "  match: {body: 'foo(?=bar)'}\n"
+        "  examples: {hit: [foobar], miss: [foo]}\n"
+    )
+    status = main(["lint", "--etc-dir", str(etc), str(path)])
+    out, err = capfd.readouterr()
+    assert status == 1
+    assert "group" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {path}:4: LOCAL_LOOKAHEAD: regex not accepted by RE2 "
+                      "(no lookaround or backreferences): invalid perl operator: (?="]
+    assert err.splitlines()[-1].endswith(" 1 errors, 0 warnings"), err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_rules_of_a_file_with_a_hyphen_are_in_its_group(capsys, etc, messages):
+    (etc / "rules.d").mkdir()
+    (etc / "rules.d" / "10-my-rules.yaml").write_text(
+        "- symbol: LOCAL_HELLO\n  description: Says hello\n  weight: 0.5\n"
+        "  match: {body: 'Hi Bob'}\n  examples: {hit: [Hi Bob], miss: [Bye]}\n"
+    )
+    status, out, err = run(capsys, "scan", "--json", "--etc-dir", str(etc), str(messages / "ham.eml"))
+    assert status == 0, err
+    hit = next(s for s in json.loads(out)["symbols"] if s["name"] == "LOCAL_HELLO")
+    assert hit["group"] == "my_rules"
+
+
+def test_lint_counts_a_file_with_a_yaml_syntax_error(capsys, etc, tmp_path):
+    path = tmp_path / "unclosed.yaml"
+    path.write_text("- symbol: LOCAL_X\n  description: [unclosed\n")
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc))
+    shipped_files = int(err.split()[0])
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc), str(path))
+    assert status == 1
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {path}:2: YAML syntax error: "), errors
+    assert "expected ',' or ']'" in errors[0]
+    assert err.startswith(f"{shipped_files + 1} rule files, ")
+
+
 def test_lint_missing_path_is_status_2(capsys, etc, tmp_path):
     status, out, err = run(capsys, "lint", "--etc-dir", str(etc), str(tmp_path / "nope.yaml"))
     assert status == 2
@@ -275,7 +400,14 @@ def test_config_dump_origin_names_the_local_d_line(capsys, etc):
     status, out, err = run(capsys, "config", "dump", "--origin", "--etc-dir", str(etc))
     assert status == 0, err
     lines = out.splitlines()
-    assert f"thresholds: {{reject: 12.0, review: 6.0, tag: 4.0}}    # {local / 'scoring.yaml'}:2" in lines
+    # Each key of a merged mapping has its own origin: local.d set only thresholds.reject.
+    assert f"thresholds.reject: 12.0    # {local / 'scoring.yaml'}:3" in lines
+    shipped = cfgmod.find_share_dir() / "conf" / "milterguard.yaml"
+    assert [line for line in lines if line.startswith("thresholds")] == [
+        f"thresholds.reject: 12.0    # {local / 'scoring.yaml'}:3",
+        f"thresholds.review: 6.0    # {shipped}:31",
+        f"thresholds.tag: 4.0    # {shipped}:31",
+    ]
     assert f"actions.mode: tag-only    # {local / 'scoring.yaml'}:4" in lines
     shipped = next(line for line in lines if line.startswith("milter.socket:"))
     assert shipped.startswith("milter.socket: 'inet:11339@127.0.0.1'    # ")
@@ -391,6 +523,47 @@ def test_corpus_markdown_table_matches_the_json(capsys, etc, small_corpus):
         assert float(cells[3]) == pytest.approx(rows[name]["ham_pct"], abs=0.01)
 
 
+@pytest.fixture
+def split_corpus(tmp_path):
+    """Ten ham messages, some in the train and some in the test split; the names of each split."""
+    from milterguard.corpus import split_of
+
+    ham = tmp_path / "ten"
+    ham.mkdir()
+    names = {"train": [], "test": []}
+    for i in range(10):
+        (ham / f"m{i}.eml").write_bytes(HAM)
+        names[split_of(f"m{i}.eml")].append(f"m{i}.eml")
+    assert names["train"] and names["test"]
+    return ham, names
+
+
+def test_corpus_takes_every_message_unless_a_split_is_asked(capsys, etc, split_corpus):
+    ham, names = split_corpus
+    common = ("corpus", "--etc-dir", str(etc), "--ham", str(ham), "--jobs", "1")
+    status, out, err = run(capsys, *common)
+    assert status == 0, err
+    assert "\nall split: 0 spam, 10 ham; " in out
+    status, out, err = run(capsys, *common, "--json")
+    assert json.loads(out)["summary"]["ham"] == 10
+    for split in ("train", "test"):
+        n = len(names[split])
+        status, out, err = run(capsys, *common, "--split", split)
+        assert status == 0, err
+        assert f"\n{split} split: 0 spam, {n} ham ({n} of 10 messages); " in out
+        status, out, err = run(capsys, *common, "--split", split, "--markdown")
+        assert out.startswith(f"{split} split: 0 spam, {n} ham ({n} of 10 messages).\n")
+        status, out, err = run(capsys, *common, "--split", split, "--json")
+        summary = json.loads(out)["summary"]
+        assert (summary["split"], summary["ham"], summary["found"]) == (split, n, 10)
+
+
+def test_corpus_without_messages_says_so(capsys, etc, tmp_path):
+    status, out, err = run(capsys, "corpus", "--etc-dir", str(etc), "--ham", str(tmp_path))
+    assert status == 2
+    assert err == f"milterguard: no messages under {tmp_path}\n"
+
+
 def test_corpus_needs_a_spam_or_ham_dir(capsys, etc):
     status, out, err = run(capsys, "corpus", "--etc-dir", str(etc))
     assert status == 2
@@ -414,6 +587,17 @@ def test_bench_two_messages_one_round(capsys, etc, messages):
     assert out.startswith("2 messages in one process: ")
 
 
+def test_bench_makes_no_dns_lookup_unless_asked(capsys, etc, messages, dns_listener):
+    common = ("bench", "--etc-dir", str(etc), "--rounds", "1", "--json", str(messages / "ham.eml"),
+              *dns_listener.sets)
+    status, out, err = run(capsys, *common)
+    assert status == 0, err
+    assert dns_listener.queries() == []
+    status, out, err = run(capsys, *common, "--dns")
+    assert status == 0, err
+    assert dns_listener.queries()
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -423,6 +607,46 @@ def test_serve_refuses_broken_rules(capsys, etc):
     status, out, err = run(capsys, "serve", "--etc-dir", str(etc), "--socket", "inet:1@127.0.0.1")
     assert status == 2
     assert "rule errors" in err and f"{etc / 'rules.d' / 'bad.yaml'}:1" in err
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def test_commands_print_no_warnings_of_the_libraries(tmp_path, messages):
+    # dnspython's DNSSEC module made cryptography warn that DSA is deprecated, eight
+    # lines at the top of every command that loads the checks.
+    for argv in (["--version"], ["lint", "--etc-dir", str(tmp_path)],
+                 ["scan", "--etc-dir", str(tmp_path), str(messages / "ham.eml")]):
+        done = subprocess.run([sys.executable, "-m", "milterguard", *argv], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr, done.stderr
+
+
+def modules_after(argv: list[str], cwd: Path) -> set[str]:
+    """The modules a fresh interpreter has imported once `milterguard ARGV` has run."""
+    script = ("import json, sys\nfrom milterguard.cli import main\ntry:\n    main(json.loads(sys.argv[1]))\n"
+              "except SystemExit:\n    pass\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+    return set(json.loads(done.stderr.splitlines()[-1]))
+
+
+HEAVY = {"redis", "numpy", "sklearn", "scipy", "checkdmarc"}
+
+
+def test_start_up_imports_only_what_the_command_needs(tmp_path, messages):
+    # --version and --help import no command; a scan without Redis imports neither the
+    # Redis client nor numpy, and no DMARC record means no checkdmarc.
+    for argv in (["--version"], ["--help"]):
+        found = modules_after(argv, tmp_path)
+        assert not {m for m in found if m.startswith("milterguard.cli.")}, argv
+        assert not found & HEAVY, argv
+    found = modules_after(["scan", "--help"], tmp_path)
+    assert {m for m in found if m.startswith("milterguard.cli.")} <= {"milterguard.cli.scan", "milterguard.cli.common"}
+    found = modules_after(["scan", "--etc-dir", str(tmp_path), str(messages / "ham.eml")], tmp_path)
+    assert "milterguard.checks.dmarc" in found
+    assert not found & HEAVY, found & HEAVY
 
 
 # ---------------------------------------------------------------- installed scripts

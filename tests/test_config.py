@@ -116,7 +116,59 @@ def test_thresholds_must_be_ordered(tmp_path):
         load_config(etc_dir=tmp_path, sets=["thresholds.tag=20"])
 
 
+def test_each_part_of_a_merged_mapping_has_its_own_origin(tmp_path):
+    write(tmp_path / "local.d" / "10-a.yaml", "symbols:\n  SUBJ_FREE: {weight: 0.5}\n  SUBJ_ALL_CAPS: {weight: 1}\n")
+    write(tmp_path / "local.d" / "20-b.yaml", "symbols:\n  SUBJ_FREE:\n    enabled: false\n")
+    cfg = load_config(etc_dir=tmp_path, sets=["thresholds.tag=5"])
+    shipped = str(cfgmod.find_share_dir() / "conf" / "milterguard.yaml")
+    assert cfg.origin("symbols", ("SUBJ_FREE", "weight")) == f"{tmp_path / 'local.d' / '10-a.yaml'}:2"
+    assert cfg.origin("symbols", ("SUBJ_FREE", "enabled")) == f"{tmp_path / 'local.d' / '20-b.yaml'}:3"
+    assert cfg.origin("symbols", ("SUBJ_ALL_CAPS", "weight")) == f"{tmp_path / 'local.d' / '10-a.yaml'}:3"
+    assert cfg.origin("thresholds", ("tag",)) == "--set thresholds.tag"
+    assert cfg.origin("thresholds", ("reject",)).startswith(shipped + ":")
+    text = cfgmod.dump(cfg, origin=True)
+    assert "symbols.SUBJ_ALL_CAPS: {weight: 1.0}    # " in text
+    assert "thresholds.tag: 5.0    # --set thresholds.tag\n" in text
+    # A section replaced by override.d takes its origin from there, whole.
+    write(tmp_path / "override.d" / "symbols.yaml", "symbols:\n  SUBJ_FREE: {weight: 2}\n")
+    cfg = load_config(etc_dir=tmp_path)
+    assert cfg["symbols"] == {"SUBJ_FREE": {"weight": 2.0}}
+    assert cfg.origin("symbols", ("SUBJ_FREE", "weight")) == f"{tmp_path / 'override.d' / 'symbols.yaml'}:2"
+    assert (f"symbols: {{SUBJ_FREE: {{weight: 2.0}}}}    # {tmp_path / 'override.d' / 'symbols.yaml'}:2\n"
+            in cfgmod.dump(cfg, origin=True))
+
+
 def test_dump_shows_origins(tmp_path):
     write(tmp_path / "local.d" / "a.yaml", "actions: {mode: shadow}\n")
     text = cfgmod.dump(load_config(etc_dir=tmp_path), origin=True)
     assert "actions.mode: shadow    # " in text and "a.yaml:1" in text
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:3310", "clamd.example.net:3310", "[::1]:3310", ":3310",
+                                     "/run/clamav/clamd.ctl", "unix:/run/clamav/clamd.ctl", ""])
+def test_clamav_address_forms_the_check_accepts(tmp_path, address):
+    from milterguard.clients.clamd_client import Clamd
+
+    cfg = load_config(etc_dir=tmp_path, sets=[f"clamav.address={address}"])
+    assert cfg["clamav.address"] == address
+    if address:
+        Clamd(address, 1.0)  # builds the client; nothing connects yet
+
+
+@pytest.mark.parametrize("address", ["tcp:127.0.0.1:3310", "127.0.0.1", "localhost:99999", "::1:3310",
+                                     "[not-v6]:3310", "unix:clamd.ctl", "clamd host:3310"])
+def test_clamav_address_is_checked_at_load(tmp_path, address):
+    write(tmp_path / "local.d" / "clamav.yaml", f"clamav:\n  address: '{address}'\n")
+    with pytest.raises(ConfigError, match=f"clamav.yaml:2: clamav.address: "):
+        load_config(etc_dir=tmp_path)
+    with pytest.raises(ConfigError, match="^--set: clamav.address: "):
+        load_config(etc_dir=tmp_path / "empty", sets=[f"clamav.address={address}"])
+
+
+def test_spool_dir_must_be_a_directory(tmp_path):
+    assert load_config(etc_dir=tmp_path, sets=[f"message.spool_dir={tmp_path}"])["message.spool_dir"] == str(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--set: message.spool_dir: no directory '.*/nope'$"):
+        load_config(etc_dir=tmp_path, sets=[f"message.spool_dir={tmp_path / 'nope'}"])
+    write(tmp_path / "local.d" / "spool.yaml", f"message: {{spool_dir: '{tmp_path / 'local.d' / 'spool.yaml'}'}}\n")
+    with pytest.raises(ConfigError, match=r"spool.yaml:1: message.spool_dir: '.*' is not a directory$"):
+        load_config(etc_dir=tmp_path)

@@ -193,10 +193,19 @@ def big_message(size: int, marker: str) -> tuple[bytes, str]:
     return message(body)
 
 
-def test_filter_failure_tempfails_unauthenticated_mail(postfix_factory, milterguard_factory, sink):
-    # A spool directory that does not exist makes every body past spool_bytes fail to spool:
-    # a fault of the filter itself, not of a check.
-    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "1K", "message.spool_dir": "/nonexistent/spool"})
+def vanishing_spool(tmp_path) -> str:
+    """A spool directory that passes the configuration's check; it is removed once the filter runs."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    return str(spool)
+
+
+def test_filter_failure_tempfails_unauthenticated_mail(postfix_factory, milterguard_factory, sink, tmp_path):
+    # A spool directory removed under a running filter makes every body past spool_bytes fail
+    # to spool: a fault of the filter itself, not of a check.
+    spool = vanishing_spool(tmp_path)
+    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "1K", "message.spool_dir": spool})
+    os.rmdir(spool)
     pf = postfix_factory(mg)
     raw, msgid = big_message(20_000, "MILTERGUARD-CANARY-CLEAN")
     result = pf.send(raw)
@@ -208,9 +217,11 @@ def test_filter_failure_tempfails_unauthenticated_mail(postfix_factory, miltergu
     sink.wait_for_message_id(small_id)
 
 
-def test_filter_failure_accepts_when_configured(postfix_factory, milterguard_factory, sink):
-    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "1K", "message.spool_dir": "/nonexistent/spool",
+def test_filter_failure_accepts_when_configured(postfix_factory, milterguard_factory, sink, tmp_path):
+    spool = vanishing_spool(tmp_path)
+    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "1K", "message.spool_dir": spool,
                                               "actions.on_error.unauthenticated": "accept"})
+    os.rmdir(spool)
     pf = postfix_factory(mg)
     raw, msgid = big_message(20_000, "MILTERGUARD-CANARY-REJECT")
     assert pf.send(raw).code == 250

@@ -9,6 +9,9 @@ reads) and `authshared` (what the sender authentication checks share).
 import importlib
 import pkgutil
 
+# First, before any check loads dnspython through its own library: it sets dnspython up.
+from milterguard.clients import dns_client  # noqa: F401
+
 SUPPORT_MODULES = ("registry", "authshared")
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

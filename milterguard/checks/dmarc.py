@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import re
 
-from checkdmarc.dmarc import DMARCError, parse_dmarc_record
-
 from milterguard.checks import authshared as auth
 from milterguard.mail.domains import org_domain
 from milterguard.clients import dns_client as mgdns
@@ -97,6 +95,10 @@ def dmarc(scan, hits: Hits) -> None:
         return
     # Report addresses are not used, and checking them would query DNS: leave them out.
     bare = ";".join(p for p in record.split(";") if not re.match(r"\s*ru[af]\s*=", p, re.I))
+    # Imported at the first record, not with the checks: the checkdmarc package brings
+    # BIMI, MTA-STS and DNSSEC support along (0.3 s of CPU at every start of a command).
+    from checkdmarc.dmarc import DMARCError, parse_dmarc_record
+
     try:
         parsed = parse_dmarc_record(bare, where)["tags"]
     except DMARCError as exc:

@@ -12,9 +12,9 @@ import logging
 from milterguard.checks.registry import check
 from milterguard.model import Hits, Stage
 from milterguard.stores.hashes import FuzzyStore, digest
-from milterguard.clients.redis_client import configured as redis_configured
+from milterguard.settings import redis_configured
 
-log = logging.getLogger("milterguard.stores.hashes")
+log = logging.getLogger("milterguard.fuzzy")
 
 
 @check(stage=Stage.EOM, emits=("HASH_DENIED", "FUZZY_DENIED", "FUZZY_TEMPFAIL"), priority=2,

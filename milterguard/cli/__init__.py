@@ -1,7 +1,9 @@
 """The `milterguard` command: one module per subcommand.
 
 Each module has `add_arguments(parser)` and `run(args) -> int`; this table
-is the whole dispatch.
+is the whole dispatch.  Only the module of the command given is imported
+(`--help` and `--version` import none), so that a command pays only for the
+libraries it uses.
 """
 
 from __future__ import annotations
@@ -40,26 +42,43 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="configuration directory (default /etc/milterguard, or $MILTERGUARD_ETC_DIR)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and the parser of COMMAND (None without one).
+
+    Every command is listed with its help line; only COMMAND's module is imported.
+    """
     parser = argparse.ArgumentParser(prog="milterguard", description="Anti-spam and anti-phishing milter.")
     parser.add_argument("--version", action="version", version=f"milterguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = None
     for name, (module, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         mod = import_module(module)
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().split("\n")[0])
-        mod.add_arguments(p)
-        add_common(p)
-        p.set_defaults(_module=mod)
-    return parser
+        chosen = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().split("\n")[0])
+        mod.add_arguments(chosen)
+        add_common(chosen)
+        chosen.set_defaults(_module=mod, command=name)
+    return parser, chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
+    # Not list(argv): importing the `list` command binds that name in this package.
+    argv = sys.argv[1:] if argv is None else [*argv]
+    # The top level has only options without values, so the first word is the command.
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    parser, command = build_parser(argv[at] if at < len(argv) else None)
+    if command is None:
+        parser.parse_args(argv)  # --help, --version, or a usage error
         parser.print_help(sys.stderr)
         return 2
+    parser.parse_args(argv[:at])
+    # The command's own parser takes its options and arguments in any order
+    # (`list add allow --domain example.net friend.example`); argparse's dispatch
+    # to a subcommand would leave the words after an option over, as an error.
+    args = command.parse_intermixed_args(argv[at + 1:])
     return args._module.run(args)
 
 

@@ -2,7 +2,8 @@
 
 Runs `scan`'s path (the same engine the milter uses) over a set of messages,
 repeatedly, in one process, and prints throughput, p50/p99 latency and the
-resident memory.  The end-to-end benchmark through Postfix lives in
+resident memory.  The checks make no DNS lookups unless --dns is given, as
+for `corpus`.  The end-to-end benchmark through Postfix lives in
 `bench/` of the source tree.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from milterguard.cli.common import CliError, load_engine, report
+from milterguard.cli.common import CliError, add_dns_option, load_engine, load_offline, report
 from milterguard.mail.raw import iter_message_files, read_message
 
 
@@ -20,6 +21,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="passes over the messages (default 3)")
     parser.add_argument("--limit", type=int, default=0, help="use at most this many messages")
     parser.add_argument("--json", action="store_true")
+    add_dns_option(parser)
 
 
 def rss_kib() -> int:
@@ -35,7 +37,7 @@ def run(args) -> int:
     from milterguard.cli.scan import build
 
     try:
-        engine = load_engine(args)
+        engine = load_engine(args, load_offline(args))
     except CliError as exc:
         return report(exc)
     paths = list(iter_message_files(args.paths))

@@ -24,6 +24,24 @@ def load(args, extra_sets: list[str] | None = None) -> Config:
         raise CliError(f"configuration error: {exc}") from None
 
 
+def add_dns_option(parser) -> None:
+    parser.add_argument("--dns", action="store_true",
+                        help="let the checks look things up in DNS, as --set dns.enabled=true does "
+                             "(default: off, as answers today say nothing of stored mail)")
+
+
+def load_offline(args) -> Config:
+    """The configuration with DNS off, unless --dns or --set dns.enabled=... says otherwise.
+
+    Stored mail is judged offline: today's SPF, DKIM and blocklist answers say
+    nothing about a message of another year, and a run over many messages
+    would send thousands of queries.
+    """
+    if any(item.split("=", 1)[0].strip() == "dns.enabled" for item in args.sets):
+        return load(args)
+    return load(args, [f"dns.enabled={'true' if args.dns else 'false'}"])
+
+
 def load_engine(args, config: Config | None = None, strict: bool = False) -> Engine:
     config = config or load(args)
     try:

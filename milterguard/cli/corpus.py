@@ -3,8 +3,9 @@
 For each symbol: the share of spam and of ham it hits, S/O
 (spam% / (spam% + ham%)), and the symbol it overlaps most.  Extra rule files
 given as arguments are loaded beside the configured ones; their symbols are
-listed first.  Messages are split into train and test by a fixed rule on the
-file name (see `milterguard.corpus`); weights are tuned on `train`.
+listed first.  Every message is used unless --split takes the train or the
+test part, split by a fixed rule on the file name (see `milterguard.corpus`);
+weights are tuned on `train`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 import time
 
-from milterguard.cli.common import CliError, load, load_engine, report
+from milterguard.cli.common import CliError, add_dns_option, load_engine, load_offline, report
 from milterguard.corpus import Progress, Result, select, symbol_stats
 from milterguard.mail.raw import iter_message_files, read_message
 
@@ -26,14 +27,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("rules", nargs="*", metavar="RULES", help="extra rule files to try along with the configured ones")
     parser.add_argument("--spam", action="append", default=[], metavar="DIR", help="spam messages (repeatable)")
     parser.add_argument("--ham", action="append", default=[], metavar="DIR", help="ham messages (repeatable)")
-    parser.add_argument("--split", choices=("train", "test", "all"), default="train", help="which part of the corpus (default train)")
+    parser.add_argument("--split", choices=("train", "test", "all"), default="all",
+                        help="which part of the corpus: train, test, or all of it (default all)")
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/rules-qa.md)")
     parser.add_argument("--all-symbols", action="store_true", help="with extra rule files: list every symbol, not only theirs")
     parser.add_argument("--progress", action="store_true", default=None, help="draw a progress bar even when stderr is not a terminal")
-    parser.add_argument("--dns", action="store_true",
-                        help="let the checks look things up in DNS (default: off, as answers today say nothing of stored mail)")
+    add_dns_option(parser)
 
 
 def _scan(item: tuple[str, str]) -> Result:
@@ -62,11 +63,7 @@ def run(args) -> int:
     if not args.spam and not args.ham:
         return report(CliError("give --spam DIR and/or --ham DIR"))
     try:
-        # Stored mail is judged offline unless asked: today's SPF, DKIM and blocklist
-        # answers say nothing about a message of another year, and a corpus run would
-        # send thousands of queries.  --set dns.enabled=... still wins.
-        user_set = any(item.split("=", 1)[0].strip() == "dns.enabled" for item in args.sets)
-        config = load(args) if args.dns or user_set else load(args, ["dns.enabled=false"])
+        config = load_offline(args)
         if args.rules:
             for path in args.rules:
                 if not os.path.isfile(path):
@@ -76,8 +73,12 @@ def run(args) -> int:
         _ENGINE = load_engine(args, config)
     except CliError as exc:
         return report(exc)
-    items = [(p, "spam") for p in select(iter_message_files(args.spam), args.split)]
-    items += [(p, "ham") for p in select(iter_message_files(args.ham), args.split)]
+    spam, ham = list(iter_message_files(args.spam)), list(iter_message_files(args.ham))
+    items = [(p, "spam") for p in select(spam, args.split)] + [(p, "ham") for p in select(ham, args.split)]
+    found = len(spam) + len(ham)
+    if not items:
+        what = "no messages" if not found else f"none of the {found} messages is in the {args.split} split"
+        return report(CliError(f"{what} under {', '.join(args.spam + args.ham)}"))
     jobs = args.jobs or os.cpu_count() or 1
     progress = Progress(len(items), f"{args.split}", enabled=args.progress)
     results: list[Result] = []
@@ -100,7 +101,7 @@ def run(args) -> int:
     n_ham = len(results) - n_spam
     th = _ENGINE.config["thresholds"]
     summary = {
-        "split": args.split, "spam": n_spam, "ham": n_ham,
+        "split": args.split, "spam": n_spam, "ham": n_ham, "found": found,
         "spam_tagged": sum(1 for r in results if r.label == "spam" and r.score >= th["tag"]),
         "spam_review": sum(1 for r in results if r.label == "spam" and r.score >= th["review"]),
         "spam_rejected": sum(1 for r in results if r.label == "spam" and r.score >= th["reject"]),
@@ -138,7 +139,7 @@ def run(args) -> int:
     def pct(a: int, b: int) -> str:
         return f"{100.0 * a / b:.1f}%" if b else "-"
     print(
-        f"\n{args.split} split: {s['spam']} spam, {s['ham']} ham; "
+        f"\n{_used(s)}; "
         f"spam >= tag {pct(s['spam_tagged'], s['spam'])}, >= review {pct(s['spam_review'], s['spam'])}, "
         f">= reject {pct(s['spam_rejected'], s['spam'])}; "
         f"ham >= tag {pct(s['ham_tagged'], s['ham'])}, >= review {pct(s['ham_review'], s['ham'])}, "
@@ -146,6 +147,15 @@ def run(args) -> int:
         file=sys.stdout,
     )
     return 0
+
+
+def _used(summary: dict) -> str:
+    """Which messages the figures are of: "train split: 40 spam, 44 ham (84 of 100 messages)"."""
+    s = summary
+    text = f"{s['split']} split: {s['spam']} spam, {s['ham']} ham"
+    if s["spam"] + s["ham"] < s["found"]:
+        text += f" ({s['spam'] + s['ham']} of {s['found']} messages)"
+    return text
 
 
 def _markdown(summary: dict, rows: list[dict]) -> str:
@@ -156,7 +166,7 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
         return f"{100.0 * a / b:.1f} %" if b else "-"
 
     lines = [
-        f"{s['split']} split: {s['spam']} spam, {s['ham']} ham.",
+        f"{_used(s)}.",
         "",
         "| | spam | ham |",
         "|---|---|---|",

@@ -56,6 +56,7 @@ def run(args) -> int:
         return report(exc)
     worst = Action.ACCEPT
     status = 0
+    index = -1
     for index, path in enumerate(iter_message_files(args.paths)):
         try:
             raw = read_message(path)
@@ -77,4 +78,6 @@ def run(args) -> int:
         else:
             names = ",".join(h.symbol for h in verdict.hits if h.weight != 0) or "-"
             print(f"{path}\t{verdict.score:.2f}\t{verdict.action.label}\t{names}")
+    if index < 0:
+        return report(CliError(f"no messages in {', '.join(args.paths)}"))
     return status

@@ -35,6 +35,11 @@ def run(args) -> int:
         return report(exc)
     from milterguard.server import Supervisor, setup_logging
 
+    if config["dns.enabled"]:
+        # Imported once here, before the workers fork, rather than by each worker
+        # at its first DMARC record (the check imports it late for the other commands).
+        import checkdmarc.dmarc  # noqa: F401
+
     setup_logging(config)
     for line in feature_summary(config):
         log.info("%s", line)

@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from milterguard.settings import parse_clamd_address
+
 CHUNK = 64 * 1024
 MAX_ANSWER = 4096
 
@@ -27,41 +29,6 @@ class ClamdTooLarge(ClamdError):
 
 
 @dataclass(frozen=True)
-class Address:
-    """Where clamd listens: a unix socket path, or a TCP host and port."""
-
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        if self.path:
-            return self.path
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    """`HOST:PORT`, `[V6]:PORT`, `/path` or `unix:/path`; ValueError for anything else."""
-    text = text.strip()
-    if text.startswith("unix:"):
-        text = text[5:]
-    if text.startswith("/"):
-        return Address(path=text)
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, [IPV6]:PORT or a socket path, got {text!r}")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError(f"unclosed bracket in {text!r}")
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write an IPv6 address in brackets, as [{host}]:{port}")
-    if not host or any(c.isspace() or c in "/@" for c in host):
-        raise ValueError(f"no usable host in {text!r}")
-    return Address(host=host, port=int(port))
-
-
-@dataclass(frozen=True)
 class Result:
     """clamd's answer for one stream: status OK, FOUND or ERROR, and the signature or error."""
 
@@ -72,24 +39,25 @@ class Result:
 class Clamd:
     """INSTREAM scans against one clamd, each on a fresh connection."""
 
-    def __init__(self, address: Address | str, timeout: float) -> None:
-        self.address = parse_address(address) if isinstance(address, str) else address
+    def __init__(self, address: str, timeout: float) -> None:
+        # The configuration checked the address when it was read (settings.ClamdAddress).
+        self.where, self.port = parse_clamd_address(address)
+        self.address = self.where if self.port is None else f"{self.where}:{self.port}"
         self.timeout = timeout
 
     def _connect(self) -> socket.socket:
-        addr = self.address
-        if addr.path:
+        if self.port is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = addr.path
+            target: object = self.where
         else:
-            sock = socket.socket(socket.AF_INET6 if ":" in addr.host else socket.AF_INET, socket.SOCK_STREAM)
-            target = (addr.host, addr.port)
+            sock = socket.socket(socket.AF_INET6 if ":" in self.where else socket.AF_INET, socket.SOCK_STREAM)
+            target = (self.where, self.port)
         sock.settimeout(self.timeout)
         try:
             sock.connect(target)
         except OSError as exc:
             sock.close()
-            raise ClamdError(f"cannot connect to {addr}: {exc}") from None
+            raise ClamdError(f"cannot connect to {self.address}: {exc}") from None
         return sock
 
     def instream(self, stream: BinaryIO) -> Result:

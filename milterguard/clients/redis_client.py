@@ -359,7 +359,9 @@ def _config_key(config: Any) -> tuple:
 
 def configured(config: Any) -> bool:
     """Whether the configuration names a Redis at all (URL, replicas or Sentinels)."""
-    return bool(config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels"))
+    from milterguard.settings import redis_configured
+
+    return redis_configured(config)
 
 
 def get_store(config: Any) -> RedisStore | None:

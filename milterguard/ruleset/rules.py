@@ -172,6 +172,7 @@ class PatternSet:
         self.rules = rules
         options = re2.Options()
         options.max_mem = 64 << 20
+        options.log_errors = False  # a fault is raised as re2.error and reported with file:line
         self._set = re2.Set.SearchSet(options)
         for rule in rules:
             self._set.Add(rule.pattern)
@@ -205,6 +206,15 @@ class RuleSet:
     def active(self, symbol: str) -> bool:
         rule = self.rules.get(symbol)
         return rule is not None and rule.enabled
+
+
+def default_group(path: str) -> str:
+    """The group of a file's rules that name none: the file name as a group name.
+
+    `my-rules.yaml` gives `my_rules`, `10-local.yaml` gives `local`.
+    """
+    name = re.sub(r"[^a-z0-9_]+", "_", Path(path).stem.lower()).lstrip("_0123456789")[:64].rstrip("_")
+    return name or "local"
 
 
 def _as_list(value: Any) -> list:
@@ -246,12 +256,12 @@ class _Loader:
         return self.map_cache[key]
 
     def load_file(self, path: str) -> None:
+        self.rs.files.append(path)  # counted also when it does not parse
         try:
             located = load_file(path)
         except SourceError as exc:
             self.rs.errors.append(str(exc))
             return
-        self.rs.files.append(path)
         shipped = self.share_dir is not None and Path(path).resolve().is_relative_to(self.share_dir)
         if shipped:
             # Shipped rules are named as in the source tree (rules/body.yaml:12), wherever installed.
@@ -270,7 +280,7 @@ class _Loader:
             if "symbol" not in entry and "group" in entry:
                 self.load_group(entry, where, located, i)
                 continue
-            self.load_rule(entry, where, located, i, Path(path).parent, Path(path).stem, shipped)
+            self.load_rule(entry, where, located, i, Path(path).parent, default_group(path), shipped)
 
     def load_group(self, entry: dict, where, located, index: int) -> None:
         unknown = set(entry) - GROUP_KEYS
@@ -455,9 +465,11 @@ class _Loader:
         try:
             options = re2.Options()
             options.max_mem = 8 << 20
+            options.log_errors = False  # RE2 would also log the fault on stderr, without file:line
             rule.regex = re2.compile(pattern, options)
         except re2.error as exc:
-            self.error(at("match"), f"{sym}: regex not accepted by RE2 (no lookaround or backreferences): {exc}")
+            reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            self.error(at("match"), f"{sym}: regex not accepted by RE2 (no lookaround or backreferences): {reason}")
             return False
         rule.pattern = pattern
         return True

@@ -25,7 +25,7 @@ from pathlib import Path
 from milterguard.ruleset.maps import MapFile
 from milterguard.yamlsrc import SourceError
 
-log = logging.getLogger("milterguard.stores.lists")
+log = logging.getLogger("milterguard.lists")
 
 KINDS = ("allow", "block")
 GLOBAL = ""  # the domain key of the global lists
