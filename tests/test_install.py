@@ -257,3 +257,12 @@ def test_broken_configuration_is_refused_and_the_filter_keeps_running(installed)
     assert "zz-broken.yaml:2" in done.stderr
     assert pid_alive(pid) and inst.pid() == pid
     assert socket_accepts(inst.socket)
+
+
+def test_the_suite_runs_in_a_virtual_environment():
+    """tests/run.sh installs the package and its test extras into .venv/, made with Debian's
+    python3, and runs pytest from there: a stock Debian 12 refuses `pip install` into the
+    system's Python (PEP 668), and a second `milterguard` on PATH would shadow the installed
+    filter's."""
+    assert sys.prefix != sys.base_prefix, f"pytest runs in the system's Python {sys.prefix}"
+    assert Path(sys.executable).parent == Path(sys.prefix) / "bin"

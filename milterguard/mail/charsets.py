@@ -188,30 +188,3 @@ def decode_header_value(raw: str) -> tuple[str, bool]:
             bad = bad or chunk_bad
             out.append(text)
     return "".join(out), bad
-
-
-def clean_str(value: str) -> str:
-    """Replace bytes that were not UTF-8 (surrogate escapes) by U+FFFD."""
-    try:
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        # Lone surrogates that did not come from surrogateescape.
-        return value.encode("utf-8", "replace").decode("utf-8", "replace")
-
-
-def join_folded(value: str) -> str:
-    """Join folded lines: each line break with the blanks around it -> one space.
-
-    split/strip/join is used instead of a regex: a pattern that may start
-    with blanks is tried by sre at every position and costs ~10x more.
-    """
-    return " ".join(filter(None, [piece.strip(" \t\r") for piece in value.split("\n")]))
-
-
-def unfold(value: str) -> str:
-    """RFC 5322 2.2.3 unfolding of an MTA-supplied value, leading blanks dropped."""
-    if "\n" in value:
-        value = join_folded(value)
-    return value.lstrip(" \t").rstrip("\r\n")
-
-
