@@ -32,6 +32,8 @@ fi
 venv="${MILTERGUARD_TEST_VENV:-$PWD/.venv}"
 if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$venv"
+    # Debian 12's pip (23.0) builds the sdists without wheel, the legacy way.
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip wheel
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
 # The console scripts the tests run are the virtual environment's.
