@@ -167,3 +167,23 @@ def test_a_store_that_cannot_be_opened_raises_its_own_error(tmp_path):
         Quarantine(f"sqlite:///{tmp_path}/afile/q.db")
     with pytest.raises(QuarantineError):
         Quarantine("mysql://localhost/q")
+
+
+@pytest.mark.slow
+def test_listing_100000_messages_by_recipient_is_quick(store):
+    now = time.time()
+    many = [held(id=f"m{i:09d}", received_at=now - i, rcpts=["all@example.net", f"u{i % 1000}@example.org"])
+            for i in range(100_000)]
+    store._run(lambda conn: (
+        conn.execute(q.insert(q.messages), [q._message_row(h) for h in many]),
+        conn.execute(q.insert(q.recipients), [q._rcpt_row(h, r) for h in many for r in h.rcpts]),
+        conn.execute(q.insert(q.symbols), [{"message_id": h.id, "symbol": "CANARY_REVIEW", "received_at": h.received_at}
+                                           for h in many])))
+    for query in (Query(rcpt="all@example.net"), Query(rcpt="u7@example.org"),
+                  Query(rcpt="all@example.net", symbol="CANARY_REVIEW", limit=1000)):
+        started = time.perf_counter()
+        found = store.list(query)
+        elapsed = time.perf_counter() - started
+        assert found and found[0].id == ("m000000007" if query.rcpt.startswith("u7") else "m000000000")
+        print(f"{query.rcpt} {query.symbol} limit {query.limit}: {len(found)} in {elapsed * 1000:.0f} ms")
+        assert elapsed < 0.5, f"{query}: {elapsed:.3f}s"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text,
-                        create_engine, delete, event, func, insert, select, update)
+                        create_engine, delete, event, exists, func, insert, select, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -77,16 +77,18 @@ recipients = Table(
     Column("address_key", String(320), nullable=False),  # lower case, for search
     Column("released_at", Float, nullable=True),
     Column("released_by", String(255), nullable=True),
+    Column("received_at", Float, nullable=False),  # the message's, so that the index gives a page in order
 )
 Index("recipients_message", recipients.c.message_id)
-Index("recipients_address", recipients.c.address_key, recipients.c.message_id)
+Index("recipients_address", recipients.c.address_key, recipients.c.received_at)
 
 symbols = Table(
     "symbols", metadata,
     Column("message_id", String(16), nullable=False),
     Column("symbol", String(128), nullable=False),
+    Column("received_at", Float, nullable=False),  # as in recipients
 )
-Index("symbols_symbol", symbols.c.symbol, symbols.c.message_id)
+Index("symbols_symbol", symbols.c.symbol, symbols.c.received_at)
 Index("symbols_message", symbols.c.message_id)
 
 bodies = Table(
@@ -307,10 +309,11 @@ class Quarantine:
 
         def work(conn) -> str:
             conn.execute(insert(messages).values(_message_row(held)))
-            conn.execute(insert(recipients), [_rcpt_row(held.id, rcpt) for rcpt in held.rcpts])
+            conn.execute(insert(recipients), [_rcpt_row(held, rcpt) for rcpt in held.rcpts])
             names = sorted({s["name"] for s in held.symbols})
             if names:
-                conn.execute(insert(symbols), [{"message_id": held.id, "symbol": name} for name in names])
+                conn.execute(insert(symbols), [{"message_id": held.id, "symbol": name, "received_at": held.received_at}
+                                               for name in names])
             conn.execute(insert(bodies).values(message_id=held.id, raw=raw))
             return held.id
 
@@ -320,18 +323,27 @@ class Quarantine:
 
     def list(self, query: Query) -> list[Held]:
         """Messages matching QUERY, newest first."""
-        stmt = select(messages).order_by(messages.c.received_at.desc(), messages.c.id).limit(query.limit)
+        # The recipient (else the symbol) drives: its index, (key, received_at), yields the
+        # newest first, so that a page of a recipient with 100,000 messages reads 100 rows.
+        rcpt_match = recipients.c.address_key == query.rcpt.lower()
+        symbol_match = symbols.c.symbol == query.symbol.upper()
         if query.rcpt:
-            stmt = stmt.where(messages.c.id.in_(
-                select(recipients.c.message_id).where(recipients.c.address_key == query.rcpt.lower())))
-        if query.symbol:
-            stmt = stmt.where(messages.c.id.in_(
-                select(symbols.c.message_id).where(symbols.c.symbol == query.symbol.upper())))
+            driver = recipients
+            stmt = select(messages).join(recipients, recipients.c.message_id == messages.c.id).where(rcpt_match)
+        elif query.symbol:
+            driver = symbols
+            stmt = select(messages).join(symbols, symbols.c.message_id == messages.c.id).where(symbol_match)
+        else:
+            driver = messages
+            stmt = select(messages)
+        stmt = stmt.order_by(driver.c.received_at.desc(), messages.c.id).limit(query.limit)
+        if query.rcpt and query.symbol:
+            stmt = stmt.where(exists().where(symbols.c.message_id == messages.c.id, symbol_match))
         if query.sender:
             key = query.sender.lower()
             stmt = stmt.where((messages.c.sender_key == key) | messages.c.from_header.contains(query.sender))
         if query.since is not None:
-            stmt = stmt.where(messages.c.received_at >= query.since)
+            stmt = stmt.where(driver.c.received_at >= query.since)
         if query.min_score is not None:
             stmt = stmt.where(messages.c.score >= query.min_score)
 
@@ -496,8 +508,8 @@ def _message_row(held: Held) -> dict:
     }
 
 
-def _rcpt_row(message_id: str, rcpt: str) -> dict:
-    return {"message_id": message_id, "address": rcpt, "address_key": rcpt.lower()[:320]}
+def _rcpt_row(held: Held, rcpt: str) -> dict:
+    return {"message_id": held.id, "address": rcpt, "address_key": rcpt.lower()[:320], "received_at": held.received_at}
 
 
 def _held(row) -> Held:
