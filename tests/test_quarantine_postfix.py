@@ -35,23 +35,13 @@ def reinject(postfix_factory):
 
 
 @pytest.fixture
-def mg(milterguard_factory):
-    return milterguard_factory(workers=2)
-
-
-@pytest.fixture
-def pf(postfix_factory, mg):
-    return postfix_factory(mg)
-
-
-@pytest.fixture
-def cli(mg, reinject, capsys):
+def cli(milterguard, reinject, capsys):
     """`milterguard quarantine ARGS...` with the filter's configuration: (status, stdout)."""
 
     def run(*args: str) -> tuple[int, str]:
         capsys.readouterr()
-        status = main(["quarantine", *args, "--etc-dir", str(mg.etc_dir),
-                       "--set", f"quarantine.url={mg.sets['quarantine.url']}",
+        status = main(["quarantine", *args, "--etc-dir", str(milterguard.etc_dir),
+                       "--set", f"quarantine.url={milterguard.sets['quarantine.url']}",
                        "--set", f"quarantine.reinject=127.0.0.1:{reinject.smtpd_port}"])
         return status, capsys.readouterr().out
 
@@ -64,20 +54,20 @@ def listed(cli, *args: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
 
-def held_message(pf, mg, cli, body: str = "MILTERGUARD-CANARY-REVIEW") -> tuple[dict, str]:
+def held_message(postfix, milterguard, cli, body: str = "MILTERGUARD-CANARY-REVIEW") -> tuple[dict, str]:
     raw, msgid = message(body)
-    result = pf.send(raw, SENDER, RCPTS)
+    result = postfix.send(raw, SENDER, RCPTS)
     assert result.code == 250, result
-    assert mg.verdict_for(msgid).action == "review"
-    wait_until(lambda: "stored in the quarantine as" in mg.log_text() or None, 10, what="the stored line",
-               on_timeout=mg.log_tail)
+    assert milterguard.verdict_for(msgid).action == "review"
+    wait_until(lambda: "stored in the quarantine as" in milterguard.log_text() or None, 10, what="the stored line",
+               on_timeout=milterguard.log_tail)
     [record] = [r for r in listed(cli) if r["queue_id"] == result.queue_id]
     return record, msgid
 
 
-def test_review_is_stored_not_delivered_and_released_once(pf, mg, sink, cli, reinject):
-    record, msgid = held_message(pf, mg, cli)
-    assert pf.queue() == []  # discarded at the door: the MTA never delivers it
+def test_review_is_stored_not_delivered_and_released_once(postfix, milterguard, sink, cli, reinject):
+    record, msgid = held_message(postfix, milterguard, cli)
+    assert postfix.queue() == []  # discarded at the door: the MTA never delivers it
     assert record["from"] == SENDER and record["rcpts"] == RCPTS
     assert "CANARY_REVIEW" in [s["name"] for s in record["symbols"]]
     assert {"id", "time", "from", "rcpts", "subject", "score", "symbols"} <= set(record)
@@ -100,8 +90,8 @@ def test_review_is_stored_not_delivered_and_released_once(pf, mg, sink, cli, rei
     assert [m.message_id for m in sink.messages].count(msgid) == 1
 
 
-def test_release_to_one_recipient_then_force(pf, mg, sink, cli):
-    record, msgid = held_message(pf, mg, cli)
+def test_release_to_one_recipient_then_force(postfix, milterguard, sink, cli):
+    record, msgid = held_message(postfix, milterguard, cli)
     assert cli("release", record["id"], "--rcpt", "carol@example.org")[0] == 0
     got = sink.wait_for_message_id(msgid)
     assert got.rcpt_tos == ["carol@example.org"]
@@ -114,8 +104,8 @@ def test_release_to_one_recipient_then_force(pf, mg, sink, cli):
                what="the forced release")
 
 
-def test_show_explain_prints_the_stored_verdict(pf, mg, cli):
-    record, _msgid = held_message(pf, mg, cli)
+def test_show_explain_prints_the_stored_verdict(postfix, milterguard, cli):
+    record, _msgid = held_message(postfix, milterguard, cli)
     status, out = cli("show", record["id"], "--explain")
     assert status == 0 and "CANARY_REVIEW" in out and "-> review" in out
     status, raw = cli("show", record["id"], "--raw")
@@ -125,20 +115,20 @@ def test_show_explain_prints_the_stored_verdict(pf, mg, cli):
     assert json.loads(cli("stats", "--json")[1])["messages"] == 0
 
 
-def test_a_store_that_fails_gets_451_and_the_retry_is_stored(pf, mg, cli, sink):
+def test_a_store_that_fails_gets_451_and_the_retry_is_stored(postfix, milterguard, cli, sink):
     # Open the store once, then put a file where its directory was: every write fails.
-    held_message(pf, mg, cli)
-    directory = mg.workdir / "quarantine"
-    os.rename(directory, mg.workdir / "quarantine.away")
+    held_message(postfix, milterguard, cli)
+    directory = milterguard.workdir / "quarantine"
+    os.rename(directory, milterguard.workdir / "quarantine.away")
     directory.write_text("not a directory\n")
     raw, msgid = message("MILTERGUARD-CANARY-REVIEW", subject="retried")
-    result = pf.send(raw, SENDER, RCPTS)
+    result = postfix.send(raw, SENDER, RCPTS)
     assert result.code == 451, result
-    line = wait_until(lambda: next((l for l in mg.log_text().splitlines() if "failed in the quarantine store" in l),
-                                   None), 10, what="the store failure line", on_timeout=mg.log_tail)
+    line = wait_until(lambda: next((l for l in milterguard.log_text().splitlines() if "failed in the quarantine store" in l),
+                                   None), 10, what="the store failure line", on_timeout=milterguard.log_tail)
     assert "on_error=tempfail" in line
     directory.unlink()
-    os.rename(mg.workdir / "quarantine.away", directory)
-    assert pf.send(raw, SENDER, RCPTS).code == 250  # the sender's retry
+    os.rename(milterguard.workdir / "quarantine.away", directory)
+    assert postfix.send(raw, SENDER, RCPTS).code == 250  # the sender's retry
     assert [r["subject"] for r in listed(cli, "--symbol", "CANARY_REVIEW")].count("retried") == 1
     assert not any(m.message_id == msgid for m in sink.messages)
