@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import socket
 import tempfile
 import threading
@@ -22,7 +23,8 @@ import Milter
 from milterguard.engine.core import Engine
 from milterguard.engine.pipeline import Session
 from milterguard.model import Action, Connection, Transaction, Verdict
-from milterguard.explain import log_record
+from milterguard.explain import explain_text, log_record
+from milterguard.mail.raw import edited_headers, raw_message
 
 log = logging.getLogger("milterguard.milter")
 
@@ -362,6 +364,21 @@ class MilterguardMilter(Milter.Base):
             return self._answer(verdict)
         self._log(verdict)
         verdict.logged = True
+        if verdict.applied == Action.REVIEW and verdict.quarantine == "store":
+            from milterguard.stores.quarantine import QuarantineError
+
+            try:
+                self._store(verdict)
+                # Stored: the client gets 250 and the MTA delivers nothing (release re-injects it).
+                return Milter.DISCARD
+            except QuarantineError as exc:
+                # Never accept and drop: the sender retries on a tempfail; with on_error accept
+                # the MTA's hold queue keeps it instead.
+                self.failed = f"the quarantine store ({exc})"
+                answer = self._on_error()
+                if answer != Milter.ACCEPT:
+                    return answer
+                verdict.quarantine = "mta-hold"
         for rcpt, why in verdict.drop_rcpts.items():
             log.info("recipient %s removed from %s: %s", rcpt, self._ref(), why)
             self.delrcpt(f"<{rcpt}>")
@@ -382,6 +399,23 @@ class MilterguardMilter(Milter.Base):
             self.quarantine(f"milterguard review: score {verdict.score:.2f} ({verdict.reason})")
         return Milter.ACCEPT
 
+    def _store(self, verdict: Verdict) -> None:
+        """Keep the message in the quarantine as the MTA would have delivered it (our headers added)."""
+        from milterguard.stores.quarantine import Held
+
+        conn, txn = self.conn, self.txn
+        raw = raw_message(edited_headers(txn.headers, verdict.edits), txn.body)
+        header = {name.lower(): value for name, value in reversed(txn.headers)}  # the first of each name
+        held = Held(
+            sender=txn.mail_from, rcpts=[rcpt for rcpt in txn.rcpts if rcpt not in verdict.drop_rcpts],
+            client_ip=conn.client_ip or "", client_name=conn.client_name, helo=conn.helo, queue_id=txn.queue_id,
+            mail_params=dict(txn.mail_params), subject=header.get("subject", ""), from_header=header.get("from", ""),
+            score=verdict.score, action=verdict.action.label, explain=explain_text(verdict),
+            symbols=[{"name": h.symbol, "weight": round(h.weight, 3), "options": list(h.options)} for h in verdict.hits],
+        )
+        ident = _quarantine(self.engine.config).add(held, raw)
+        log.info("%s stored in the quarantine as %s (%d bytes)", self._ref(), ident, len(raw))
+
     def abort(self):
         self._reset()
         self.failed = ""
@@ -397,6 +431,20 @@ class MilterguardMilter(Milter.Base):
             self._counted = False
             SESSIONS.closed()
         return Milter.CONTINUE
+
+
+_STORES: dict = {}
+
+
+def _quarantine(config):
+    """This process's quarantine store for the configuration (opened at first use, after the fork)."""
+    from milterguard.stores.quarantine import open_quarantine
+
+    key = (os.getpid(), config["quarantine.url"], config["quarantine.node"])
+    store = _STORES.get(key)
+    if store is None:
+        store = _STORES[key] = open_quarantine(config)
+    return store
 
 
 # Macros asked of the MTA at each stage (Sendmail honours the list; Postfix sends

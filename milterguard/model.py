@@ -454,6 +454,7 @@ class Verdict:
     drop_rcpts: dict[str, str] = field(default_factory=dict)  # recipients removed at end of message -> why
     edits: "HeaderEdits | None" = None
     learn: str = ""  # "spam" or "ham": autolearn takes the message as that (scoring.autolearn_label)
+    quarantine: str = ""  # for review: "store" (our quarantine) or "mta-hold" (the MTA's hold queue)
     logged: bool = False  # the front end has logged this verdict
 
     @property

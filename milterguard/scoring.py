@@ -11,7 +11,8 @@
 - the mode (enforce, tag-only, shadow) says what the front end applies;
 - `finalize` decides what else the front end does with the message: the
   recipients it removes, the header edits (X-Spam-*, Authentication-Results,
-  forged ones removed, the Subject tag) and whether autolearn takes it.
+  forged ones removed, the Subject tag), whether autolearn takes it, and
+  where a message held for review goes (our quarantine or the MTA's hold queue).
 
 Checks only report hits and facts; every decision drawn from them is here.
 """
@@ -217,8 +218,24 @@ def header_edits(verdict: Verdict, facts: Facts, headers: list[tuple[str, str]],
     return edits
 
 
-def finalize(verdict: Verdict, facts: Facts, headers: list[tuple[str, str]], config) -> Verdict:
+def quarantine_for(config, rcpt_domains: list[str]) -> str:
+    """Where a message held for review goes: "store" or "mta-hold".
+
+    Per recipient domain, as the thresholds; when the recipients' domains differ, `mta-hold`
+    wins, so that a domain that asked for the MTA's hold queue finds its mail there.
+    """
+    modes = set()
+    for domain in rcpt_domains or [None]:
+        policy = _domain_policy(config, domain) if domain else None
+        modes.add((policy or {}).get("quarantine", config["quarantine.mode"]))
+    return "mta-hold" if "mta-hold" in modes else "store"
+
+
+def finalize(verdict: Verdict, facts: Facts, headers: list[tuple[str, str]], config,
+             rcpt_domains: list[str] | None = None) -> Verdict:
     """Decide, for a verdict taken at end of message, what the front end does besides the action."""
+    if verdict.applied == Action.REVIEW:
+        verdict.quarantine = quarantine_for(config, rcpt_domains or [])
     if verdict.applied not in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD) and verdict.mode != "shadow":
         verdict.drop_rcpts = dict(facts.blocked_rcpts)
     verdict.edits = header_edits(verdict, facts, headers, config)

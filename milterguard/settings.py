@@ -291,6 +291,7 @@ RBL_PUBLIC_LISTS = {
 }
 
 THRESHOLDS = Struct("thresholds", reject=Float(), review=Float(), tag=Float())
+QUARANTINE_MODE = Choice("store", "mta-hold")
 
 SETTINGS: list[Setting] = [
     # --- milter
@@ -314,9 +315,10 @@ SETTINGS: list[Setting] = [
     # --- scoring
     Setting("thresholds", THRESHOLDS, {"reject": 15.0, "review": 6.0, "tag": 4.0},
             "Scores at which a message is rejected, held for review, or tagged.", merge=True),
-    Setting("domains", MapOf(Struct("domain policy", thresholds=THRESHOLDS, mode=Choice("enforce", "tag-only", "shadow")),
-                             _DOMAIN_RE, "recipient domain"), {},
-            "Per recipient domain overrides: `thresholds` and `mode`. When recipients of one message "
+    Setting("domains", MapOf(Struct("domain policy", thresholds=THRESHOLDS, mode=Choice("enforce", "tag-only", "shadow"),
+                                    quarantine=QUARANTINE_MODE), _DOMAIN_RE, "recipient domain"), {},
+            "Per recipient domain overrides: `thresholds`, `mode` and `quarantine` (what review does, as "
+            "`quarantine.mode`; `mta-hold` wins among the recipients of one message). When recipients of one message "
             "fall under different policies, the most lenient action among them is taken, so that no "
             "domain's mail is refused by another domain's policy.", merge=True),
     Setting("symbols", MapOf(Struct("symbol override", weight=Float(), enabled=Bool(), state=Choice("stable", "testing"),
@@ -338,8 +340,6 @@ SETTINGS: list[Setting] = [
     Setting("actions.reject_text", Str(), "Message refused as spam (ref {ref})",
             "Text of a rejection; `{ref}` becomes the queue id, or a session reference."),
     Setting("actions.tempfail_text", Str(), "Try again later (ref {ref})", "Text of a temporary failure."),
-    Setting("actions.review", Choice("hold"), "hold",
-            "What review does: `hold` puts the message in the MTA's hold (quarantine) queue."),
     Setting("actions.subject_tag", Str(), "[SPAM]",
             "Prefix added to the Subject of tagged (and held) messages; empty for none."),
     Setting("actions.on_error.unauthenticated", Choice("accept", "tempfail"), "tempfail",
@@ -350,6 +350,21 @@ SETTINGS: list[Setting] = [
     Setting("headers.symbols", Bool(), True, "Add the X-Spam-Symbols header."),
     Setting("headers.remove_upstream", Bool(), True,
             "Remove X-Spam-* headers that arrive with the message: they are never trusted."),
+    # --- quarantine (docs/quarantine.md)
+    Setting("quarantine.mode", QUARANTINE_MODE, "store",
+            "What review does: `store` keeps the message in the quarantine (`quarantine.url`) and the MTA "
+            "never delivers it; `mta-hold` puts it in the MTA's hold queue.", since="0.3"),
+    Setting("quarantine.url", Str(), "sqlite:////var/lib/milterguard/quarantine.db",
+            "The quarantine store: `sqlite:///PATH` (a file of this node), or `postgresql://USER@HOST:PORT/DB` "
+            "(shared by several nodes). A store that cannot take a message answers by `actions.on_error`.",
+            since="0.3"),
+    Setting("quarantine.node", Str(), "", "This node's name in the quarantine; empty for the host name.", since="0.3"),
+    Setting("quarantine.reinject", Str(), "127.0.0.1:10026",
+            "`HOST:PORT` of an SMTP service that bypasses the filter, where released messages go.", since="0.3"),
+    Setting("quarantine.retention_days", Int(minimum=1), 30,
+            "`milterguard quarantine expire` removes messages stored longer ago than this.", since="0.3"),
+    Setting("quarantine.max_size", Size(), 10 * 1024**3,
+            "Past this total size `quarantine expire` removes the oldest messages too; 0 for no cap.", since="0.3"),
     # --- message
     Setting("message.spool_bytes", Size(), 1024 * 1024,
             "Bodies larger than this are spooled to a temporary file instead of memory."),

@@ -64,7 +64,9 @@ def test_reject_canary_gets_550_and_is_not_delivered(pf, mg, sink):
     assert not any(m.message_id == msgid for m in sink.messages)
 
 
-def test_review_canary_is_held(pf, mg, sink):
+def test_review_canary_is_held_with_mta_hold(postfix_factory, milterguard_factory, sink):
+    mg = milterguard_factory(workers=1, sets={"quarantine.mode": "mta-hold"})
+    pf = postfix_factory(mg)
     raw, msgid = message("MILTERGUARD-CANARY-REVIEW")
     assert pf.send(raw).code == 250
     assert mg.verdict_for(msgid).action == "review"

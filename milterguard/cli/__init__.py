@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("milterguard.cli.evaluate", "accuracy on a spam and a ham corpus: learn, train and test on a fixed split"),
     "list": ("milterguard.cli.list", "show and edit the allow and block lists"),
     "fuzzy": ("milterguard.cli.fuzzy", "report spam by its content hashes, forget it, or check files"),
+    "quarantine": ("milterguard.cli.quarantine", "list, show, release, delete and expire quarantined messages"),
 }
 
 

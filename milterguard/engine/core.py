@@ -378,7 +378,7 @@ class Engine:
         t1 = time.perf_counter()
         self._run_composites(hits)
         verdict = scoring.score(hits, self.ruleset, self.config, txn.rcpt_domains, Stage.FINAL)
-        scoring.finalize(verdict, txn.facts, txn.headers, self.config)
+        scoring.finalize(verdict, txn.facts, txn.headers, self.config, txn.rcpt_domains)
         txn.timings["composites+scoring"] = time.perf_counter() - t1
         self._run_verdict_hooks(conn, txn, verdict)
         verdict.timings = dict(conn.timings) | dict(txn.timings)

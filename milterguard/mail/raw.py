@@ -102,6 +102,29 @@ def header_bytes(headers: list[tuple[str, str]]) -> bytes:
     return b"".join(out)
 
 
+def edited_headers(headers: list[tuple[str, str]], edits) -> list[tuple[str, str]]:
+    """HEADERS as the MTA has them once it made the milter's EDITS (a model.HeaderEdits):
+    for a message the filter keeps itself instead of passing it on."""
+    if edits is None:
+        return list(headers)
+    drop = set()
+    for name, index in edits.remove:  # 1-based among the headers of that name
+        places = [i for i, (other, _value) in enumerate(headers) if other.lower() == name.lower()]
+        if 0 < index <= len(places):
+            drop.add(places[index - 1])
+    out = [header for i, header in enumerate(headers) if i not in drop]
+    for header in edits.prepend:  # each goes on top of those before it, as the milter's addheader(.., 0)
+        out.insert(0, header)
+    out.extend(edits.add)
+    if edits.subject is not None:
+        at = next((i for i, (name, _value) in enumerate(out) if name.lower() == "subject"), None)
+        if at is None:
+            out.append(("Subject", edits.subject))
+        else:
+            out[at] = (out[at][0], edits.subject)
+    return out
+
+
 def body_bytes(body: BinaryIO | bytes | None) -> bytes:
     """The whole body: bytes as they are, or a spooled file read from its start
     (its position is left as it was)."""

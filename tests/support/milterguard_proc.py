@@ -116,6 +116,8 @@ class MilterguardProcess(MilterProcess):
     :param socket: libmilter socket; default ``inet:<free port>@127.0.0.1``.
     :param workers: shorthand for ``--workers N``.
 
+    ``quarantine.url`` defaults to ``workdir/quarantine/quarantine.db``.
+
     Output goes to ``workdir/milterguard.log`` (appended across restarts).
     """
 
@@ -126,6 +128,8 @@ class MilterguardProcess(MilterProcess):
         super().__init__(workdir, socket=socket, log_name="milterguard.log", env=env)
         self.etc_dir = self.workdir / "etc"
         self.sets = dict(sets or {})
+        # The quarantine lives in the workdir, never under /var/lib.
+        self.sets.setdefault("quarantine.url", f"sqlite:///{self.workdir}/quarantine/quarantine.db")
         self.extra_args = list(extra_args)
         self.workers = workers
         for sub in ("local.d", "override.d", "rules.d", "maps"):

@@ -1,0 +1,222 @@
+"""Work the quarantine: messages held for review (quarantine.mode store).
+
+    milterguard quarantine list [--rcpt ADDR] [--from ADDR] [--since 2d] [--symbol NAME] [--min-score N] [--limit N]
+    milterguard quarantine show ID [--raw | --explain]
+    milterguard quarantine release ID [--rcpt ADDR]... [--force]
+    milterguard quarantine delete ID
+    milterguard quarantine expire
+    milterguard quarantine stats
+
+Every subcommand takes --json (list: one object per line per message).
+Release sends the stored bytes with the original envelope to quarantine.reinject,
+with an X-Milterguard-Released header; see docs/quarantine.md.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import smtplib
+import sys
+import time
+from email.utils import formatdate
+
+from milterguard.cli.common import CliError, load, report
+
+ACTIONS = ("list", "show", "release", "delete", "expire", "stats")
+RELEASED_HEADER = "X-Milterguard-Released"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("action", choices=ACTIONS, help="what to do")
+    parser.add_argument("ident", nargs="?", metavar="ID", help="the message (show, release, delete)")
+    parser.add_argument("--json", action="store_true", help="print JSON (list: one object per line)")
+    parser.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
+                        help="list: messages to ADDR; release: to ADDR only (repeatable; default all recipients)")
+    parser.add_argument("--from", dest="sender", default="", metavar="ADDR",
+                        help="list: messages from ADDR (envelope sender or From header)")
+    parser.add_argument("--since", default="", metavar="AGE", help="list: stored within AGE (30m, 12h, 2d, 1w)")
+    parser.add_argument("--symbol", default="", metavar="NAME", help="list: messages with this symbol")
+    parser.add_argument("--min-score", type=float, default=None, metavar="N", help="list: score at least N")
+    parser.add_argument("--limit", type=int, default=100, metavar="N", help="list: at most N messages, newest first")
+    parser.add_argument("--raw", action="store_true", help="show: the stored message as bytes")
+    parser.add_argument("--explain", action="store_true", help="show: the stored verdict, symbol by symbol")
+    parser.add_argument("--force", action="store_true", help="release: again to recipients released before")
+    parser.add_argument("--by", default="", metavar="NAME",
+                        help="release, delete: who does it, for the record (default: the login name)")
+
+
+def parse_age(text: str) -> float:
+    """Seconds in an age like 30m, 12h, 2d or 1w (a bare number is days)."""
+    match = _DURATION.match(text)
+    if not match:
+        raise CliError(f"--since {text!r}: expected an age like 30m, 12h, 2d or 1w")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise CliError(f"quarantine.reinject {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _who(args) -> str:
+    if args.by:
+        return args.by
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid
+        return f"uid {os.getuid()}"
+
+
+def run(args) -> int:
+    try:
+        config = load(args)
+        if args.action in ("show", "release", "delete") and not args.ident:
+            raise CliError(f"quarantine {args.action} needs the message's ID")
+        from milterguard.stores.quarantine import AlreadyReleased, QuarantineError, open_quarantine
+
+        try:
+            store = open_quarantine(config)
+            try:
+                return globals()[f"_{args.action}"](args, config, store)
+            finally:
+                store.close()
+        except AlreadyReleased as exc:
+            raise CliError(str(exc), status=1) from None
+        except QuarantineError as exc:
+            raise CliError(f"quarantine: {exc}") from None
+    except CliError as exc:
+        return report(exc)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+
+def _list(args, config, store) -> int:
+    from milterguard.stores.quarantine import Query
+
+    if len(args.rcpt) > 1:
+        raise CliError("quarantine list takes one --rcpt")
+    query = Query(rcpt=args.rcpt[0] if args.rcpt else "", sender=args.sender, symbol=args.symbol,
+                  min_score=args.min_score, limit=args.limit,
+                  since=time.time() - parse_age(args.since) if args.since else None)
+    for held in store.list(query):
+        if args.json:
+            _print_json(held.as_dict())
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(held.received_at))
+        names = ",".join(s["name"] for s in held.symbols[:4])
+        print(f"{held.id}  {when}  {held.score:6.2f}  {held.sender or '<>'} -> {','.join(held.rcpts)}  "
+              f"{held.subject[:60]!r}  {names}")
+    return 0
+
+
+def _show(args, config, store) -> int:
+    held = store.get(args.ident)
+    if args.raw:
+        sys.stdout.buffer.write(store.raw(args.ident))
+        sys.stdout.flush()
+        return 0
+    if args.json:
+        record = held.as_dict()
+        record["explain"] = held.explain
+        record["events"] = store.events(args.ident)
+        _print_json(record)
+        return 0
+    if args.explain:
+        print(held.explain)
+        return 0
+    record = held.as_dict()
+    for key in ("id", "date", "node", "queue_id", "client", "client_name", "helo", "from", "rcpts",
+                "header_from", "subject", "score", "action", "size"):
+        value = record[key]
+        print(f"{key + ':':<13}{', '.join(value) if isinstance(value, list) else value}")
+    for rcpt, (at, who) in held.released.items():
+        print(f"{'released:':<13}{rcpt} by {who} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}")
+    print("symbols:     " + ", ".join(f"{s['name']}({s['weight']:.2f})" for s in held.symbols))
+    return 0
+
+
+def reinject(config, who: str):
+    """The send step of a release: the stored bytes, a header saying who released them and
+    when, and the original envelope, to quarantine.reinject; returns the refused recipients."""
+    host, port = parse_hostport(config["quarantine.reinject"])
+
+    def send(held, raw: bytes, rcpts: list[str]) -> list[str]:
+        header = f"{RELEASED_HEADER}: by {who} at {formatdate(localtime=True)} (quarantine id {held.id})\r\n"
+        data = header.encode("utf-8") + raw
+        try:
+            with smtplib.SMTP(host, port, timeout=60) as smtp:
+                smtp.ehlo()
+                options = []
+                if (held.mail_params.get("BODY", "").upper() == "8BITMIME" or not data.isascii()) \
+                        and smtp.has_extn("8bitmime"):
+                    options.append("BODY=8BITMIME")
+                if not all(a.isascii() for a in (held.sender, *rcpts)) and smtp.has_extn("smtputf8"):
+                    options.append("SMTPUTF8")
+                refused = smtp.sendmail(held.sender, rcpts, data, mail_options=options)
+        except smtplib.SMTPRecipientsRefused as exc:
+            raise CliError(f"{host}:{port} refused every recipient: {_refusals(exc.recipients)}") from None
+        except (smtplib.SMTPException, OSError) as exc:
+            raise CliError(f"re-injection to {host}:{port} failed: {exc}") from None
+        if refused:
+            print(f"{host}:{port} refused {_refusals(refused)}", file=sys.stderr)
+        return list(refused)
+
+    return send
+
+
+def _refusals(refused: dict) -> str:
+    return "; ".join(f"{rcpt} ({code} {text.decode('utf-8', 'replace') if isinstance(text, bytes) else text})"
+                     for rcpt, (code, text) in refused.items())
+
+
+def _release(args, config, store) -> int:
+    who = _who(args)
+    done = store.release(args.ident, reinject(config, who), rcpts=args.rcpt, who=who, force=args.force)
+    if args.json:
+        _print_json({"id": args.ident, "released": done, "by": who})
+    elif done:
+        print(f"{args.ident} released to {', '.join(done)}")
+    return 0 if done else 1
+
+
+def _delete(args, config, store) -> int:
+    store.delete(args.ident, who=_who(args))
+    if args.json:
+        _print_json({"id": args.ident, "deleted": True})
+    else:
+        print(f"{args.ident} deleted")
+    return 0
+
+
+def _expire(args, config, store) -> int:
+    days, cap = config["quarantine.retention_days"], config["quarantine.max_size"]
+    count, size = store.expire(days, cap)
+    if args.json:
+        _print_json({"removed": count, "bytes": size, "retention_days": days, "max_size": cap})
+    else:
+        print(f"removed {count} messages ({size} bytes): older than {days} days"
+              + (f" or past the {cap} byte cap" if cap else ""))
+    return 0
+
+
+def _stats(args, config, store) -> int:
+    stats = store.stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    for key, value in stats.items():
+        if key in ("oldest", "newest") and value:
+            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        print(f"{key + ':':<16}{value}")
+    return 0

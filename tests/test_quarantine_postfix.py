@@ -1,0 +1,134 @@
+"""The quarantine end to end: Postfix -> milterguard -> the store, and releases
+through a second Postfix (the re-injection service that bypasses the filter)
+to the sink.  All real, on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+from milterguard.cli import main
+from support import wait_until
+
+pytestmark = pytest.mark.postfix
+
+SENDER = "alice@example.com"
+RCPTS = ["bob@example.net", "carol@example.org"]
+
+
+def message(body: str, subject: str = "held for review") -> tuple[bytes, str]:
+    msgid = f"{uuid.uuid4().hex}@example.com"
+    text = (f"From: Alice Example <{SENDER}>\r\nTo: Bob <bob@example.net>, Carol <carol@example.org>\r\n"
+            f"Subject: {subject}\r\nDate: Mon, 02 Jan 2023 10:00:00 +0000\r\nMessage-ID: <{msgid}>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            f"{body}\r\n")
+    return text.encode(), f"<{msgid}>"
+
+
+@pytest.fixture
+def reinject(postfix_factory):
+    """The re-injection service: a Postfix without milters, relaying to the sink."""
+    return postfix_factory(None, name="reinject")
+
+
+@pytest.fixture
+def cli(milterguard, reinject, capsys):
+    """`milterguard quarantine ARGS...` with the filter's configuration: (status, stdout)."""
+
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        status = main(["quarantine", *args, "--etc-dir", str(milterguard.etc_dir),
+                       "--set", f"quarantine.url={milterguard.sets['quarantine.url']}",
+                       "--set", f"quarantine.reinject=127.0.0.1:{reinject.smtpd_port}"])
+        return status, capsys.readouterr().out
+
+    return run
+
+
+def listed(cli, *args: str) -> list[dict]:
+    status, out = cli("list", "--json", *args)
+    assert status == 0
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def held_message(postfix, milterguard, cli, body: str = "MILTERGUARD-CANARY-REVIEW") -> tuple[dict, str]:
+    raw, msgid = message(body)
+    result = postfix.send(raw, SENDER, RCPTS)
+    assert result.code == 250, result
+    assert milterguard.verdict_for(msgid).action == "review"
+    wait_until(lambda: "stored in the quarantine as" in milterguard.log_text() or None, 10, what="the stored line",
+               on_timeout=milterguard.log_tail)
+    [record] = [r for r in listed(cli) if r["queue_id"] == result.queue_id]
+    return record, msgid
+
+
+def test_review_is_stored_not_delivered_and_released_once(postfix, milterguard, sink, cli, reinject):
+    record, msgid = held_message(postfix, milterguard, cli)
+    assert postfix.queue() == []  # discarded at the door: the MTA never delivers it
+    assert record["from"] == SENDER and record["rcpts"] == RCPTS
+    assert "CANARY_REVIEW" in [s["name"] for s in record["symbols"]]
+    assert {"id", "time", "from", "rcpts", "subject", "score", "symbols"} <= set(record)
+    assert [r["id"] for r in listed(cli, "--rcpt", "carol@example.org", "--symbol", "CANARY_REVIEW")] == [record["id"]]
+    assert not any(m.message_id == msgid for m in sink.messages)
+
+    status, out = cli("release", record["id"], "--by", "postmaster")
+    assert status == 0, out
+    got = sink.wait_for_message_id(msgid)
+    assert got.mail_from == SENDER and sorted(got.rcpt_tos) == RCPTS
+    released = got.header("X-Milterguard-Released")
+    assert released.startswith("by postmaster at") and record["id"] in released
+    assert got.header("X-Spam-Flag") == "YES" and got.header("Subject") == "[SPAM] held for review"
+
+    status, _out = cli("release", record["id"])
+    assert status == 1  # a second release needs --force
+    assert cli("show", record["id"], "--json")[1].count('"kind":"release"') == 1
+    # The re-injection Postfix has nothing left to send, and the sink got it once.
+    wait_until(lambda: reinject.queue() == [] or None, 10, what="an empty re-injection queue")
+    assert [m.message_id for m in sink.messages].count(msgid) == 1
+
+
+def test_release_to_one_recipient_then_force(postfix, milterguard, sink, cli):
+    record, msgid = held_message(postfix, milterguard, cli)
+    assert cli("release", record["id"], "--rcpt", "carol@example.org")[0] == 0
+    got = sink.wait_for_message_id(msgid)
+    assert got.rcpt_tos == ["carol@example.org"]
+    assert cli("release", record["id"], "--rcpt", "carol@example.org")[0] == 1
+    assert cli("release", record["id"], "--rcpt", "bob@example.net", "--json")[0] == 0
+    wait_until(lambda: len([m for m in sink.messages if m.message_id == msgid]) == 2 or None, 10,
+               what="the release to bob")
+    assert cli("release", record["id"], "--force")[0] == 0
+    wait_until(lambda: len([m for m in sink.messages if m.message_id == msgid]) == 3 or None, 10,
+               what="the forced release")
+
+
+def test_show_explain_prints_the_stored_verdict(postfix, milterguard, cli):
+    record, _msgid = held_message(postfix, milterguard, cli)
+    status, out = cli("show", record["id"], "--explain")
+    assert status == 0 and "CANARY_REVIEW" in out and "-> review" in out
+    status, raw = cli("show", record["id"], "--raw")
+    assert "MILTERGUARD-CANARY-REVIEW" in raw and "X-Spam-Flag: YES" in raw
+    assert cli("delete", record["id"])[0] == 0
+    assert listed(cli) == []
+    assert json.loads(cli("stats", "--json")[1])["messages"] == 0
+
+
+def test_a_store_that_fails_gets_451_and_the_retry_is_stored(postfix, milterguard, cli, sink):
+    # Open the store once, then put a file where its directory was: every write fails.
+    held_message(postfix, milterguard, cli)
+    directory = milterguard.workdir / "quarantine"
+    os.rename(directory, milterguard.workdir / "quarantine.away")
+    directory.write_text("not a directory\n")
+    raw, msgid = message("MILTERGUARD-CANARY-REVIEW", subject="retried")
+    result = postfix.send(raw, SENDER, RCPTS)
+    assert result.code == 451, result
+    line = wait_until(lambda: next((l for l in milterguard.log_text().splitlines() if "failed in the quarantine store" in l),
+                                   None), 10, what="the store failure line", on_timeout=milterguard.log_tail)
+    assert "on_error=tempfail" in line
+    directory.unlink()
+    os.rename(milterguard.workdir / "quarantine.away", directory)
+    assert postfix.send(raw, SENDER, RCPTS).code == 250  # the sender's retry
+    assert [r["subject"] for r in listed(cli, "--symbol", "CANARY_REVIEW")].count("retried") == 1
+    assert not any(m.message_id == msgid for m in sink.messages)
