@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
+import subprocess
+import time
 import uuid
 
 import pytest
 
-from support import pid_alive, wait_until
+from support import pid_alive, socket_accepts, wait_until
 
 pytestmark = pytest.mark.postfix
 
@@ -239,3 +242,77 @@ def test_large_message_is_spooled_scanned_in_part_and_delivered(postfix_factory,
     assert got.header("X-Spam-Flag") == "YES"  # the canary near the top was still seen
     verdict = mg.verdict_for(msgid)
     assert verdict.has("SCAN_TRUNCATED") and verdict.action == "tag"
+
+
+def _stop_and_time(mg, timeout: float = 40.0) -> tuple[int | None, float]:
+    """SIGTERM as systemd sends it: one signal, no connection to wake the listener."""
+    start = time.monotonic()
+    mg.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = mg.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    return rc, time.monotonic() - start
+
+
+def test_idle_stop_exits_at_once(pf, mg, sink):
+    raw, msgid = message("before the stop MILTERGUARD-CANARY-CLEAN")
+    assert pf.send(raw).code == 250
+    sink.wait_for_message_id(msgid)
+    rc, took = _stop_and_time(mg)
+    assert rc == 0, mg.log_tail()
+    assert took < 2.0, f"an idle stop took {took:.1f}s\n{mg.log_tail()}"
+
+
+def test_stop_mid_data_finishes_the_session_with_its_real_answer(pf, mg, sink):
+    # The client is in the middle of DATA when the stop comes: its message must get the
+    # filter's real answer (250 here), not a 451 after the drain timeout.
+    raw, msgid = message("cut in two by a stop MILTERGUARD-CANARY-CLEAN")
+    head, tail = raw[: len(raw) // 2], raw[len(raw) // 2:]
+    smtp = smtplib.SMTP(pf.host, pf.smtpd_port, timeout=60)
+    try:
+        smtp.ehlo("client.example.org")
+        assert smtp.mail("alice@example.com")[0] == 250
+        assert smtp.rcpt("bob@example.net")[0] == 250
+        assert smtp.docmd("DATA")[0] == 354
+        smtp.send(head)
+        time.sleep(0.3)
+        start = time.monotonic()
+        mg.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        smtp.send(tail + b"\r\n.\r\n")
+        code, text = smtp.getreply()
+        answered = time.monotonic() - start
+        smtp.quit()
+    finally:
+        smtp.close()
+    assert code == 250, f"{code} {text!r}\n{mg.log_tail()}"
+    assert answered < 3.0, f"the answer took {answered:.1f}s"
+    mg.proc.wait(10)
+    stopped = time.monotonic() - start
+    assert stopped < 5.0, f"the stop took {stopped:.1f}s\n{mg.log_tail()}"
+    sink.wait_for_message_id(msgid)
+    assert mg.verdict_for(msgid).action == "accept"
+
+
+def test_stop_refuses_new_sessions_and_finishes_open_ones(pf, mg, sink):
+    # A session that has only said MAIL FROM (which needs no reply from the filter, so
+    # none of its callbacks may have run yet) keeps the filter running, while a
+    # connection made after the stop is refused: the MTA applies milter_default_action
+    # to it, or reaches the instance that replaces this one.
+    raw, msgid = message("sent across a stop MILTERGUARD-CANARY-CLEAN")
+    smtp = smtplib.SMTP(pf.host, pf.smtpd_port, timeout=60)
+    try:
+        smtp.ehlo("client.example.org")
+        assert smtp.mail("alice@example.com")[0] == 250
+        mg.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert not socket_accepts(mg.socket, timeout=0.5)
+        assert smtp.rcpt("bob@example.net")[0] == 250
+        code, text = smtp.data(raw)
+        smtp.quit()
+    finally:
+        smtp.close()
+    assert code == 250, f"{code} {text!r}\n{mg.log_tail()}"
+    assert mg.proc.wait(10) == 0
+    sink.wait_for_message_id(msgid)
