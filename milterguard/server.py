@@ -89,6 +89,8 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}
         self.pending: list[int] = []
         self.stopping = False
+        self.listen_fds: list[int] = []
+        self.socket_file: tuple[int, int] | None = None  # the unix socket file this instance made
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -125,6 +127,7 @@ class Supervisor:
             # in accept(), where a stop could not take the socket away from them.
             os.set_blocking(fd, False)
         self._socket_mode()
+        self.socket_file = _file_id(self._socket_path())
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._queue)
         log.info("milterguard listening on %s with %d worker%s, %d rules", self.socket_spec, self.nworkers,
@@ -150,10 +153,16 @@ class Supervisor:
 
             select.select([self._wake_r], [], [], 1.0)
 
-    def _socket_mode(self) -> None:
+    def _socket_path(self) -> str | None:
+        """The path of a unix socket, None for a TCP one."""
         spec = self.socket_spec
         if spec.startswith(("unix:", "local:")) or spec.startswith("/"):
-            path = spec.split(":", 1)[1] if ":" in spec else spec
+            return spec.split(":", 1)[1] if ":" in spec else spec
+        return None
+
+    def _socket_mode(self) -> None:
+        path = self._socket_path()
+        if path is not None:
             try:
                 os.chmod(path, int(self.engine.config["milter.unix_socket_mode"], 8))
             except (OSError, ValueError) as exc:
@@ -255,14 +264,25 @@ class Supervisor:
         return 0
 
     def _remove_socket(self) -> None:
-        spec = self.socket_spec
-        if spec.startswith(("unix:", "local:")):
-            path = spec.split(":", 1)[1]
+        # Only the file this instance created: on a restart, the new instance may have
+        # bound the path already, and its socket must stay.
+        path = self._socket_path()
+        if path is not None and self.socket_file is not None and _file_id(path) == self.socket_file:
             try:
-                if stat.S_ISSOCK(os.stat(path).st_mode):
-                    os.unlink(path)
-            except OSError:
-                pass
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("cannot remove socket %s: %s", path, exc)
+
+
+def _file_id(path: str | None) -> tuple[int, int] | None:
+    """(device, inode) of the socket at *path*, None when there is none."""
+    if path is None:
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if stat.S_ISSOCK(found.st_mode) else None
 
 
 def _listening_fds() -> set[int]:

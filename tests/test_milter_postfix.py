@@ -316,3 +316,16 @@ def test_stop_refuses_new_sessions_and_finishes_open_ones(pf, mg, sink):
     assert code == 250, f"{code} {text!r}\n{mg.log_tail()}"
     assert mg.proc.wait(10) == 0
     sink.wait_for_message_id(msgid)
+
+
+def test_stopping_instance_leaves_the_socket_of_its_successor(milterguard_factory, tmp_path):
+    # A restart where the new instance binds the path before the old one has finished
+    # stopping: the old one must not remove the new one's socket file.
+    path = tmp_path / "milterguard.sock"
+    old = milterguard_factory(workers=1, socket=f"unix:{path}")
+    new = milterguard_factory(workers=1, socket=f"unix:{path}")
+    assert old.stop() == 0
+    assert path.exists(), new.log_tail()
+    assert socket_accepts(new.socket)
+    assert new.stop() == 0
+    assert not path.exists()  # its own, it removes
