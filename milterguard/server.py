@@ -115,11 +115,15 @@ class Supervisor:
         milter.settimeout(int(self.engine.config["milter.timeout"]))
         milter.setbacklog(128)
         before = _listening_fds()
+        # A unix socket is made with its mode (by the umask), never wider for a moment.
+        umask = os.umask(0o777 & ~self._socket_mode_bits())
         try:
             milter.opensocket(True)
         except milter.error as exc:
             log.error("cannot open milter socket %s: %s", self.socket_spec, exc)
             return 1
+        finally:
+            os.umask(umask)
         self.listen_fds = sorted(_listening_fds() - before)
         for fd in self.listen_fds:
             # Every worker's accept loop wakes for each new connection; the ones that
@@ -160,13 +164,16 @@ class Supervisor:
             return spec.split(":", 1)[1] if ":" in spec else spec
         return None
 
+    def _socket_mode_bits(self) -> int:
+        return int(self.engine.config["milter.unix_socket_mode"].removeprefix("0o"), 8)
+
     def _socket_mode(self) -> None:
         path = self._socket_path()
         if path is not None:
             try:
-                os.chmod(path, int(self.engine.config["milter.unix_socket_mode"], 8))
-            except (OSError, ValueError) as exc:
-                log.warning("cannot set mode of %s: %s", path, exc)
+                os.chmod(path, self._socket_mode_bits())
+            except OSError as exc:
+                log.error("cannot set mode of %s: %s", path, exc)
 
     def _spawn(self) -> None:
         read_end, write_end = os.pipe()

@@ -84,6 +84,24 @@ class ClamdAddress(Str):
         return self(text)
 
 
+class FileMode(Type):
+    """Permission bits written in octal, as chmod takes them: '0660', '660', '0o660'."""
+
+    name = "octal mode"
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, str):
+            # YAML reads 0660 unquoted as 432 and 660 as 660: neither can be trusted.
+            raise ValueError(f"write the mode as a quoted octal string, such as '0660', not {value!r}")
+        digits = value.strip().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{3,4}", digits) or int(digits, 8) > 0o777:
+            raise ValueError(f"expected permission bits in octal, 000 to 0777, such as '0660', got {value!r}")
+        return value.strip()
+
+    def from_text(self, text: str) -> str:
+        return self(text)
+
+
 class Directory(Str):
     """The path of a directory that exists; empty for none."""
 
@@ -303,8 +321,9 @@ SETTINGS: list[Setting] = [
             "How long libmilter waits for the MTA before it drops a session."),
     Setting("milter.drain_timeout", Seconds(), 30.0,
             "On SIGTERM or reload, how long a worker waits for its open sessions to end."),
-    Setting("milter.unix_socket_mode", Str(), "0660",
-            "Permissions of a unix socket (octal)."),
+    Setting("milter.unix_socket_mode", FileMode(), "0660",
+            "Permissions of a unix socket (octal, quoted in YAML). The socket is made with "
+            "them, whatever the umask; an invalid mode stops the start."),
     # --- logging
     Setting("log.target", Choice("stderr", "syslog"), "stderr",
             "Where log lines go. Under systemd, stderr ends up in the journal."),

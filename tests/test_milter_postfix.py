@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import smtplib
 import subprocess
 import time
@@ -329,3 +330,22 @@ def test_stopping_instance_leaves_the_socket_of_its_successor(milterguard_factor
     assert socket_accepts(new.socket)
     assert new.stop() == 0
     assert not path.exists()  # its own, it removes
+
+
+def test_unix_socket_has_its_mode_under_umask_000(milterguard_factory, tmp_path):
+    path = tmp_path / "milterguard.sock"
+    old = os.umask(0)
+    try:
+        mg = milterguard_factory(workers=1, socket=f"unix:{path}", sets={"milter.unix_socket_mode": "0660"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660, mg.log_tail()
+
+
+def test_invalid_unix_socket_mode_refuses_to_start(milterguard_factory, tmp_path):
+    mg = milterguard_factory(workers=1, socket=f"unix:{tmp_path / 'milterguard.sock'}",
+                             sets={"milter.unix_socket_mode": "0999"}, start=False)
+    result = subprocess.run(mg.argv(), capture_output=True, text=True, timeout=60, env=mg._environ())
+    assert result.returncode != 0
+    assert "milter.unix_socket_mode" in result.stderr
+    assert not (tmp_path / "milterguard.sock").exists()
