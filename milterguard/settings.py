@@ -328,6 +328,11 @@ SETTINGS: list[Setting] = [
     Setting("log.target", Choice("stderr", "syslog"), "stderr",
             "Where log lines go. Under systemd, stderr ends up in the journal."),
     Setting("log.level", Choice("debug", "info", "warning", "error"), "info", "Least severe level logged."),
+    Setting("log.verdict_max_bytes", Int(minimum=512), 2048,
+            "Longest verdict line (bytes, without the log's own prefix). Classic syslog "
+            "cuts lines at 1024 bytes, rsyslog at 8 KB by default. A longer verdict keeps the "
+            "first recipients and symbols that fit and counts the others in rcpts_more and "
+            "symbols_more.", since="0.2"),
     Setting("log.syslog_facility", Str(), "mail", "Syslog facility when log.target is syslog."),
     Setting("log.syslog_socket", Str(), "/dev/log", "Syslog socket path when log.target is syslog."),
     # --- scoring

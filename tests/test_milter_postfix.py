@@ -349,3 +349,19 @@ def test_invalid_unix_socket_mode_refuses_to_start(milterguard_factory, tmp_path
     assert result.returncode != 0
     assert "milter.unix_socket_mode" in result.stderr
     assert not (tmp_path / "milterguard.sock").exists()
+
+
+def test_verdict_line_of_a_message_with_1000_recipients_stays_short(postfix_factory, milterguard_factory, sink):
+    # Syslog cuts long lines; the verdict line keeps under log.verdict_max_bytes and
+    # says how many recipients it left out.
+    mg = milterguard_factory(workers=1)
+    pf = postfix_factory(mg, extra_main_cf={"smtpd_recipient_limit": "2000"})
+    raw, msgid = message("to a crowd MILTERGUARD-CANARY-CLEAN")
+    rcpts = [f"member{n:04d}@lists.example.net" for n in range(1000)]
+    assert pf.send(raw, rcpts=rcpts).code == 250
+    verdict = mg.verdict_for(msgid)
+    assert len(verdict.line.encode("utf-8")) <= 2048 + 200  # the line's prefix (time, pid, level) comes on top
+    shown = verdict["rcpts"]
+    assert shown and shown == rcpts[: len(shown)]
+    assert len(shown) + verdict["rcpts_more"] == 1000
+    assert verdict.has("CANARY_CLEAN") and verdict.action == "accept"
