@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from support import pid_alive, socket_accepts, wait_until
+from support import free_port, pid_alive, socket_accepts, wait_until
 
 pytestmark = pytest.mark.postfix
 
@@ -365,3 +365,16 @@ def test_verdict_line_of_a_message_with_1000_recipients_stays_short(postfix_fact
     assert shown and shown == rcpts[: len(shown)]
     assert len(shown) + verdict["rcpts_more"] == 1000
     assert verdict.has("CANARY_CLEAN") and verdict.action == "accept"
+
+
+def test_clamd_outage_costs_one_log_line_per_worker(postfix_factory, milterguard_factory, sink):
+    # Nothing listens on the port: clamd is down for the whole test.
+    mg = milterguard_factory(workers=1, sets={"clamav.address": f"127.0.0.1:{free_port()}"})
+    pf = postfix_factory(mg)
+    for n in range(8):
+        raw, msgid = message(f"message {n} while clamd is down MILTERGUARD-CANARY-CLEAN")
+        assert pf.send(raw).code in (250, 451)
+        assert mg.verdict_for(msgid).has("CLAMAV_TEMPFAIL")
+    lines = [line for line in mg.log_text().splitlines() if "clamd" in line.lower() and "verdict {" not in line
+             and "ClamAV at" not in line]
+    assert len(lines) <= 2, "\n".join(lines)
