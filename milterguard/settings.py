@@ -468,8 +468,9 @@ SETTINGS: list[Setting] = [
             "Prefix of every key, so that several deployments can share one Redis.", since="0.2"),
     Setting("redis.timeout", Seconds(), 0.5,
             "Bound on connecting to Redis and on each reply; a call takes at most twice this.", since="0.2"),
-    Setting("redis.retry_max", Seconds(), 30.0,
-            "After a failure a server is not asked for 1 s, then twice as long each time, up to this.", since="0.2"),
+    Setting("redis.retry_max", Seconds(), 4.0,
+            "After a failure a server is not asked for 1 s, then twice as long each time, up to this: "
+            "a node is back within this long of its Redis.", since="0.2"),
     Setting("redis.read_only", Bool(), False,
             "This node never writes to Redis (no learning, no autolearn), even with a master configured.", since="0.2"),
     Setting("bayes.enabled", Bool(), True, "Classify with Bayes when Redis is configured.", since="0.2"),

@@ -191,3 +191,8 @@ def test_unquoted_unix_socket_mode_in_yaml_is_refused(tmp_path):
 def test_unix_socket_mode_forms(tmp_path, mode):
     assert int(load_config(etc_dir=tmp_path, sets=[f"milter.unix_socket_mode={mode}"])["milter.unix_socket_mode"], 8) \
         == int(mode.replace("0o", ""), 8)
+
+
+def test_redis_back_off_is_capped_at_a_few_seconds(tmp_path):
+    # After a 12 s outage a worker stayed off longer than the outage (a 30 s cap).
+    assert load_config(etc_dir=tmp_path)["redis.retry_max"] <= 5.0
