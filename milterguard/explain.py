@@ -87,12 +87,41 @@ def verdict_dict(verdict: Verdict) -> dict:
     }
 
 
-def log_record(verdict: Verdict, **fields) -> str:
-    """The one structured log line per message: `verdict {json}`."""
+def log_record(verdict: Verdict, max_bytes: int = 0, **fields) -> str:
+    """The one structured log line per message: `verdict {json}`.
+
+    With *max_bytes*, the line is kept under that size (syslog cuts longer
+    lines): the recipients, then the symbols, are shortened from the end, and
+    `rcpts_more` / `symbols_more` count what was left out.
+    """
     record = dict(fields)
     record.update(
         score=verdict.score, action=verdict.action.label, applied=verdict.applied.label, reason=verdict.reason,
         stage=verdict.stage.label, symbols=[h.symbol for h in verdict.hits],
         elapsed_ms=round(verdict.elapsed * 1000, 2),
     )
+    line = _verdict_line(record)
+    for key in ("rcpts", "symbols"):
+        if not max_bytes or len(line.encode("utf-8")) <= max_bytes:
+            break
+        line = _shorten(record, key, max_bytes)
+    return line
+
+
+def _verdict_line(record: dict) -> str:
     return "verdict " + json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def _shorten(record: dict, key: str, max_bytes: int) -> str:
+    """The line with the longest head of record[key] that fits, and `<key>_more`."""
+    items = list(record.get(key) or ())
+    low, high = 0, len(items)
+    while low < high:  # the most items that fit, by bisection
+        middle = (low + high + 1) // 2
+        record[key], record[f"{key}_more"] = items[:middle], len(items) - middle
+        if len(_verdict_line(record).encode("utf-8")) <= max_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    record[key], record[f"{key}_more"] = items[:low], len(items) - low
+    return _verdict_line(record)

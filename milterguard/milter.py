@@ -184,6 +184,7 @@ class MilterguardMilter(Milter.Base):
             "%s",
             log_record(
                 verdict,
+                max_bytes=self.engine.config["log.verdict_max_bytes"],
                 queue_id=txn.queue_id if txn else "",
                 message_id=self.message_id,
                 client=conn.client_ip or "local",

@@ -12,8 +12,15 @@ Signals reach the supervisor, whose handlers only queue them:
   why and keep serving with the old ones; when they load, tell each worker
   (through its pipe) to switch.  A worker swaps its engine for new
   connections only; a connection keeps the engine it started with.
-- SIGTERM / SIGINT: stop the workers, which stop accepting, finish their
-  open sessions (up to milter.drain_timeout) and exit.
+- SIGTERM / SIGINT: close the listening socket in every process, so that a
+  new connection is refused at once (the MTA applies its
+  milter_default_action, or reaches the instance that replaces this one);
+  each worker finishes its open sessions with their real answers (up to
+  milter.drain_timeout) and exits as soon as it has none.  The stop goes to
+  the workers through their pipes, never as a signal: libmilter's own
+  SIGTERM handling stops serving the open sessions too (its worker pool
+  polls no session once the stop flag is set), which froze them until the
+  drain timeout ended in a reset.
 - SIGCHLD: a worker that died is replaced.
 """
 
@@ -82,6 +89,8 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}
         self.pending: list[int] = []
         self.stopping = False
+        self.listen_fds: list[int] = []
+        self.socket_file: tuple[int, int] | None = None  # the unix socket file this instance made
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -105,12 +114,24 @@ class Supervisor:
         milter.setconn(self.socket_spec)
         milter.settimeout(int(self.engine.config["milter.timeout"]))
         milter.setbacklog(128)
+        before = _listening_fds()
+        # A unix socket is made with its mode (by the umask), never wider for a moment.
+        umask = os.umask(0o777 & ~self._socket_mode_bits())
         try:
             milter.opensocket(True)
         except milter.error as exc:
             log.error("cannot open milter socket %s: %s", self.socket_spec, exc)
             return 1
+        finally:
+            os.umask(umask)
+        self.listen_fds = sorted(_listening_fds() - before)
+        for fd in self.listen_fds:
+            # Every worker's accept loop wakes for each new connection; the ones that
+            # lose the race must get EAGAIN (libmilter polls again) rather than block
+            # in accept(), where a stop could not take the socket away from them.
+            os.set_blocking(fd, False)
         self._socket_mode()
+        self.socket_file = _file_id(self._socket_path())
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._queue)
         log.info("milterguard listening on %s with %d worker%s, %d rules", self.socket_spec, self.nworkers,
@@ -136,14 +157,23 @@ class Supervisor:
 
             select.select([self._wake_r], [], [], 1.0)
 
-    def _socket_mode(self) -> None:
+    def _socket_path(self) -> str | None:
+        """The path of a unix socket, None for a TCP one."""
         spec = self.socket_spec
         if spec.startswith(("unix:", "local:")) or spec.startswith("/"):
-            path = spec.split(":", 1)[1] if ":" in spec else spec
+            return spec.split(":", 1)[1] if ":" in spec else spec
+        return None
+
+    def _socket_mode_bits(self) -> int:
+        return int(self.engine.config["milter.unix_socket_mode"].removeprefix("0o"), 8)
+
+    def _socket_mode(self) -> None:
+        path = self._socket_path()
+        if path is not None:
             try:
-                os.chmod(path, int(self.engine.config["milter.unix_socket_mode"], 8))
-            except (OSError, ValueError) as exc:
-                log.warning("cannot set mode of %s: %s", path, exc)
+                os.chmod(path, self._socket_mode_bits())
+            except OSError as exc:
+                log.error("cannot set mode of %s: %s", path, exc)
 
     def _spawn(self) -> None:
         read_end, write_end = os.pipe()
@@ -162,7 +192,7 @@ class Supervisor:
                     pass
             code = 1
             try:
-                code = worker_main(self.engine, read_end, self.load_engine)
+                code = worker_main(self.engine, read_end, self.load_engine, self.listen_fds)
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -206,13 +236,19 @@ class Supervisor:
 
     def _shutdown(self) -> int:
         self.stopping = True
+        started = time.monotonic()
         log.info("stopping %d workers", len(self.workers))
-        for pid in list(self.workers):
+        for fd in self.listen_fds:
+            os.close(fd)
+        for worker in list(self.workers.values()):
             try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        self._poke()
+                os.write(worker.pipe, b"stop\n")
+            except OSError as exc:
+                log.warning("worker %d did not take the stop (%s); sending SIGTERM", worker.pid, exc)
+                try:
+                    os.kill(worker.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         deadline = time.monotonic() + self.engine.config["milter.drain_timeout"] + 5
         while self.workers and time.monotonic() < deadline:
             try:
@@ -231,43 +267,136 @@ class Supervisor:
             except ProcessLookupError:
                 pass
         self._remove_socket()
-        log.info("stopped")
+        log.info("stopped in %.1fs", time.monotonic() - started)
         return 0
 
-    def _poke(self) -> None:
-        """Wake the workers' accept loops, which notice a stop only when they wake."""
-        import socket
-
-        spec = self.socket_spec
-        for _ in range(len(self.workers)):
-            try:
-                if spec.startswith(("unix:", "local:")):
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    sock.settimeout(0.5)
-                    sock.connect(spec.split(":", 1)[1])
-                else:
-                    kind, _, rest = spec.partition(":")
-                    port, _, host = rest.partition("@")
-                    family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.settimeout(0.5)
-                    sock.connect((host or ("::1" if kind == "inet6" else "127.0.0.1"), int(port)))
-                sock.close()
-            except (OSError, ValueError):
-                return
-
     def _remove_socket(self) -> None:
-        spec = self.socket_spec
-        if spec.startswith(("unix:", "local:")):
-            path = spec.split(":", 1)[1]
+        # Only the file this instance created: on a restart, the new instance may have
+        # bound the path already, and its socket must stay.
+        path = self._socket_path()
+        if path is not None and self.socket_file is not None and _file_id(path) == self.socket_file:
             try:
-                if stat.S_ISSOCK(os.stat(path).st_mode):
-                    os.unlink(path)
-            except OSError:
-                pass
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("cannot remove socket %s: %s", path, exc)
 
 
-def worker_main(engine, pipe_fd: int, load_engine) -> int:
+def _file_id(path: str | None) -> tuple[int, int] | None:
+    """(device, inode) of the socket at *path*, None when there is none."""
+    if path is None:
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if stat.S_ISSOCK(found.st_mode) else None
+
+
+def _listening_fds() -> set[int]:
+    """The descriptors of this process that are listening sockets."""
+    import socket
+
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                found.add(fd)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    return found
+
+
+def _stop_accepting(listen_fds: list[int]) -> set:
+    """Take this worker's share of the milter socket away from libmilter's accept loop.
+
+    Each descriptor is replaced (dup2, atomic) by a listening socket no one is
+    told of (an abstract unix name), so that the loop goes on polling without
+    ever accepting again and without setting libmilter's stop flag, which would
+    orphan the open sessions.  Once every process has let go of it, the kernel
+    closes the milter socket and refuses new connections.  Returns the addresses
+    the socket listened on.
+    """
+    import socket
+
+    addresses = set()
+    for fd in listen_fds:
+        family = socket.socket(fileno=fd)
+        try:
+            addresses.add(family.getsockname())
+        finally:
+            family.detach()
+        unreachable = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unreachable.bind("")  # Linux: an abstract name of the kernel's choosing
+        unreachable.listen(1)
+        os.dup2(unreachable.fileno(), fd)
+        unreachable.close()
+    # A poll under way holds the old socket until it returns (up to 5 s), and a
+    # connection to it would not end it: poll looks again at the descriptor, now
+    # the new socket.  A signal does end it (EINTR), and libmilter polls again.
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+    return addresses
+
+
+def _milter_connections(addresses: set) -> int:
+    """The milter sessions this process holds: its connected sockets on the milter socket's address.
+
+    Counted at the socket rather than in the callbacks, because the MTA's first
+    commands of a session (connect, HELO, MAIL FROM) need no reply and may reach
+    the callbacks only with the first one that does.
+    """
+    import socket
+
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if sock.getsockname() in addresses and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.getpeername()  # raises unless connected
+                count += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    return count
+
+
+def _drain_and_exit(engine, listen_fds: list[int]) -> None:
+    """The stop, in a worker: refuse new sessions, let the open ones end, and exit."""
+    addresses = _stop_accepting(listen_fds)
+    drain = engine.config["milter.drain_timeout"]
+    started = time.monotonic()
+    deadline = started + drain
+    open_now = _milter_connections(addresses)
+    if open_now:
+        log.info("worker %d: stopping; %d open sessions to finish", os.getpid(), open_now)
+    while open_now and time.monotonic() < deadline:
+        time.sleep(0.02)
+        open_now = _milter_connections(addresses)
+    if open_now:
+        log.warning("worker %d: %d sessions still open after %.0fs; they get the MTA's default action",
+                    os.getpid(), open_now, drain)
+    else:
+        log.info("worker %d: stopped in %.1fs", os.getpid(), time.monotonic() - started)
+    logging.shutdown()
+    os._exit(1 if open_now else 0)
+
+
+def worker_main(engine, pipe_fd: int, load_engine, listen_fds: list[int] = ()) -> int:
     """Run libmilter's loop in this process until told to stop."""
     from Milter import milter
 
@@ -275,6 +404,9 @@ def worker_main(engine, pipe_fd: int, load_engine) -> int:
 
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
+    # Only to interrupt libmilter's poll on the stop (_stop_accepting): caught, so that
+    # the call returns EINTR; the Python handler itself never gets to run.
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: None)
     MilterguardMilter.current_engine = engine
 
     def listen_for_reload() -> None:
@@ -295,6 +427,8 @@ def worker_main(engine, pipe_fd: int, load_engine) -> int:
                 buf += chunk
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
+                    if line == b"stop":
+                        _drain_and_exit(MilterguardMilter.current_engine, list(listen_fds))
                     if line == b"reload":
                         try:
                             MilterguardMilter.current_engine = load_engine()

@@ -84,6 +84,24 @@ class ClamdAddress(Str):
         return self(text)
 
 
+class FileMode(Type):
+    """Permission bits written in octal, as chmod takes them: '0660', '660', '0o660'."""
+
+    name = "octal mode"
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, str):
+            # YAML reads 0660 unquoted as 432 and 660 as 660: neither can be trusted.
+            raise ValueError(f"write the mode as a quoted octal string, such as '0660', not {value!r}")
+        digits = value.strip().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{3,4}", digits) or int(digits, 8) > 0o777:
+            raise ValueError(f"expected permission bits in octal, 000 to 0777, such as '0660', got {value!r}")
+        return value.strip()
+
+    def from_text(self, text: str) -> str:
+        return self(text)
+
+
 class Directory(Str):
     """The path of a directory that exists; empty for none."""
 
@@ -304,12 +322,18 @@ SETTINGS: list[Setting] = [
             "How long libmilter waits for the MTA before it drops a session."),
     Setting("milter.drain_timeout", Seconds(), 30.0,
             "On SIGTERM or reload, how long a worker waits for its open sessions to end."),
-    Setting("milter.unix_socket_mode", Str(), "0660",
-            "Permissions of a unix socket (octal)."),
+    Setting("milter.unix_socket_mode", FileMode(), "0660",
+            "Permissions of a unix socket (octal, quoted in YAML). The socket is made with "
+            "them, whatever the umask; an invalid mode stops the start."),
     # --- logging
     Setting("log.target", Choice("stderr", "syslog"), "stderr",
             "Where log lines go. Under systemd, stderr ends up in the journal."),
     Setting("log.level", Choice("debug", "info", "warning", "error"), "info", "Least severe level logged."),
+    Setting("log.verdict_max_bytes", Int(minimum=512), 2048,
+            "Longest verdict line (bytes, without the log's own prefix). Classic syslog "
+            "cuts lines at 1024 bytes, rsyslog at 8 KB by default. A longer verdict keeps the "
+            "first recipients and symbols that fit and counts the others in rcpts_more and "
+            "symbols_more.", since="0.2"),
     Setting("log.syslog_facility", Str(), "mail", "Syslog facility when log.target is syslog."),
     Setting("log.syslog_socket", Str(), "/dev/log", "Syslog socket path when log.target is syslog."),
     # --- scoring
@@ -459,8 +483,9 @@ SETTINGS: list[Setting] = [
             "Prefix of every key, so that several deployments can share one Redis.", since="0.2"),
     Setting("redis.timeout", Seconds(), 0.5,
             "Bound on connecting to Redis and on each reply; a call takes at most twice this.", since="0.2"),
-    Setting("redis.retry_max", Seconds(), 30.0,
-            "After a failure a server is not asked for 1 s, then twice as long each time, up to this.", since="0.2"),
+    Setting("redis.retry_max", Seconds(), 4.0,
+            "After a failure a server is not asked for 1 s, then twice as long each time, up to this: "
+            "a node is back within this long of its Redis.", since="0.2"),
     Setting("redis.read_only", Bool(), False,
             "This node never writes to Redis (no learning, no autolearn), even with a master configured.", since="0.2"),
     Setting("bayes.enabled", Bool(), True, "Classify with Bayes when Redis is configured.", since="0.2"),

@@ -172,3 +172,27 @@ def test_spool_dir_must_be_a_directory(tmp_path):
     write(tmp_path / "local.d" / "spool.yaml", f"message: {{spool_dir: '{tmp_path / 'local.d' / 'spool.yaml'}'}}\n")
     with pytest.raises(ConfigError, match=r"spool.yaml:1: message.spool_dir: '.*' is not a directory$"):
         load_config(etc_dir=tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["0999", "rw-rw----", "66O", "10660", ""])
+def test_invalid_unix_socket_mode_stops_start(tmp_path, mode):
+    with pytest.raises(ConfigError, match="milter.unix_socket_mode"):
+        load_config(etc_dir=tmp_path, sets=[f"milter.unix_socket_mode={mode}"])
+
+
+def test_unquoted_unix_socket_mode_in_yaml_is_refused(tmp_path):
+    # YAML reads 0660 unquoted as the number 432 and 660 as 660: neither is what was meant.
+    write(tmp_path / "local.d" / "mode.yaml", "milter:\n  unix_socket_mode: 660\n")
+    with pytest.raises(ConfigError, match="quoted"):
+        load_config(etc_dir=tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["0660", "660", "0600", "0o640"])
+def test_unix_socket_mode_forms(tmp_path, mode):
+    assert int(load_config(etc_dir=tmp_path, sets=[f"milter.unix_socket_mode={mode}"])["milter.unix_socket_mode"], 8) \
+        == int(mode.replace("0o", ""), 8)
+
+
+def test_redis_back_off_is_capped_at_a_few_seconds(tmp_path):
+    # After a 12 s outage a worker stayed off longer than the outage (a 30 s cap).
+    assert load_config(etc_dir=tmp_path)["redis.retry_max"] <= 5.0

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
+import smtplib
+import subprocess
+import time
 import uuid
 
 import pytest
 
-from support import pid_alive, wait_until
+from support import free_port, pid_alive, socket_accepts, wait_until
 
 pytestmark = pytest.mark.postfix
 
@@ -241,3 +245,138 @@ def test_large_message_is_spooled_scanned_in_part_and_delivered(postfix_factory,
     assert got.header("X-Spam-Flag") == "YES"  # the canary near the top was still seen
     verdict = mg.verdict_for(msgid)
     assert verdict.has("SCAN_TRUNCATED") and verdict.action == "tag"
+
+
+def _stop_and_time(mg, timeout: float = 40.0) -> tuple[int | None, float]:
+    """SIGTERM as systemd sends it: one signal, no connection to wake the listener."""
+    start = time.monotonic()
+    mg.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = mg.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    return rc, time.monotonic() - start
+
+
+def test_idle_stop_exits_at_once(pf, mg, sink):
+    raw, msgid = message("before the stop MILTERGUARD-CANARY-CLEAN")
+    assert pf.send(raw).code == 250
+    sink.wait_for_message_id(msgid)
+    rc, took = _stop_and_time(mg)
+    assert rc == 0, mg.log_tail()
+    assert took < 2.0, f"an idle stop took {took:.1f}s\n{mg.log_tail()}"
+
+
+def test_stop_mid_data_finishes_the_session_with_its_real_answer(pf, mg, sink):
+    # The client is in the middle of DATA when the stop comes: its message must get the
+    # filter's real answer (250 here), not a 451 after the drain timeout.
+    raw, msgid = message("cut in two by a stop MILTERGUARD-CANARY-CLEAN")
+    head, tail = raw[: len(raw) // 2], raw[len(raw) // 2:]
+    smtp = smtplib.SMTP(pf.host, pf.smtpd_port, timeout=60)
+    try:
+        smtp.ehlo("client.example.org")
+        assert smtp.mail("alice@example.com")[0] == 250
+        assert smtp.rcpt("bob@example.net")[0] == 250
+        assert smtp.docmd("DATA")[0] == 354
+        smtp.send(head)
+        time.sleep(0.3)
+        start = time.monotonic()
+        mg.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        smtp.send(tail + b"\r\n.\r\n")
+        code, text = smtp.getreply()
+        answered = time.monotonic() - start
+        smtp.quit()
+    finally:
+        smtp.close()
+    assert code == 250, f"{code} {text!r}\n{mg.log_tail()}"
+    assert answered < 3.0, f"the answer took {answered:.1f}s"
+    mg.proc.wait(10)
+    stopped = time.monotonic() - start
+    assert stopped < 5.0, f"the stop took {stopped:.1f}s\n{mg.log_tail()}"
+    sink.wait_for_message_id(msgid)
+    assert mg.verdict_for(msgid).action == "accept"
+
+
+def test_stop_refuses_new_sessions_and_finishes_open_ones(pf, mg, sink):
+    # A session that has only said MAIL FROM (which needs no reply from the filter, so
+    # none of its callbacks may have run yet) keeps the filter running, while a
+    # connection made after the stop is refused: the MTA applies milter_default_action
+    # to it, or reaches the instance that replaces this one.
+    raw, msgid = message("sent across a stop MILTERGUARD-CANARY-CLEAN")
+    smtp = smtplib.SMTP(pf.host, pf.smtpd_port, timeout=60)
+    try:
+        smtp.ehlo("client.example.org")
+        assert smtp.mail("alice@example.com")[0] == 250
+        mg.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert not socket_accepts(mg.socket, timeout=0.5)
+        assert smtp.rcpt("bob@example.net")[0] == 250
+        code, text = smtp.data(raw)
+        smtp.quit()
+    finally:
+        smtp.close()
+    assert code == 250, f"{code} {text!r}\n{mg.log_tail()}"
+    assert mg.proc.wait(10) == 0
+    sink.wait_for_message_id(msgid)
+
+
+def test_stopping_instance_leaves_the_socket_of_its_successor(milterguard_factory, tmp_path):
+    # A restart where the new instance binds the path before the old one has finished
+    # stopping: the old one must not remove the new one's socket file.
+    path = tmp_path / "milterguard.sock"
+    old = milterguard_factory(workers=1, socket=f"unix:{path}")
+    new = milterguard_factory(workers=1, socket=f"unix:{path}")
+    assert old.stop() == 0
+    assert path.exists(), new.log_tail()
+    assert socket_accepts(new.socket)
+    assert new.stop() == 0
+    assert not path.exists()  # its own, it removes
+
+
+def test_unix_socket_has_its_mode_under_umask_000(milterguard_factory, tmp_path):
+    path = tmp_path / "milterguard.sock"
+    old = os.umask(0)
+    try:
+        mg = milterguard_factory(workers=1, socket=f"unix:{path}", sets={"milter.unix_socket_mode": "0660"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660, mg.log_tail()
+
+
+def test_invalid_unix_socket_mode_refuses_to_start(milterguard_factory, tmp_path):
+    mg = milterguard_factory(workers=1, socket=f"unix:{tmp_path / 'milterguard.sock'}",
+                             sets={"milter.unix_socket_mode": "0999"}, start=False)
+    result = subprocess.run(mg.argv(), capture_output=True, text=True, timeout=60, env=mg._environ())
+    assert result.returncode != 0
+    assert "milter.unix_socket_mode" in result.stderr
+    assert not (tmp_path / "milterguard.sock").exists()
+
+
+def test_verdict_line_of_a_message_with_1000_recipients_stays_short(postfix_factory, milterguard_factory, sink):
+    # Syslog cuts long lines; the verdict line keeps under log.verdict_max_bytes and
+    # says how many recipients it left out.
+    mg = milterguard_factory(workers=1)
+    pf = postfix_factory(mg, extra_main_cf={"smtpd_recipient_limit": "2000"})
+    raw, msgid = message("to a crowd MILTERGUARD-CANARY-CLEAN")
+    rcpts = [f"member{n:04d}@lists.example.net" for n in range(1000)]
+    assert pf.send(raw, rcpts=rcpts).code == 250
+    verdict = mg.verdict_for(msgid)
+    assert len(verdict.line.encode("utf-8")) <= 2048 + 200  # the line's prefix (time, pid, level) comes on top
+    shown = verdict["rcpts"]
+    assert shown and shown == rcpts[: len(shown)]
+    assert len(shown) + verdict["rcpts_more"] == 1000
+    assert verdict.has("CANARY_CLEAN") and verdict.action == "accept"
+
+
+def test_clamd_outage_costs_one_log_line_per_worker(postfix_factory, milterguard_factory, sink):
+    # Nothing listens on the port: clamd is down for the whole test.
+    mg = milterguard_factory(workers=1, sets={"clamav.address": f"127.0.0.1:{free_port()}"})
+    pf = postfix_factory(mg)
+    for n in range(8):
+        raw, msgid = message(f"message {n} while clamd is down MILTERGUARD-CANARY-CLEAN")
+        assert pf.send(raw).code in (250, 451)
+        assert mg.verdict_for(msgid).has("CLAMAV_TEMPFAIL")
+    lines = [line for line in mg.log_text().splitlines() if "clamd" in line.lower() and "verdict {" not in line
+             and "ClamAV at" not in line]
+    assert len(lines) <= 2, "\n".join(lines)

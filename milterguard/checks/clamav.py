@@ -17,8 +17,12 @@ import time
 
 from milterguard.checks.registry import check
 from milterguard.clients.clamd_client import Clamd, ClamdError, ClamdTooLarge
+from milterguard.clients.outage import Outage
 from milterguard.mail.raw import MessageStream
 from milterguard.model import Hits, Stage
+
+# clamd's health per address, in this process.
+_OUTAGES: dict[str, Outage] = {}
 
 log = logging.getLogger("milterguard.clamav")
 
@@ -57,6 +61,11 @@ def clamav(scan, hits: Hits) -> None:
                 hits.add("CLAMAV_TOO_LARGE", f"{part.size} bytes", where="clamd", text=part.filename or part.content_type)
                 continue
             streams.append((part.filename or part.content_type, io.BytesIO(part.payload)))
+    outage = _OUTAGES.get(address) or _OUTAGES.setdefault(address, Outage(f"clamd at {address}", log))
+    if streams and not outage.usable():
+        # Known to be away: not asked again until its retry time, so a frozen clamd costs no wait.
+        hits.add("CLAMAV_TEMPFAIL", "unavailable", where="clamd", text=f"clamd at {address} is away, retrying soon")
+        return
     t0 = time.monotonic()
     for what, stream in streams:
         try:
@@ -66,9 +75,12 @@ def clamav(scan, hits: Hits) -> None:
             continue
         except ClamdError as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else "unavailable"
-            log.warning("clamd %s for %s after %.2fs: %s", reason, ref, time.monotonic() - t0, exc)
+            # One line per outage (Outage), not one per message; the verdict names the symbol.
+            outage.failed(f"{reason} after {time.monotonic() - t0:.2f}s: {exc}")
+            log.debug("clamd %s for %s: %s", reason, ref, exc)
             hits.add("CLAMAV_TEMPFAIL", reason, where="clamd", text=str(exc)[:160])
             return
+        outage.succeeded()
         status, name = result.status, result.detail
         if status == "FOUND":
             log.info("clamd found %s in %s of %s", name, what, ref)

@@ -37,7 +37,8 @@ def fuzzy(scan, hits: Hits) -> None:
     try:
         match = FuzzyStore(store, config["fuzzy.ttl"]).lookup(d, max_distance)
     except RedisUnavailable as exc:
-        log.warning("fuzzy look-up failed for %s: %s", scan.txn.queue_id or scan.conn.ident, exc)
+        # The Redis client logs the outage once; a line per message would flood the log.
+        log.debug("fuzzy look-up failed for %s: %s", scan.txn.queue_id or scan.conn.ident, exc)
         hits.add("FUZZY_TEMPFAIL", where="redis", text=str(exc)[:160])
         return
     if match is None:

@@ -223,7 +223,7 @@ class RedisStore:
         sentinel_service: str = "mymaster",
         prefix: str = "mg:",
         timeout: float = 0.5,
-        retry_max: float = 30.0,
+        retry_max: float = 4.0,
         read_only: bool = False,
     ) -> None:
         self.prefix = prefix
@@ -274,7 +274,7 @@ class RedisStore:
             sentinel_service=config.get("redis.sentinel_service", "mymaster"),
             prefix=config.get("redis.prefix", "mg:"),
             timeout=config.get("redis.timeout", 0.5),
-            retry_max=config.get("redis.retry_max", 30.0),
+            retry_max=config.get("redis.retry_max", 4.0),
             read_only=bool(config.get("redis.read_only", False)),
         )
 
