@@ -12,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "milterguard"
 # (and in docs/architecture.md) before it can be imported.
 LAYERS = {
     # the shared vocabulary and configuration
-    "model": 0, "settings": 0, "yamlsrc": 0,
-    "config": 1,
+    "model": 0, "settingtypes": 0, "settings": 1, "yamlsrc": 0,
+    "config": 2,
     # mail parsing, network clients, rule files, corpus selection
-    "mail": 1, "clients": 1, "ruleset": 1, "corpus": 1,
+    "mail": 1, "ruleset": 1, "corpus": 1, "clients": 2,
     # learning features, then the stores built on the clients
     "learn": 2, "scoring": 2,
     "stores": 3,

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from milterguard.settings import parse_clamd_address
+from milterguard.settingtypes import parse_clamd_address
 
 CHUNK = 64 * 1024
 MAX_ANSWER = 4096
