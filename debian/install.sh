@@ -5,7 +5,7 @@
 # already exists.
 #
 # What goes where (docs/install.md has the details):
-#   /opt/milterguard             a Python virtual environment holding the package
+#   /usr/lib/milterguard             a Python virtual environment holding the package
 #   /usr/sbin/milterguard        a link to its console script
 #   /usr/share/milterguard       the shipped rules/, rules/maps/ and conf/ (replaced on upgrade)
 #   /etc/milterguard             milterguard.yaml (optional), local.d/, override.d/, rules.d/, maps/
@@ -13,7 +13,7 @@
 #   without systemd: /run/milterguard/milterguard.pid and /var/log/milterguard/milterguard.log
 #
 # Environment (all optional):
-#   MILTERGUARD_PREFIX     virtual environment         (default /opt/milterguard)
+#   MILTERGUARD_PREFIX     virtual environment         (default /usr/lib/milterguard)
 #   MILTERGUARD_ETC        configuration directory     (default /etc/milterguard)
 #   MILTERGUARD_SHARE      shipped rules and defaults  (default /usr/share/milterguard)
 #   MILTERGUARD_SBIN       where the command is linked (default /usr/sbin; empty: no link)
@@ -32,7 +32,7 @@ set -euo pipefail
 unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PREFIX="${MILTERGUARD_PREFIX:-/opt/milterguard}"
+PREFIX="${MILTERGUARD_PREFIX:-/usr/lib/milterguard}"
 ETC="${MILTERGUARD_ETC:-/etc/milterguard}"
 SHARE="${MILTERGUARD_SHARE:-/usr/share/milterguard}"
 SBIN="${MILTERGUARD_SBIN-/usr/sbin}"
@@ -259,7 +259,7 @@ if [ "${MILTERGUARD_NO_SYSTEMD:-0}" != 1 ]; then
     install -d -m 0755 "$UNIT_DIR"
     install -m 0644 "$SRC/debian/milterguard.service" "$UNIT_DIR/$UNIT"
     dropin="$UNIT_DIR/$UNIT.d/install.conf"
-    if [ "$BIN" != /opt/milterguard/bin/milterguard ] || [ "$ETC" != /etc/milterguard ] \
+    if [ "$BIN" != /usr/lib/milterguard/bin/milterguard ] || [ "$ETC" != /etc/milterguard ] \
         || [ "$RUN_USER" != milterguard ] || [ -n "${MILTERGUARD_SOCKET:-}" ]; then
         install -d -m 0755 "$UNIT_DIR/$UNIT.d"
         {
