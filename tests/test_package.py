@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -20,51 +19,13 @@ from pathlib import Path
 import pytest
 
 from support import LOOPBACK, free_port, socket_accepts, stop_process, wait_until
+from support.package import installed_version, purge, run
 
 pytestmark = [pytest.mark.package, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 PREFIX = Path("/usr/lib/milterguard")
 ETC = Path("/etc/milterguard")
 CONFFILE = ETC / "local.d" / "local.yaml"
-
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (apt, a system user)"
-    for tool in ("dpkg-buildpackage", "dh_virtualenv", "lintian", "apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (tests/run.sh installs it)"
-    return None
-
-
-def run(*argv: str, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, **kw)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
-def tree_files() -> list[str]:
-    """The files of the checkout that a clean clone has (tracked, or new and not ignored)."""
-    out = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                         capture_output=True, timeout=60)
-    if out.returncode != 0:
-        pytest.skip("not a git checkout: cannot tell the source files from the build's")
-    return [name for name in out.stdout.decode().split("\0") if name and (REPO / name).is_file()]
-
-
-def build(workdir: Path) -> Path:
-    src = workdir / "milterguard"
-    for name in tree_files():
-        dest = src / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, dest)
-    run("dpkg-buildpackage", "-us", "-uc", "-b", cwd=src, timeout=1500)
-    [deb] = workdir.glob("milterguard_*.deb")
-    return deb
 
 
 def rebuilt(deb: Path, workdir: Path, version: str, conffile_text: str) -> Path:
@@ -82,11 +43,6 @@ def rebuilt(deb: Path, workdir: Path, version: str, conffile_text: str) -> Path:
     out = workdir / f"milterguard_{version}_upgrade.deb"
     run("dpkg-deb", "--root-owner-group", "-b", str(tree), str(out))
     return out
-
-
-def installed_version() -> str:
-    out = run("dpkg-query", "-W", "-f=${Status} ${Version}", "milterguard", check=False)
-    return out.stdout.split()[-1] if "install ok installed" in out.stdout else ""
 
 
 def apt_install(deb: Path) -> None:
@@ -121,23 +77,14 @@ class Filter:
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    reason = _missing()
-    if reason:
-        pytest.skip(reason)
-    if installed_version():
-        pytest.skip("a milterguard package is installed already; this test installs and purges its own")
-    workdir = tmp_path_factory.mktemp("package")
-    given = os.environ.get("MILTERGUARD_TEST_DEB")  # a package built from this tree already
-    deb = Path(given) if given else build(workdir)
-    yield workdir, deb
-    if installed_version():
-        run("apt-get", "purge", "-y", "-q", "milterguard", check=False)
+def package(debian_package, tmp_path_factory):
+    yield tmp_path_factory.mktemp("package"), debian_package
+    purge()
 
 
 def test_lintian_finds_no_error(package):
     _workdir, deb = package
-    out = run("lintian", "--no-tag-display-limit", str(deb), check=False, timeout=600)
+    out = run("lintian", "--tag-display-limit", "0", str(deb), check=False, timeout=600)
     errors = [line for line in out.stdout.splitlines() if line.startswith("E:")]
     assert not errors, "\n".join(errors)
 
