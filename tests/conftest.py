@@ -186,3 +186,26 @@ def postfix(postfix_factory, milterguard):
     """A private Postfix with ``smtpd_milters`` = the ``milterguard`` fixture."""
     return postfix_factory(milterguard.socket)
 
+
+
+@pytest.fixture(scope="session")
+def debian_package(tmp_path_factory):
+    """The .deb built from this checkout (once per run), or $MILTERGUARD_TEST_DEB.
+
+    The tests that install it need root and the build tools; they are skipped
+    without them, and when a milterguard package is installed already (they
+    install and purge their own).
+    """
+    from support import package
+
+    reason = package.missing()
+    if reason:
+        pytest.skip(reason)
+    if package.installed_version():
+        pytest.skip("a milterguard package is installed on this machine; these tests install and purge their own")
+    given = os.environ.get("MILTERGUARD_TEST_DEB")
+    if given:
+        return Path(given)
+    if package.tree_files() is None:
+        pytest.skip("not a git checkout: cannot tell the source files from a build's")
+    return package.build(tmp_path_factory.mktemp("deb"))

@@ -1,16 +1,18 @@
-"""debian/install.sh, run for real into temporary directories.
+"""debian/install.sh, the README's first command, run for real on this machine.
 
-The script builds a virtual environment from this checkout (pip fetches the
-dependencies, or takes them from its cache), installs the shipped rules and
-defaults, writes the example configuration, and starts the filter in the
-background as it does on a machine without systemd.  The tests then talk to
-the installed filter with miltertest, run the script a second time (an
-upgrade must keep the operator's files and restart the filter), and stop it.
+The script installs the Debian package built from this checkout (the
+`debian_package` fixture builds it once per run; the script builds it
+itself when given none) and starts the filter in the background as its own
+user, as it does on a machine without systemd.  The tests then talk to the
+installed filter with miltertest, run the script a second time (an upgrade
+must keep the operator's files and restart the filter), refuse a broken
+configuration, and purge the package at the end.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -37,14 +39,21 @@ from support import (  # noqa: E402
     wait_until,
 )
 from support.milterguard_proc import parse_verdicts  # noqa: E402
+from support.package import purge  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.package,
     pytest.mark.skipif(os.geteuid() != 0, reason="debian/install.sh runs as root"),
 ]
 
 SCRIPT = REPO_ROOT / "debian" / "install.sh"
-INSTALL_TIMEOUT = 600  # a cold pip cache compiles pymilter
+INSTALL_TIMEOUT = 900
+PREFIX = Path("/usr/lib/milterguard")
+ETC = Path("/etc/milterguard")
+SHARE = Path("/usr/share/milterguard")
+RUN_DIR = Path("/run/milterguard")
+LOG_FILE = Path("/var/log/milterguard/milterguard.log")
 
 MILTERTEST_SCRIPT = r"""
 -- One session against the installed filter: a message with the reject canary.
@@ -70,47 +79,30 @@ end)
 
 
 class Installed:
-    """One run of install.sh into `root`, and the filter it started."""
+    """install.sh run with the package, and the filter it started."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.prefix = root / "opt"
-        self.etc = root / "etc"
-        self.share = root / "share"
-        self.sbin = root / "sbin"
-        self.run_dir = root / "run"
-        self.log_dir = root / "log"
+    def __init__(self, deb: Path) -> None:
+        self.deb = deb
         self.socket = f"inet:{free_port()}@{LOOPBACK}"
         self.results: list[subprocess.CompletedProcess] = []
 
     @property
     def pid_file(self) -> Path:
-        return self.run_dir / "milterguard.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.log_dir / "milterguard.log"
+        return RUN_DIR / "milterguard.pid"
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MILTERGUARD_", "PYTHON"))}
-        env.update(
-            MILTERGUARD_PREFIX=str(self.prefix),
-            MILTERGUARD_ETC=str(self.etc),
-            MILTERGUARD_SHARE=str(self.share),
-            MILTERGUARD_SBIN=str(self.sbin),
-            MILTERGUARD_RUN=str(self.run_dir),
-            MILTERGUARD_LOG=str(self.log_dir),
-            MILTERGUARD_SOCKET=self.socket,
-            MILTERGUARD_USER="root",
-            MILTERGUARD_NO_SYSTEMD="1",
-            MILTERGUARD_SKIP_APT="1",
-        )
+        env.update(MILTERGUARD_DEB=str(self.deb), MILTERGUARD_SOCKET=self.socket, MILTERGUARD_NO_SYSTEMD="1")
         return env
 
-    def install(self) -> subprocess.CompletedProcess:
+    def run_script(self) -> subprocess.CompletedProcess:
         done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
-                              cwd=REPO_ROOT, env=self.env(), stdin=subprocess.DEVNULL)
+                              cwd="/", env=self.env(), stdin=subprocess.DEVNULL)
         self.results.append(done)
+        return done
+
+    def install(self) -> subprocess.CompletedProcess:
+        done = self.run_script()
         assert done.returncode == 0, f"install.sh failed ({done.returncode})\n{done.stdout}\n{done.stderr}\n{self.log_tail()}"
         return done
 
@@ -118,10 +110,10 @@ class Installed:
         return int(self.pid_file.read_text().strip())
 
     def log_text(self) -> str:
-        return read_log(self.log_file)
+        return read_log(LOG_FILE)
 
     def log_tail(self, n: int = 40) -> str:
-        return "--- milterguard.log ---\n" + log_tail(self.log_file, n)
+        return "--- milterguard.log ---\n" + log_tail(LOG_FILE, n)
 
     def stop(self) -> None:
         """SIGTERM to the pid in the pid file; bounded wait; SIGKILL what is left of its session."""
@@ -135,7 +127,6 @@ class Installed:
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 40
             while pid_alive(pid) and time.monotonic() < deadline:
-                socket_accepts(self.socket, timeout=0.2)  # wakes libmilter's accept loop
                 time.sleep(0.1)
         for member in session_members(pid):  # setsid made the daemon its session's leader
             try:
@@ -147,13 +138,14 @@ class Installed:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    inst = Installed(tmp_path_factory.mktemp("install"))
+def installed(debian_package):
+    inst = Installed(debian_package)
     try:
         inst.install()
         yield inst
     finally:
         inst.stop()
+        purge()
 
 
 def test_install_puts_everything_in_place(installed):
@@ -162,44 +154,43 @@ def test_install_puts_everything_in_place(installed):
     assert f"listening on {inst.socket}" in out
     port = inst.socket.split(":")[1].split("@")[0]
     assert f"smtpd_milters = inet:{LOOPBACK}:{port}" in out
-    bin_ = inst.prefix / "bin" / "milterguard"
+    bin_ = PREFIX / "bin" / "milterguard"
     assert os.access(bin_, os.X_OK)
-    assert (inst.sbin / "milterguard").resolve() == bin_.resolve()
+    assert Path("/usr/sbin/milterguard").resolve() == bin_.resolve()
     for name in ("core.yaml", "headers.yaml", "body.yaml"):
-        assert (inst.share / "rules" / name).read_bytes() == (REPO_ROOT / "rules" / name).read_bytes()
-    assert (inst.share / "rules" / "maps" / "freemail.map").is_file()
-    assert (inst.share / "conf" / "milterguard.yaml").read_bytes() == (REPO_ROOT / "conf" / "milterguard.yaml").read_bytes()
-    # The package looks for its data under sys.prefix/share/milterguard, which leads to $MILTERGUARD_SHARE.
-    assert (inst.prefix / "share" / "milterguard").resolve() == inst.share.resolve()
+        assert (SHARE / "rules" / name).read_bytes() == (REPO_ROOT / "rules" / name).read_bytes()
+    assert (SHARE / "rules" / "maps" / "freemail.map").is_file()
+    assert (SHARE / "conf" / "milterguard.yaml").read_bytes() == (REPO_ROOT / "conf" / "milterguard.yaml").read_bytes()
     for sub in ("local.d", "override.d", "rules.d", "maps"):
-        assert (inst.etc / sub).is_dir()
-    assert (inst.etc / "local.d" / "local.yaml").read_text().startswith("# Local settings")
-    # The package is installed, not linked to this checkout.
-    site = subprocess.run([str(inst.prefix / "bin" / "python"), "-I", "-c", "import milterguard; print(milterguard.__file__)"],
-                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    assert site.startswith(str(inst.prefix)), site
+        assert (ETC / sub).is_dir()
+    assert (ETC / "local.d" / "local.yaml").read_text().startswith("# Local settings")
+    # The package's own environment, not this checkout.
+    site = subprocess.run([str(PREFIX / "bin" / "python"), "-I", "-c", "import milterguard; print(milterguard.__file__)"],
+                          capture_output=True, text=True, check=True, timeout=60, cwd="/").stdout.strip()
+    assert site.startswith(str(PREFIX)), site
 
 
 def test_installed_command_reads_installed_files(installed):
-    inst = installed
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MILTERGUARD_")}
-    env["MILTERGUARD_ETC_DIR"] = str(inst.etc)
-    done = subprocess.run([str(inst.sbin / "milterguard"), "config", "dump", "--origin"], capture_output=True,
-                          text=True, timeout=60, env=env, cwd=inst.root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MILTERGUARD_", "PYTHON"))}
+    done = subprocess.run(["/usr/sbin/milterguard", "config", "dump", "--origin"], capture_output=True,
+                          text=True, timeout=60, env=env, cwd="/")
     assert done.returncode == 0, done.stderr
     socket_line = next(line for line in done.stdout.splitlines() if line.startswith("milter.socket:"))
-    assert str(inst.prefix / "share" / "milterguard" / "conf" / "milterguard.yaml") in socket_line
-    done = subprocess.run([str(inst.sbin / "milterguard"), "lint"], capture_output=True, text=True, timeout=60,
-                          env=env, cwd=inst.root)
+    assert "share/milterguard/conf/milterguard.yaml" in socket_line and str(REPO_ROOT) not in socket_line
+    done = subprocess.run(["/usr/sbin/milterguard", "lint"], capture_output=True, text=True, timeout=60,
+                          env=env, cwd="/")
     assert done.returncode == 0, done.stdout + done.stderr
     assert ", 0 errors, " in done.stderr
 
 
-def test_daemon_runs_in_background_and_accepts(installed):
+def test_daemon_runs_in_background_as_its_own_user(installed):
     inst = installed
     pid = inst.pid()
     assert pid_alive(pid)
     assert os.getsid(pid) == pid, "the daemon should lead its own session (setsid)"
+    uid = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("Uid:"))
+    assert pwd.getpwuid(uid).pw_name == "milterguard"
     assert socket_accepts(inst.socket)
     log = inst.log_text()
     assert f"milterguard listening on {inst.socket}" in log
@@ -225,9 +216,9 @@ def test_installed_filter_rejects_the_canary(installed, tmp_path):
 
 def test_second_run_keeps_operator_files_and_restarts(installed):
     inst = installed
-    local = inst.etc / "local.d" / "local.yaml"
+    local = ETC / "local.d" / "local.yaml"
     local.write_text(local.read_text() + "log: {level: debug}\n")
-    mine = inst.etc / "rules.d" / "site.yaml"
+    mine = ETC / "rules.d" / "site.yaml"
     mine.write_text("[]\n")
     old_pid = inst.pid()
     inst.install()
@@ -238,19 +229,16 @@ def test_second_run_keeps_operator_files_and_restarts(installed):
     assert not pid_alive(old_pid)
     assert pid_alive(new_pid)
     assert socket_accepts(inst.socket)
-    out = inst.results[-1].stdout
-    assert f"stopping the running filter (pid {old_pid})" in out
-    assert "wrote the example" not in out
+    assert f"stopping the running filter (pid {old_pid})" in inst.results[-1].stdout
 
 
 def test_broken_configuration_is_refused_and_the_filter_keeps_running(installed):
     inst = installed
     pid = inst.pid()
-    bad = inst.etc / "local.d" / "zz-broken.yaml"
+    bad = ETC / "local.d" / "zz-broken.yaml"
     bad.write_text("actions:\n  mdoe: shadow\n")
     try:
-        done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
-                              cwd=REPO_ROOT, env=inst.env(), stdin=subprocess.DEVNULL)
+        done = inst.run_script()
     finally:
         bad.unlink()
     assert done.returncode != 0
