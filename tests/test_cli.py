@@ -689,3 +689,19 @@ def test_every_console_script_runs(tmp_path):
                               timeout=60, cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert ", 0 errors, " in done.stderr
+
+
+def test_lint_checks_the_whole_configuration(capsys, etc):
+    """As the unit's ExecReload runs it before SIGHUP: a broken setting in any layer fails
+    lint with its file and line, so the reload is refused before it reaches the daemon."""
+    (etc / "override.d").mkdir(exist_ok=True)
+    (etc / "override.d" / "actions.yaml").write_text("actions:\n  mode: enforce\n  early_reject: maybe\n")
+    status, out, err = run(capsys, "lint", "--etc-dir", str(etc))
+    assert status != 0
+    assert "actions.yaml:3" in out + err and "actions.early_reject" in out + err
+
+
+def test_the_unit_refuses_a_reload_that_lint_refuses():
+    unit = (Path(__file__).resolve().parents[1] / "debian" / "milterguard.service").read_text()
+    reloads = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecReload=")]
+    assert reloads == ["/usr/sbin/milterguard lint", "/bin/kill -HUP $MAINPID"]
