@@ -67,7 +67,7 @@ class Outage:
             self._attempts += 1
             self.retry_at = now + min(self.cap, self.start * 2 ** (self._attempts - 1))
         if first:
-            self.log.warning("%s unavailable: %s; retrying every %.0fs at most, one line when it is back",
+            self.log.warning("%s unavailable: %s; retrying every %gs at most, one line when it is back",
                              self.name, reason, self.cap)
 
     def succeeded(self) -> None:
