@@ -465,8 +465,12 @@ class _Formatter(logging.Formatter):
         return f"{cached[1]},{int(record.msecs):03d}"
 
 
-def setup_logging(config, stream=None) -> None:
-    """stderr (the journal under systemd) or syslog, one line per event."""
+def setup_logging(config=None, stream=None) -> None:
+    """stderr (the journal under systemd) or syslog, one line per event.
+
+    Without a configuration (before it is read): stderr at INFO, in the same
+    format, so that no line of a start goes out without its time and level.
+    """
     # The formats name no source line, thread or process name: spare each record the
     # stack walk and look-ups that would fill them in (logging HOWTO, "Optimization").
     logging._srcfile = None
@@ -475,7 +479,9 @@ def setup_logging(config, stream=None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if config["log.target"] == "syslog":
+    # Python's warnings (a library's deprecation, say) become log lines too.
+    logging.captureWarnings(True)
+    if config is not None and config["log.target"] == "syslog":
         from logging.handlers import SysLogHandler
 
         handler: logging.Handler = SysLogHandler(address=config["log.syslog_socket"], facility=config["log.syslog_facility"])
@@ -484,4 +490,4 @@ def setup_logging(config, stream=None) -> None:
         handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(_Formatter("%(asctime)s milterguard[%(process)d] %(levelname)s %(message)s"))
     root.addHandler(handler)
-    root.setLevel(config["log.level"].upper())
+    root.setLevel(config["log.level"].upper() if config is not None else logging.INFO)

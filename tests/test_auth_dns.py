@@ -4,6 +4,7 @@ never answers or is stopped mid-test."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -156,3 +157,57 @@ def test_a_message_already_refused_starts_no_lookups(nsd, tmp_path):
     hits = engine.start_transaction(conn, txn)
     engine.run_stage(Stage.MAIL_FROM, conn, txn, hits)
     assert "spf" not in txn.facts.scratch and txn.facts.dns is None
+
+
+def _dns_lines(caplog, word: str, server: str) -> list[str]:
+    # Named by server: look-ups of earlier tests may still end while this one runs.
+    return [r.getMessage() for r in caplog.records
+            if r.name == "milterguard.dns" and word in r.getMessage() and f"{server} " in r.getMessage()]
+
+
+def test_silent_dns_server_is_named_once_and_later_messages_do_not_wait(tmp_path, key, caplog):
+    """Issue 11: with a server that never answers, every message waited its DNS time and the
+    log did not name DNS.  Now the first message waits; the outage is logged once, with the
+    server, and the messages after it get their *_TEMPFAIL symbols at once."""
+    with silent_dns_server() as silent, caplog.at_level(logging.INFO, logger="milterguard.dns"):
+        engine = engine_for(tmp_path, f"dns.nameservers={silent.address}", "dns.timeout=1",
+                            "dns.message_budget=3")
+        waits = []
+        for n in range(6):
+            raw = sign(message(from_addr=f"a@m{n}.slow.test"), f"m{n}.slow.test", "s1", key)
+            t0 = time.monotonic()
+            verdict, _ = scan(engine, raw, ip="192.0.2.10", mail_from=f"a@m{n}.slow.test")
+            waits.append(time.monotonic() - t0)
+            assert {"R_SPF_DNSFAIL", "R_DKIM_TEMPFAIL", "DMARC_TEMPFAIL"} <= set(verdict.symbols)
+    assert waits[0] >= 0.9, waits  # the first one finds out
+    assert max(waits[1:]) < 0.3, waits
+    assert len(_dns_lines(caplog, "unavailable", silent.address)) == 1, caplog.text
+    assert not _dns_lines(caplog, "back after", silent.address)
+
+
+def test_dns_back_is_logged_once_with_the_count(tmp_path, key, caplog):
+    server = NsdServer(tmp_path / "nsd", [auth_zone(key)]).start()
+    try:
+        with caplog.at_level(logging.INFO, logger="milterguard.dns"):
+            engine = engine_for(tmp_path, f"dns.nameservers={server.address}", "dns.timeout=1",
+                                "dns.message_budget=3")
+            server.stop()
+            for n in range(4):
+                raw = message(from_addr=f"a@gone{n}.slow.test")
+                verdict, _ = scan(engine, raw, ip="192.0.2.10")
+                assert "R_SPF_DNSFAIL" in verdict.symbols
+            assert len(_dns_lines(caplog, "unavailable", server.address)) == 1
+            server.restart()
+            deadline = time.monotonic() + 8  # back-off of 4 s at most, then a look-up that is answered
+            n = 0
+            while not _dns_lines(caplog, "back after", server.address) and time.monotonic() < deadline:
+                scan(engine, message(from_addr=f"a@back{n}.slow.test"), ip="192.0.2.10")
+                n += 1
+                time.sleep(0.1)
+            verdict, _ = scan(engine, message(from_addr="a@slow.test"), ip="192.0.2.10")
+    finally:
+        server.stop()
+    back = _dns_lines(caplog, "back after", server.address)
+    assert len(back) == 1 and "failed or were skipped" in back[0], caplog.text
+    assert len(_dns_lines(caplog, "unavailable", server.address)) == 1
+    assert "R_SPF_ALLOW" in verdict.symbols  # answered again

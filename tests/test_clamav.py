@@ -7,6 +7,7 @@ ones go through a private Postfix and `milterguard serve`.
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import time
 import uuid
@@ -139,6 +140,20 @@ def test_server_that_never_answers_is_cut_at_the_timeout(tmp_path):
         elapsed = time.monotonic() - t0
     assert verdict.hit("CLAMAV_TEMPFAIL").options == ["timeout"]
     assert elapsed < 3.0
+
+
+def test_waiting_for_a_frozen_clamd_is_not_a_slow_check(tmp_path, caplog):
+    # Issue 11 (the fault campaign): with clamd frozen, each message in flight logged
+    # "check clamav took 2.00s" beside clamd's own outage line.  The wait is clamav.timeout's
+    # to bound and CLAMAV_TEMPFAIL's to report, as DNS waits are the DNS budget's.
+    with socket.socket() as hanging_clamd, caplog.at_level(logging.WARNING, logger="milterguard"):
+        hanging_clamd.bind((LOOPBACK, 0))
+        hanging_clamd.listen(8)
+        verdict = evaluate(tmp_path, mail("hello")[0], **{
+            "clamav.address": f"{LOOPBACK}:{hanging_clamd.getsockname()[1]}", "clamav.timeout": 0.5,
+            "checks.check_budget": 0.2})
+    assert "CLAMAV_TEMPFAIL" in verdict.symbols and "CHECK_SLOW" not in verdict.symbols
+    assert not [r for r in caplog.records if "took" in r.getMessage()], caplog.text
 
 
 # ------------------------------------------------------------------ through Postfix

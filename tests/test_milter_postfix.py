@@ -6,6 +6,7 @@ The canary strings have fixed actions, so these tests never depend on tuned weig
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import smtplib
@@ -380,3 +381,29 @@ def test_clamd_outage_costs_one_log_line_per_worker(postfix_factory, milterguard
     lines = [line for line in mg.log_text().splitlines() if "clamd" in line.lower() and "verdict {" not in line
              and "ClamAV at" not in line]
     assert len(lines) <= 2, "\n".join(lines)
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} milterguard\[\d+\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+def test_every_line_of_the_start_has_time_and_level(milterguard_factory, tmp_path):
+    # Issue 11: the first lines (Redis down at start, say) came before logging was set up,
+    # without time or level.  Redis and clamd are down here, and a local rule has no examples.
+    mg = milterguard_factory(workers=1, sets={"redis.url": f"redis://127.0.0.1:{free_port()}/0",
+                                              "clamav.address": f"127.0.0.1:{free_port()}"},
+                             rules={"local": "- symbol: LOCAL_SHOUT\n  weight: 1\n  description: shouting\n"
+                                             "  match: {header: Subject, regex: '^[A-Z ]{20,}$'}\n"})
+    wait_until(lambda: "worker" in mg.log_text() and "started" in mg.log_text(), 10, what="a worker started")
+    assert mg.stop() == 0
+    lines = [line for line in mg.log_text().splitlines() if line.strip()]
+    assert any("Redis" in line and "unavailable" in line for line in lines), lines
+    assert [line for line in lines if not _LOG_LINE.match(line)] == [], "\n".join(lines)
+
+
+def test_a_refused_start_says_why_in_a_log_line(milterguard_factory, tmp_path):
+    mg = milterguard_factory(workers=1, sets={"milter.unix_socket_mode": "0999"}, start=False)
+    result = subprocess.run(mg.argv(), capture_output=True, text=True, timeout=60, env=mg._environ())
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(_LOG_LINE.match(line) for line in lines), result.stderr
+    assert "milter.unix_socket_mode" in result.stderr

@@ -13,6 +13,7 @@ from milterguard.stores.bayes import Bayes
 from milterguard.mail.message import Message
 from milterguard.clients.redis_client import RedisReadOnly, RedisStore, RedisUnavailable, get_store
 from support import wait_until
+from support.authmail import engine_for, message, scan
 from support.mailgen import make_message
 from support.redis import RedisSentinel, redis_available
 from support.redis_fixtures import master, replica  # noqa: F401  (fixtures)
@@ -56,7 +57,8 @@ def test_a_dead_replica_falls_back_to_the_master(master, replica, caplog):
         for _ in range(5):
             assert store.reader().get(store.key("k")) == b"v"
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "using the others" in lines[0], lines
+    assert len(lines) == 1 and f"Redis {replica.url} not reachable" in lines[0], lines
+    assert lines[0].endswith(f"using {master.url}"), lines
 
 
 def test_outage_is_logged_once_calls_fail_fast_and_recovery_follows(master, caplog):
@@ -72,12 +74,12 @@ def test_outage_is_logged_once_calls_fail_fast_and_recovery_follows(master, capl
             failures += 1
             time.sleep(0.02)
         assert failures > 20  # the back-off answers at once: no time lost per message
-        down = [r for r in caplog.records if "not reachable" in r.getMessage()]
+        down = [r for r in caplog.records if "unavailable" in r.getMessage()]
         assert len(down) == 1, [r.getMessage() for r in caplog.records]
-        assert "learning/hash checks off until it is" in down[0].getMessage()
+        assert "retrying every 0.3s at most" in down[0].getMessage()
         master.restart()  # same port, empty (no persistence)
         wait_until(lambda: _answers(store), timeout=5, what="reconnect after restart")
-        up = [r for r in caplog.records if "reachable again" in r.getMessage()]
+        up = [r for r in caplog.records if "back after" in r.getMessage()]
         assert len(up) == 1
 
 
@@ -97,7 +99,7 @@ def test_start_with_redis_down_logs_once(tmp_path, caplog):
         store = get_store(config)
         assert get_store(config) is store  # cached per process
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "learning/hash checks off until it is" in lines[0]
+    assert len(lines) == 1 and "redis://127.0.0.1:9/0 unavailable: ConnectionError" in lines[0]
 
 
 @pytest.mark.slow
@@ -150,3 +152,54 @@ def _try_learn(bayes, msg):
         return bayes.learn_message(msg, "ham")
     except RedisUnavailable:
         return None
+
+
+def _redis_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "milterguard.redis"]
+
+
+def test_redis_down_during_mail_costs_two_lines_with_the_count_between(tmp_path, master, caplog):
+    """Issue 11: with Redis down, one line when it goes, one when it is back, a count in between;
+    nothing per message."""
+    engine = engine_for(tmp_path, f"redis.url={master.url}", "redis.retry_max=0.5", "dns.enabled=false")
+    with caplog.at_level(logging.INFO):
+        assert "BAYES_TEMPFAIL" not in scan(engine, message(body="before the outage\r\n"))[0].symbols
+        master.stop()
+        for n in range(6):
+            verdict, _ = scan(engine, message(body=f"message {n} while Redis is down\r\n"))
+            assert {"BAYES_TEMPFAIL", "FUZZY_TEMPFAIL"} & set(verdict.symbols), verdict.symbols
+            assert "<redis." not in verdict.hit("BAYES_TEMPFAIL").text
+        master.restart()
+        wait_until(lambda: "BAYES_TEMPFAIL" not in scan(engine, message())[0].symbols, timeout=5,
+                   what="Redis used again")
+    lines = _redis_lines(caplog)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"Redis {master.url} unavailable: ConnectionError: "), lines
+    assert "back after" in lines[1] and "calls failed or were skipped meanwhile" in lines[1], lines
+    assert not [r for r in caplog.records if "Redis" in r.getMessage() and r.name != "milterguard.redis"
+                and r.levelno >= logging.INFO]
+
+
+def test_sentinel_outage_names_the_sentinels_not_the_client_objects(tmp_path, master, caplog):
+    sentinel = RedisSentinel.start(tmp_path / "sentinel", master, service="mg")
+    try:
+        store = RedisStore(sentinels=[sentinel.address], sentinel_service="mg", timeout=0.5, retry_max=0.5)
+        store.writer().set(store.key("k"), "v")
+        sentinel.stop()
+        master.stop()
+        with caplog.at_level(logging.INFO, logger="milterguard.redis"):
+            for _ in range(5):
+                with pytest.raises(RedisUnavailable) as raised:
+                    store.reader().get(store.key("k"))
+                assert "<redis." not in str(raised.value) and len(str(raised.value)) < 400, raised.value
+                time.sleep(0.2)
+            master.restart()
+            sentinel.restart()
+            wait_until(lambda: _answers(store), timeout=10, what="Redis through the Sentinel again")
+    finally:
+        sentinel.stop()
+    lines = _redis_lines(caplog)
+    assert len(lines) == 2, lines
+    assert f"sentinel {sentinel.address} service mg unavailable: MasterNotFoundError" in lines[0], lines
+    assert "<redis." not in lines[0] and len(lines[0]) < 400, lines[0]
+    assert "back after" in lines[1], lines

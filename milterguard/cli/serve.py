@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from milterguard.cli.common import CliError, load, load_engine, report
+from milterguard.cli.common import CliError, load, load_engine
 
 log = logging.getLogger("milterguard")
 
@@ -23,6 +23,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from milterguard.server import Supervisor, setup_logging
+
+    # Logging first: the configuration and the engine log as they load (Redis down at
+    # start, say), and every line of a start must carry its time and level.
+    setup_logging()
     extra = []
     if args.socket:
         extra.append(f"milter.socket={args.socket}")
@@ -30,17 +35,16 @@ def run(args) -> int:
         extra.append(f"milter.workers={args.workers}")
     try:
         config = load(args, extra)
+        setup_logging(config)
         engine = load_engine(args, config)
     except CliError as exc:
-        return report(exc)
-    from milterguard.server import Supervisor, setup_logging
-
+        log.error("%s", exc)
+        return exc.status
     if config["dns.enabled"]:
         # Imported once here, before the workers fork, rather than by each worker
         # at its first DMARC record (the check imports it late for the other commands).
         import checkdmarc.dmarc  # noqa: F401
 
-    setup_logging(config)
     for line in feature_summary(config):
         log.info("%s", line)
 

@@ -11,6 +11,13 @@
   future of that message takes its time from the same budget, so DNS adds
   at most that much to a message however many checks wait; a check whose
   answer is not back in time emits its *_TEMPFAIL symbol.
+- The health of the name servers (`Outage`): when `DOWN_AFTER` queries in
+  a row get no answer at all (timeouts, not NXDOMAIN or SERVFAIL, which
+  are answers), the servers are taken as away and logged once, by name.
+  While they are, a look-up not in the cache answers TIMEOUT at once rather
+  than waiting, and one look-up per retry time (4 s at most) goes to the
+  servers in the background; the first one answered ends the outage, with
+  one line and the count of look-ups failed in between (issue 11).
 """
 
 from __future__ import annotations
@@ -42,12 +49,18 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
+from milterguard.clients.outage import Outage
+
 log = logging.getLogger("milterguard.dns")
 
 # Answer status values.
 OK, NXDOMAIN, NODATA, TIMEOUT, SERVFAIL = "ok", "nxdomain", "nodata", "timeout", "servfail"
 _MAX_TTL = 86400
 _DEFAULT_NEGATIVE_TTL = 60
+# Queries in a row without any answer that make the servers count as away: one query
+# may time out on its own (a recursive resolver chasing a dead authority), three with
+# nothing answered in between do not.
+DOWN_AFTER = 3
 
 
 class BudgetExceeded(Exception):
@@ -186,6 +199,22 @@ def parse_nameserver(spec: str) -> tuple[str, int]:
     return host, port
 
 
+def _server_label(nameserver: Any) -> str:
+    """`127.0.0.1`, `127.0.0.1:5353`, `[::1]:5353`: the notation of `dns.nameservers`."""
+    address, port = getattr(nameserver, "address", None), getattr(nameserver, "port", 53)
+    if address is None:
+        return str(nameserver)
+    if port == 53:
+        return address
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _unanswered(exc: dns.resolver.NoNameservers) -> bool:
+    """Whether no server sent any response (each failed on the network, none with an rcode)."""
+    errors = exc.kwargs.get("errors") or []
+    return bool(errors) and all(error[4] is None for error in errors)
+
+
 def _negative_ttl(response: dns.message.Message | None) -> int:
     # RFC 2308 5: a negative answer lives as long as the SOA's TTL and MINIMUM allow.
     if response is None:
@@ -226,6 +255,9 @@ class Resolver:
         self._resolver.lifetime = timeout
         self._resolver.cache = None  # ours honours negative answers and is bounded
         self.nameservers = [str(ns) for ns in self._resolver.nameservers]
+        labels = [_server_label(ns) for ns in self._resolver.nameservers]
+        self.outage = Outage(f"DNS server{'s' if len(labels) > 1 else ''} {', '.join(labels)}", log)
+        self._silent = 0  # queries in a row that got no answer
         self.cache = Cache(cache_size)
         self.memo = Memo(cache_size)
         self.workers = workers
@@ -245,11 +277,34 @@ class Resolver:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        answer = self._query(name, rdtype)
+        if self.outage.down:
+            if self.outage.usable():
+                # The retry time: this name goes to the servers in the background, and
+                # its answer (if any) ends the outage; no message waits for it.
+                self._executor().submit(self._probe, key)
+            return Answer(name, rdtype, TIMEOUT, error=f"{self.outage.name} not answering; asked again soon")
+        return self._probe(key)
+
+    def _probe(self, key: tuple[str, str]) -> Answer:
+        answer = self._query(*key)
         self.cache.put(key, answer)
         return answer
 
     def _query(self, name: str, rdtype: str) -> Answer:
+        answer = self._ask(name, rdtype)
+        if answer.status == TIMEOUT or (answer.status == SERVFAIL and answer.error.startswith("unanswered")):
+            with self._lock:
+                self._silent += 1
+                silent = self._silent
+            if silent >= DOWN_AFTER or self.outage.down:
+                self.outage.failed(f"{silent} queries in a row got no answer within {self.timeout:g}s "
+                                   f"(the last: {name} {rdtype})")
+        else:
+            self._silent = 0
+            self.outage.succeeded()
+        return answer
+
+    def _ask(self, name: str, rdtype: str) -> Answer:
         self.queries += 1
         try:
             result = self._resolver.resolve(name, rdtype, lifetime=self.timeout, search=False, raise_on_no_answer=False)
@@ -260,7 +315,7 @@ class Resolver:
         except dns.exception.Timeout as exc:
             return Answer(name, rdtype, TIMEOUT, error=str(exc))
         except dns.resolver.NoNameservers as exc:
-            return Answer(name, rdtype, SERVFAIL, error=str(exc))
+            return Answer(name, rdtype, SERVFAIL, error=f"unanswered: {exc}" if _unanswered(exc) else str(exc))
         except (dns.resolver.NoRootSOA, dns.resolver.YXDOMAIN, dns.name.LabelTooLong, dns.name.EmptyLabel,
                 dns.name.NameTooLong) as exc:
             return Answer(name, rdtype, NXDOMAIN, error=str(exc), ttl=_DEFAULT_NEGATIVE_TTL)

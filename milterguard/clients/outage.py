@@ -37,10 +37,22 @@ class Outage:
         return self.down_since > 0
 
     def usable(self) -> bool:
-        """True when a call may be tried now; a call skipped here counts as failed."""
-        if not self.down or time.monotonic() >= self.retry_at:
+        """True when a call may be tried now; a call skipped here counts as failed.
+
+        While the dependency is away, one caller is let through at each retry time:
+        the others skip it until that attempt fails or succeeds (or for `cap`
+        seconds, should it never say), so that concurrent callers do not all wait
+        on a dependency that is still away.
+        """
+        if not self.down:
             return True
+        now = time.monotonic()
         with self._lock:
+            if not self.down:
+                return True
+            if now >= self.retry_at:
+                self.retry_at = now + self.cap
+                return True
             self.failures += 1
         return False
 
@@ -55,7 +67,7 @@ class Outage:
             self._attempts += 1
             self.retry_at = now + min(self.cap, self.start * 2 ** (self._attempts - 1))
         if first:
-            self.log.warning("%s unavailable: %s; retrying every %.0fs at most, one line when it is back",
+            self.log.warning("%s unavailable: %s; retrying every %gs at most, one line when it is back",
                              self.name, reason, self.cap)
 
     def succeeded(self) -> None:

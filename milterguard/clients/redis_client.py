@@ -30,13 +30,18 @@ Every call is bounded by `redis.timeout` (connect and each reply; a stale
 connection is retried once, so a call takes at most twice that).  A
 connection error or timeout raises `RedisUnavailable`; the server is then
 not asked again for a back-off interval (1 s, doubling up to
-`redis.retry_max`), so an outage costs no time per message, and it is
-logged once when it begins and once when it ends.
+`redis.retry_max`), so an outage costs no time per message.  When no
+server of the configuration answers, `Outage` logs one line, and one more
+when one answers again, with the count of calls failed in between; a
+server down while others answer is one line, and its return another.  The
+lines carry the exception's class and text, never the client objects that
+redis-py puts in some of its messages (a Sentinel's).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Any, Callable
@@ -47,6 +52,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SlaveNotFoundError
 
+from milterguard.clients.outage import Outage
+
 log = logging.getLogger("milterguard.redis")
 
 # Errors that mean "this server cannot be used now" (as opposed to a bug in
@@ -54,6 +61,24 @@ log = logging.getLogger("milterguard.redis")
 _DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError, MasterNotFoundError, SlaveNotFoundError)
 
 BACKOFF_START = 1.0
+# The repr of a redis-py object (`<redis.client.Redis(<...ConnectionPool(...)>)>`),
+# which a Sentinel's MasterNotFoundError carries for each sentinel: 1.9 KB of settings.
+_OBJECT_REPR = re.compile(r"<[^<>]*>")
+_MAX_REASON = 300
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's class and text, without the client objects redis-py puts in it."""
+    text = str(exc)
+    while True:
+        stripped = _OBJECT_REPR.sub("", text)
+        if stripped == text:
+            break
+        text = stripped
+    text = " ".join(text.replace(" :  - ", ": ").split())
+    if len(text) > _MAX_REASON:
+        text = text[:_MAX_REASON] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class RedisUnavailable(Exception):
@@ -73,31 +98,38 @@ class _Node:
         self.store = store
         self.down_until = 0.0
         self.failures = 0
+        self.reason = ""  # why it went away, for the line that says the others are used
+        self.reported = False  # its absence was logged on its own (others answered meanwhile)
         self.lock = threading.Lock()
 
     def usable(self, now: float) -> bool:
         return now >= self.down_until
 
-    def failed(self, exc: Exception) -> None:
+    def failed(self, exc: Exception) -> bool:
+        """Back off; True at the first failure of an absence."""
         with self.lock:
             self.failures += 1
             delay = min(self.store.retry_max, BACKOFF_START * 2 ** (self.failures - 1))
             self.down_until = time.monotonic() + delay
-            first = self.failures == 1
-        if first:
-            self.store._node_down(self, exc)
+            if self.failures == 1:
+                self.reason = _reason(exc)
+                return True
+        return False
 
     def succeeded(self) -> None:
         if self.failures:
             with self.lock:
-                was_down, self.failures, self.down_until = self.failures > 0, 0, 0.0
-            if was_down:
-                self.store._node_up(self)
+                was_down, reported = self.failures > 0, self.reported
+                self.failures, self.down_until, self.reported = 0, 0.0, False
+            if was_down and reported:
+                log.info("Redis %s reachable again", self.name)
 
 
 def _run(nodes: list[_Node], call: Callable[[redis.Redis], Any]) -> Any:
     """`call(client)` on the first usable node that answers, in order."""
+    store = nodes[0].store
     last: Exception | None = None
+    gone: list[_Node] = []  # nodes that went away in this call
     now = time.monotonic()
     for node in nodes:
         if not node.usable(now):
@@ -106,19 +138,26 @@ def _run(nodes: list[_Node], call: Callable[[redis.Redis], Any]) -> Any:
             result = call(node.client)
         except redis.ReadOnlyError as exc:
             # A master demoted to replica by a failover: find the new one.
-            node.failed(exc)
+            if node.failed(exc):
+                gone.append(node)
             last = exc
             continue
         except _DOWN_ERRORS as exc:
-            node.failed(exc)
+            if node.failed(exc):
+                gone.append(node)
             last = exc
             continue
         node.succeeded()
+        store.outage.succeeded()
+        for other in gone:
+            # Only now is it known that the others answer: a Sentinel outage is one line, not one per role.
+            other.reported = True
+            log.warning("Redis %s not reachable (%s), using %s", other.name, other.reason, node.name)
         return result
     names = ", ".join(n.name for n in nodes)
-    if last is None:
-        raise RedisUnavailable(f"Redis not reachable ({names}), retrying soon")
-    raise RedisUnavailable(f"Redis not reachable ({names}): {type(last).__name__}: {last}") from last
+    reason = _reason(last) if last is not None else "every server backs off, retrying soon"
+    store.outage.failed(reason)
+    raise RedisUnavailable(f"Redis not reachable ({names}): {reason}") from last
 
 
 class GuardedPipeline:
@@ -231,8 +270,6 @@ class RedisStore:
         self.retry_max = retry_max
         self.read_only = read_only
         self.describe = ""
-        self._outage = False
-        self._lock = threading.Lock()
         kwargs = _client_kwargs(timeout)
         self.master: _Node | None = None
         self.replicas: list[_Node] = []
@@ -256,6 +293,8 @@ class RedisStore:
             for rurl in replicas or []:
                 self.replicas.append(_Node(_safe(rurl), redis.Redis.from_url(rurl, **kwargs), self))
             self.describe = ", ".join(n.name for n in ([self.master] if self.master else []) + self.replicas)
+        # No server of the configuration answers: one line when it begins, one when it ends.
+        self.outage = Outage(f"Redis {self.describe}", log, start=BACKOFF_START, cap=retry_max)
 
     # ------------------------------------------------------------ construction
 
@@ -309,31 +348,6 @@ class RedisStore:
             return True
         except RedisUnavailable:
             return False
-
-    # ------------------------------------------------------------ health logging
-
-    def _all_down(self) -> bool:
-        now = time.monotonic()
-        nodes = ([self.master] if self.master else []) + self.replicas
-        return all(not n.usable(now) for n in nodes)
-
-    def _node_down(self, node: _Node, exc: Exception) -> None:
-        with self._lock:
-            if self._outage:
-                return
-            if self._all_down():
-                self._outage = True
-                log.warning("Redis not reachable (%s: %s): learning/hash checks off until it is", self.describe, exc)
-            else:
-                log.warning("Redis %s not reachable (%s), using the others", node.name, exc)
-
-    def _node_up(self, node: _Node) -> None:
-        with self._lock:
-            if self._outage:
-                self._outage = False
-                log.warning("Redis reachable again (%s)", node.name)
-            else:
-                log.info("Redis %s reachable again", node.name)
 
 
 def _safe(url: str) -> str:

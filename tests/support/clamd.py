@@ -101,9 +101,10 @@ class ClamdInstance:
             shutil.chown(self.workdir, "root")
         return conf
 
-    def start(self, timeout: float = 60.0) -> "ClamdInstance":
+    def start(self, timeout: float = 60.0, port: int | None = None) -> "ClamdInstance":
+        """Start on a free port, or on PORT (a restart keeps its address)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         conf = self.write_config()
         out = open(self.workdir / "clamd.out", "ab")
         self.proc = subprocess.Popen([CLAMD, "--config-file", str(conf)], stdout=out, stderr=subprocess.STDOUT,

@@ -128,11 +128,12 @@ class NsdServer:
             return False
         return bool(reply.answer)
 
-    def start(self) -> "NsdServer":
+    def start(self, port: int | None = None) -> "NsdServer":
+        """Start on a free port, or on PORT (a restart keeps its address)."""
         from support import free_port
 
-        for attempt in range(3):
-            self.port = free_port()
+        for attempt in range(1 if port else 3):
+            self.port = port or free_port()
             conf = self._write()
             check = subprocess.run(["nsd-checkconf", str(conf)], capture_output=True, text=True)
             if check.returncode != 0:
@@ -145,13 +146,18 @@ class NsdServer:
                 return self
             except SupportError:
                 self.stop()
-                if attempt == 2 or "already in use" not in self.log_tail():
+                if port or attempt == 2 or "already in use" not in self.log_tail():
                     raise
         return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             stop_process(self.proc, timeout=10)
+
+    def restart(self) -> "NsdServer":
+        """Start again on the same address, after a stop."""
+        self.stop()
+        return self.start(self.port)
 
     def log_tail(self, n: int = 40) -> str:
         texts = []
