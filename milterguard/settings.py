@@ -329,10 +329,18 @@ SETTINGS: list[Setting] = [
             "lookalike of a protected one.", since="0.2"),
     Setting("lists.dir", Str(), "{etc}/lists",
             "Directory of the allow and block lists: `allow.map` and `block.map` for all mail, "
-            "`DOMAIN/allow.map` and `DOMAIN/block.map` for recipients at DOMAIN. Empty turns lists off.",
+            "`DOMAIN/allow.map` and `DOMAIN/block.map` for recipients at DOMAIN. Empty turns lists off "
+            "(with `lists.backend: files`; with `redis`, this is where `milterguard list import` reads).",
             since="0.2"),
     Setting("lists.check_interval", Seconds(), 1.0,
-            "How often the list files are looked at for changes; a changed file is read again.", since="0.2"),
+            "How often the lists are looked at for changes: the files' times and sizes, or the version "
+            "key in Redis (one GET); a changed list is read again.", since="0.2"),
+    Setting("lists.backend", Choice("files", "redis"), "files",
+            "Where the allow and block lists live: `files` under `lists.dir` on each node, or `redis` (a set "
+            "per list under `redis.prefix`, shared by every node; needs `redis.url`, replicas or sentinels). "
+            "With `redis`, each process keeps a copy of the lists and keeps using it while Redis is away; "
+            "`milterguard list` edits the sets and `milterguard list import` copies the files into them.",
+            since="0.3"),
     Setting("fuzzy.enabled", Bool(), True,
             "Compare messages with the content hashes of reported spam in Redis (needs redis.url, "
             "replicas or sentinels).", since="0.2"),
