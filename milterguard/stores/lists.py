@@ -43,11 +43,14 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from milterguard.clients.outage import Outage
-from milterguard.clients.redis_client import RedisStore, RedisUnavailable, get_store
 from milterguard.ruleset.maps import MapFile
 from milterguard.yamlsrc import SourceError
+
+if TYPE_CHECKING:
+    from milterguard.clients.redis_client import RedisStore
 
 log = logging.getLogger("milterguard.lists")
 
@@ -182,6 +185,8 @@ class RedisLists(_Lists):
             return
         if not self._lock.acquire(blocking=False):
             return  # another thread is asking; this message is judged by the copy
+        from milterguard.clients.redis_client import RedisUnavailable  # loaded by store_for already
+
         try:
             self._checked = now
             try:
@@ -229,6 +234,9 @@ _REDIS_LISTS: dict[int, RedisLists] = {}
 def store_for(config) -> _Lists | None:
     """The per-process lists of CONFIG: in Redis, or the files of lists.dir (None when it is empty)."""
     if config["lists.backend"] == "redis":
+        # Imported here: a filter or scan without Redis never loads the Redis client.
+        from milterguard.clients.redis_client import get_store
+
         redis_store = get_store(config)
         if redis_store is None:
             return None  # refused when the configuration is read (config.py)
