@@ -7,6 +7,7 @@ module by `milterguard config doc`; a test keeps the page up to date.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,10 @@ THRESHOLDS = Struct("thresholds", reject=Float(), review=Float(), tag=Float())
 QUARANTINE_MODE = Choice("store", "mta-hold")
 
 SETTINGS: list[Setting] = [
+    # --- this node (docs/cluster.md)
+    Setting("node.name", Str(), "",
+            "This filter node's name, in its verdict log lines and in the messages it stores in the quarantine; "
+            "empty for the host name.", since="0.3"),
     # --- milter
     Setting("milter.socket", Str(), "inet:11339@127.0.0.1",
             "Where the milter listens: `inet:PORT@HOST`, `inet6:PORT@HOST` or `unix:PATH`."),
@@ -141,7 +146,6 @@ SETTINGS: list[Setting] = [
             "The quarantine store: `sqlite:///PATH` (a file of this node), or `postgresql://USER@HOST:PORT/DB` "
             "(shared by several nodes). A store that cannot take a message answers by `actions.on_error`.",
             since="0.3"),
-    Setting("quarantine.node", Str(), "", "This node's name in the quarantine; empty for the host name.", since="0.3"),
     Setting("quarantine.reinject", Str(), "127.0.0.1:10026",
             "`HOST:PORT` of an SMTP service that bypasses the filter, where released messages go.", since="0.3"),
     Setting("quarantine.retention_days", Int(minimum=1), 30,
@@ -368,6 +372,11 @@ def redis_configured(config: Any) -> bool:
     Here rather than in milterguard.clients.redis_client, so that the checks can ask it without
     importing the Redis client."""
     return bool(config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels"))
+
+
+def node_name(config: Any) -> str:
+    """`node.name`, or the host name when it is empty."""
+    return config.get("node.name") or socket.gethostname()
 
 
 def default_workers() -> int:
