@@ -267,6 +267,9 @@ def _check_consistency(cfg: Config) -> None:
     for name, t in policies:
         if not t.get("tag", 0) <= t.get("review", 0) <= t.get("reject", 0):
             raise ConfigError(cfg.origins.get("thresholds", ""), f"{name}: expected tag <= review <= reject, got {t}")
+    if cfg.values["lists.backend"] == "redis" and not S.redis_configured(cfg.values):
+        raise ConfigError(cfg.origins.get("lists.backend", ""),
+                          "lists.backend is redis, but no Redis is configured (redis.url, redis.replicas or redis.sentinels)")
 
 
 def dump(cfg: Config, origin: bool = False) -> str:

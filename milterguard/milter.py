@@ -25,6 +25,7 @@ from milterguard.engine.pipeline import Session
 from milterguard.model import Action, Connection, Transaction, Verdict
 from milterguard.explain import explain_text, log_record
 from milterguard.mail.raw import edited_headers, raw_message
+from milterguard.settings import node_name
 
 log = logging.getLogger("milterguard.milter")
 
@@ -185,6 +186,7 @@ class MilterguardMilter(Milter.Base):
             log_record(
                 verdict,
                 max_bytes=self.engine.config["log.verdict_max_bytes"],
+                node=node_name(self.engine.config),
                 queue_id=txn.queue_id if txn else "",
                 message_id=self.message_id,
                 client=conn.client_ip or "local",
@@ -441,7 +443,7 @@ def _quarantine(config):
     """This process's quarantine store for the configuration (opened at first use, after the fork)."""
     from milterguard.stores.quarantine import open_quarantine
 
-    key = (os.getpid(), config["quarantine.url"], config["quarantine.node"])
+    key = (os.getpid(), config["quarantine.url"], config["node.name"])
     store = _STORES.get(key)
     if store is None:
         store = _STORES[key] = open_quarantine(config)

@@ -7,6 +7,7 @@ module by `milterguard config doc`; a test keeps the page up to date.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,10 @@ THRESHOLDS = Struct("thresholds", reject=Float(), review=Float(), tag=Float())
 QUARANTINE_MODE = Choice("store", "mta-hold")
 
 SETTINGS: list[Setting] = [
+    # --- this node (docs/cluster.md)
+    Setting("node.name", Str(), "",
+            "This filter node's name, in its verdict log lines and in the messages it stores in the quarantine; "
+            "empty for the host name.", since="0.3"),
     # --- milter
     Setting("milter.socket", Str(), "inet:11339@127.0.0.1",
             "Where the milter listens: `inet:PORT@HOST`, `inet6:PORT@HOST` or `unix:PATH`."),
@@ -141,7 +146,6 @@ SETTINGS: list[Setting] = [
             "The quarantine store: `sqlite:///PATH` (a file of this node), or `postgresql://USER@HOST:PORT/DB` "
             "(shared by several nodes). A store that cannot take a message answers by `actions.on_error`.",
             since="0.3"),
-    Setting("quarantine.node", Str(), "", "This node's name in the quarantine; empty for the host name.", since="0.3"),
     Setting("quarantine.reinject", Str(), "127.0.0.1:10026",
             "`HOST:PORT` of an SMTP service that bypasses the filter, where released messages go.", since="0.3"),
     Setting("quarantine.retention_days", Int(minimum=1), 30,
@@ -329,10 +333,18 @@ SETTINGS: list[Setting] = [
             "lookalike of a protected one.", since="0.2"),
     Setting("lists.dir", Str(), "{etc}/lists",
             "Directory of the allow and block lists: `allow.map` and `block.map` for all mail, "
-            "`DOMAIN/allow.map` and `DOMAIN/block.map` for recipients at DOMAIN. Empty turns lists off.",
+            "`DOMAIN/allow.map` and `DOMAIN/block.map` for recipients at DOMAIN. Empty turns lists off "
+            "(with `lists.backend: files`; with `redis`, this is where `milterguard list import` reads).",
             since="0.2"),
     Setting("lists.check_interval", Seconds(), 1.0,
-            "How often the list files are looked at for changes; a changed file is read again.", since="0.2"),
+            "How often the lists are looked at for changes: the files' times and sizes, or the version "
+            "key in Redis (one GET); a changed list is read again.", since="0.2"),
+    Setting("lists.backend", Choice("files", "redis"), "files",
+            "Where the allow and block lists live: `files` under `lists.dir` on each node, or `redis` (a set "
+            "per list under `redis.prefix`, shared by every node; needs `redis.url`, replicas or sentinels). "
+            "With `redis`, each process keeps a copy of the lists and keeps using it while Redis is away; "
+            "`milterguard list` edits the sets and `milterguard list import` copies the files into them.",
+            since="0.3"),
     Setting("fuzzy.enabled", Bool(), True,
             "Compare messages with the content hashes of reported spam in Redis (needs redis.url, "
             "replicas or sentinels).", since="0.2"),
@@ -360,6 +372,11 @@ def redis_configured(config: Any) -> bool:
     Here rather than in milterguard.clients.redis_client, so that the checks can ask it without
     importing the Redis client."""
     return bool(config.get("redis.url") or config.get("redis.replicas") or config.get("redis.sentinels"))
+
+
+def node_name(config: Any) -> str:
+    """`node.name`, or the host name when it is empty."""
+    return config.get("node.name") or socket.gethostname()
 
 
 def default_workers() -> int:

@@ -67,7 +67,7 @@ def test_two_nodes_share_one_quarantine_and_survive_its_outage(pg, postfix_facto
     nodes = []
     for name in ("node-a", "node-b"):
         mg = milterguard_factory(name=name, workers=1,
-                                 sets={"quarantine.url": pg.url, "quarantine.node": name})
+                                 sets={"quarantine.url": pg.url, "node.name": name})
         nodes.append((mg, postfix_factory(mg, name=f"postfix-{name}")))
     sent = {}
     for mg, pf in nodes:

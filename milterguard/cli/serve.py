@@ -79,6 +79,8 @@ def feature_summary(config) -> list[str]:
         where = config["redis.url"] or f"Sentinel service {config['redis.sentinel_service']}"
         parts = [name for name, key in (("Bayes", "bayes.enabled"), ("classifier", "ml.enabled"),
                                          ("content hashes", "fuzzy.enabled")) if config[key]]
+        if config["lists.backend"] == "redis":
+            parts.append("allow and block lists")
         lines.append(f"Redis at {where} for {', '.join(parts) or 'nothing (all Redis features disabled)'}")
     else:
         lines.append("Bayes, classifier and content hashes off: no Redis configured (redis.url)")

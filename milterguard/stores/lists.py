@@ -1,6 +1,7 @@
-"""Allow and block lists: map files under `lists.dir` that reload when they change.
+"""Allow and block lists, global and per recipient domain: map files, or sets in Redis.
 
-Layout (each file a map, see milterguard/ruleset/maps.py: one entry a line,
+With `lists.backend: files` (the default), the lists are map files under
+`lists.dir` (each a map, see milterguard/ruleset/maps.py: one entry a line,
 an email address, a domain with its subdomains, an IP address or a CIDR)::
 
     {lists.dir}/allow.map              global
@@ -12,18 +13,44 @@ A file is read again when its modification time or size changes (looked at
 most every `lists.check_interval` seconds); a file that no longer parses
 keeps its previous entries and is logged once.  `milterguard list` edits
 the files.
+
+With `lists.backend: redis` (since 0.3), every node reads the same lists
+from Redis (milterguard/clients/redis_client.py), keys under redis.prefix::
+
+    lists:allow, lists:block                      sets: the global lists
+    lists:d:example.org:allow, ...:block          sets: example.org's lists
+    lists:domains                                 set: the domains that have lists
+    lists:version                                 a new random value at every change
+
+Each process keeps a copy of the lists as the same in-memory maps the
+files give, so a look-up never waits for Redis.  At most every
+`lists.check_interval` seconds one GET of `lists:version` (on a replica when
+there is one) tells whether the copy is stale; if so the sets are read
+again in one round trip.  While Redis cannot be reached the copy is kept,
+and the outage is logged once when it begins and once when it ends
+(clients/outage.py).  `milterguard list` writes the sets through the master
+and sets a new version in the same transaction.  The version is a random
+value rather than a counter: a Redis that lost its data (restarted without
+persistence, or a replica promoted before it caught up) and counted again
+from 0 would otherwise show a node an old number with other lists.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from milterguard.clients.outage import Outage
 from milterguard.ruleset.maps import MapFile
 from milterguard.yamlsrc import SourceError
+
+if TYPE_CHECKING:
+    from milterguard.clients.redis_client import RedisStore
 
 log = logging.getLogger("milterguard.lists")
 
@@ -37,32 +64,69 @@ def list_path(base: Path, kind: str, domain: str = GLOBAL) -> Path:
     return (base / domain.lower().strip(".") / f"{kind}.map") if domain else base / f"{kind}.map"
 
 
-class ListStore:
+class _Lists:
+    """The lists as maps by (domain, kind), and the look-up both backends share."""
+
+    def __init__(self, check_interval: float) -> None:
+        self.check_interval = check_interval
+        self._maps: dict[tuple[str, str], MapFile] = {}
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+
+    def refresh(self, force: bool = False) -> None:
+        raise NotImplementedError
+
+    def lookup(self, kind: str, domain: str, value: str, is_ip: bool = False) -> str | None:
+        """The entry of list KIND (of DOMAIN's lists, or the global ones for "") matching VALUE."""
+        self.refresh()
+        maps = self._maps
+        if not maps:
+            return None  # no list at all (the usual case for most checks' look-ups)
+        domain = domain.lower()
+        keys = [(GLOBAL, kind)] if domain == GLOBAL else []
+        if domain:
+            # example.org's lists also serve sub.example.org.
+            parts = domain.split(".")
+            keys = [(".".join(parts[i:]), kind) for i in range(len(parts) - 1)]
+        for key in keys:
+            m = maps.get(key)
+            if m is None:
+                continue
+            entry = m.match_ip(value) if is_ip else m.match_any(value)
+            if entry is not None:
+                return entry
+        return None
+
+    def domains(self) -> list[str]:
+        self.refresh(force=True)
+        return sorted({d for d, _ in self._maps if d})
+
+
+def list_files(base: Path) -> dict[tuple[str, str], Path]:
+    """The list files under BASE, by (domain, kind)."""
+    found: dict[tuple[str, str], Path] = {}
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.is_file() and entry.name in ("allow.map", "block.map"):
+            found[(GLOBAL, entry.name[:-4])] = Path(entry.path)
+        elif entry.is_dir():
+            for kind in KINDS:
+                path = Path(entry.path) / f"{kind}.map"
+                if path.is_file():
+                    found[(entry.name.lower(), kind)] = path
+    return found
+
+
+class ListStore(_Lists):
     """The lists of one directory, reloaded on change."""
 
     def __init__(self, base: str | Path, check_interval: float = 1.0) -> None:
+        super().__init__(check_interval)
         self.base = Path(base)
-        self.check_interval = check_interval
-        self._maps: dict[tuple[str, str], MapFile] = {}
         self._stamps: dict[tuple[str, str], tuple[float, int]] = {}
-        self._checked = 0.0
-        self._lock = threading.Lock()
-
-    def _files(self) -> dict[tuple[str, str], Path]:
-        found: dict[tuple[str, str], Path] = {}
-        try:
-            entries = list(os.scandir(self.base))
-        except OSError:
-            return found
-        for entry in entries:
-            if entry.is_file() and entry.name in ("allow.map", "block.map"):
-                found[(GLOBAL, entry.name[:-4])] = Path(entry.path)
-            elif entry.is_dir():
-                for kind in KINDS:
-                    path = Path(entry.path) / f"{kind}.map"
-                    if path.is_file():
-                        found[(entry.name.lower(), kind)] = path
-        return found
 
     def refresh(self, force: bool = False) -> None:
         """Reload the files that changed since the last look (at most every check_interval)."""
@@ -71,7 +135,7 @@ class ListStore:
             return
         with self._lock:
             self._checked = now
-            files = self._files()
+            files = list_files(self.base)
             for key in list(self._maps):
                 if key not in files:
                     del self._maps[key]
@@ -90,36 +154,97 @@ class ListStore:
                 except SourceError as exc:
                     log.error("list %s not reloaded, keeping its previous entries: %s", path, exc)
 
-    def lookup(self, kind: str, domain: str, value: str, is_ip: bool = False) -> str | None:
-        """The entry of list KIND (of DOMAIN's lists, or the global ones for "") matching VALUE."""
-        self.refresh()
-        if not self._maps:
-            return None  # no list at all (the usual case for most checks' look-ups)
-        domain = domain.lower()
-        keys = [(GLOBAL, kind)] if domain == GLOBAL else []
-        if domain:
-            # example.org's lists also serve sub.example.org.
-            parts = domain.split(".")
-            keys = [(".".join(parts[i:]), kind) for i in range(len(parts) - 1)]
-        for key in keys:
-            m = self._maps.get(key)
-            if m is None:
-                continue
-            entry = m.match_ip(value) if is_ip else m.match_any(value)
-            if entry is not None:
-                return entry
-        return None
 
-    def domains(self) -> list[str]:
-        self.refresh(force=True)
-        return sorted({d for d, _ in self._maps if d})
+def redis_key(store: RedisStore, kind: str = "", domain: str = GLOBAL) -> str:
+    """The key of list KIND (global, or DOMAIN's); without KIND, the set of domains."""
+    if not kind:
+        return store.key("lists", "domains")
+    if kind not in KINDS:
+        raise ValueError(f"list kind is allow or block, got {kind!r}")
+    return store.key("lists", "d", domain, kind) if domain else store.key("lists", kind)
+
+
+class RedisLists(_Lists):
+    """The lists in Redis: a copy in this process, read again when lists:version changes."""
+
+    def __init__(self, store: RedisStore, check_interval: float = 1.0) -> None:
+        super().__init__(check_interval)
+        self.store = store
+        self.version: bytes | None = None  # of the copy (None: no version in Redis)
+        self.loaded = False  # whether there is a copy at all
+        self.outage = Outage(f"lists in Redis ({store.describe})", log)
+        self._pid = os.getpid()
+
+    def refresh(self, force: bool = False) -> None:
+        """Ask for the version at most every check_interval; read the lists again when it changed."""
+        if self._pid != os.getpid():
+            # A worker forked while another thread held the lock: that thread did not come along.
+            self._pid, self._lock = os.getpid(), threading.Lock()
+        now = time.monotonic()
+        if not force and (now - self._checked < self.check_interval or not self.outage.usable()):
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # another thread is asking; this message is judged by the copy
+        from milterguard.clients.redis_client import RedisUnavailable  # loaded by store_for already
+
+        try:
+            self._checked = now
+            try:
+                # The version is read before the sets: a change made in between is read
+                # again at the next look, never missed.
+                version = self.store.reader().get(self.store.key("lists", "version"))
+                if version != self.version or not self.loaded:
+                    self._maps, self.version, self.loaded = self._read(), version, True
+            except RedisUnavailable as exc:
+                copy = "no copy yet" if not self.loaded else \
+                    f"keeping the last copy ({sum(map(len, self._maps.values()))} entries)"
+                self.outage.failed(f"{exc}; {copy}")
+                return
+            self.outage.succeeded()
+        finally:
+            self._lock.release()
+
+    def _read(self) -> dict[tuple[str, str], MapFile]:
+        """Every list, in two round trips; a set that no longer parses keeps the entries of the copy."""
+        reader = self.store.reader()
+        domains = sorted(d.decode() for d in reader.smembers(redis_key(self.store)))
+        names = [(GLOBAL, kind) for kind in KINDS] + [(d, kind) for d in domains for kind in KINDS]
+        with reader.pipeline() as pipe:
+            for domain, kind in names:
+                pipe.smembers(redis_key(self.store, kind, domain))
+            members = pipe.execute()
+        maps: dict[tuple[str, str], MapFile] = {}
+        for name, entries in zip(names, members):
+            if not entries:
+                continue
+            key = redis_key(self.store, name[1], name[0])
+            try:
+                maps[name] = MapFile.parse("\n".join(sorted(e.decode() for e in entries)), f"redis {key}")
+            except SourceError as exc:
+                log.error("list %s not reloaded, keeping its previous entries: %s", key, exc)
+                if name in self._maps:
+                    maps[name] = self._maps[name]
+        return maps
 
 
 _STORES: dict[tuple[str, float], ListStore] = {}
+_REDIS_LISTS: dict[int, RedisLists] = {}
 
 
-def store_for(config) -> ListStore | None:
-    """The per-process ListStore of CONFIG's lists.dir, or None when it is empty."""
+def store_for(config) -> _Lists | None:
+    """The per-process lists of CONFIG: in Redis, or the files of lists.dir (None when it is empty)."""
+    if config["lists.backend"] == "redis":
+        # Imported here: a filter or scan without Redis never loads the Redis client.
+        from milterguard.clients.redis_client import get_store
+
+        redis_store = get_store(config)
+        if redis_store is None:
+            return None  # refused when the configuration is read (config.py)
+        lists = _REDIS_LISTS.get(id(redis_store))
+        if lists is None or lists.store is not redis_store:
+            lists = _REDIS_LISTS[id(redis_store)] = RedisLists(redis_store)
+        lists.check_interval = config["lists.check_interval"]
+        return lists
     base = config["lists.dir"]
     if not base:
         return None
@@ -185,3 +310,62 @@ def _replace(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ editing the lists in Redis
+
+
+def redis_entries(store: RedisStore, kind: str, domain: str = GLOBAL) -> list[str]:
+    """The entries of list KIND (global, or DOMAIN's), sorted. Raises RedisUnavailable."""
+    return sorted(e.decode() for e in store.reader().smembers(redis_key(store, kind, domain)))
+
+
+def redis_domains(store: RedisStore) -> list[str]:
+    """The domains that have lists in Redis. Raises RedisUnavailable."""
+    return sorted(d.decode() for d in store.reader().smembers(redis_key(store)))
+
+
+def redis_add(store: RedisStore, kind: str, domain: str, entries: list[str]) -> list[str]:
+    """Add ENTRIES (validated as map entries) to list KIND; return those that were not there.
+
+    The sets and the version change in one transaction on the master, so that a
+    node that sees the new version reads the new entries.  Raises RedisUnavailable.
+    """
+    MapFile.parse("\n".join(entries), "<command line>")  # raises SourceError on a bad entry
+    return _redis_change(store, "sadd", kind, domain, entries)
+
+
+def redis_remove(store: RedisStore, kind: str, domain: str, entries: list[str]) -> list[str]:
+    """Remove ENTRIES from list KIND; return those that were there. Raises RedisUnavailable."""
+    return _redis_change(store, "srem", kind, domain, entries)
+
+
+def _redis_change(store: RedisStore, command: str, kind: str, domain: str, entries: list[str]) -> list[str]:
+    # Entries are kept in lower case, as the maps compare them: Alice@X and alice@x are one entry.
+    wanted = list(dict.fromkeys(e.strip().lower() for e in entries))
+    key = redis_key(store, kind, domain)
+    with store.writer().pipeline(transaction=True) as pipe:
+        for entry in wanted:
+            getattr(pipe, command)(key, entry)
+        if domain:
+            pipe.sadd(redis_key(store), domain)
+        pipe.set(store.key("lists", "version"), secrets.token_hex(8))
+        counts = pipe.execute()
+    return [entry for entry, count in zip(wanted, counts) if count]
+
+
+def import_files(store: RedisStore, base: Path, domain: str | None = None,
+                 kind: str | None = None) -> list[tuple[Path, str, list[str]]]:
+    """Copy the list files under BASE into Redis: all, or DOMAIN's ("" for the global ones), of KIND.
+
+    Returns (file, key, entries added) for each file.  Raises SourceError on a
+    file that does not parse (nothing of it is copied), RedisUnavailable.
+    """
+    done = []
+    for (dom, kind_of), path in sorted(list_files(base).items()):
+        if (domain is not None and dom != domain) or (kind and kind != kind_of):
+            continue
+        MapFile.load(path)  # the whole file parses, or nothing of it is copied
+        entries = read_entries(path)
+        done.append((path, redis_key(store, kind_of, dom), redis_add(store, kind_of, dom, entries) if entries else []))
+    return done

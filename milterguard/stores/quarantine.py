@@ -34,6 +34,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from milterguard.settings import node_name
+
 log = logging.getLogger("milterguard.quarantine")
 
 SCHEMA_VERSION = 1
@@ -244,7 +246,7 @@ def _sqlite_engine(url) -> Engine:
 
 def open_quarantine(config) -> "Quarantine":
     """The quarantine named by `quarantine.url`, its schema brought up to date."""
-    return Quarantine(config["quarantine.url"], node=config["quarantine.node"] or socket.gethostname())
+    return Quarantine(config["quarantine.url"], node=node_name(config))
 
 
 class Quarantine:
