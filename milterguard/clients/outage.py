@@ -22,9 +22,10 @@ class Outage:
     """A dependency's state: up, or down since a time with a count of failures."""
 
     def __init__(self, name: str, log: logging.Logger, *, start: float = BACKOFF_START,
-                 cap: float = BACKOFF_CAP) -> None:
+                 cap: float = BACKOFF_CAP, meanwhile: str = "") -> None:
         self.name = name
         self.log = log
+        self.meanwhile = meanwhile  # what the filter does without it, said in the line that it went away
         self.start, self.cap = start, cap
         self.down_since = 0.0
         self.retry_at = 0.0
@@ -67,8 +68,8 @@ class Outage:
             self._attempts += 1
             self.retry_at = now + min(self.cap, self.start * 2 ** (self._attempts - 1))
         if first:
-            self.log.warning("%s unavailable: %s; retrying every %gs at most, one line when it is back",
-                             self.name, reason, self.cap)
+            self.log.warning("%s unavailable: %s; %sretrying every %gs at most, one line when it is back",
+                             self.name, reason, f"{self.meanwhile}; " if self.meanwhile else "", self.cap)
 
     def succeeded(self) -> None:
         """A call worked: the end of an outage is logged."""

@@ -294,7 +294,10 @@ class RedisStore:
                 self.replicas.append(_Node(_safe(rurl), redis.Redis.from_url(rurl, **kwargs), self))
             self.describe = ", ".join(n.name for n in ([self.master] if self.master else []) + self.replicas)
         # No server of the configuration answers: one line when it begins, one when it ends.
-        self.outage = Outage(f"Redis {self.describe}", log, start=BACKOFF_START, cap=retry_max)
+        # Everything that uses Redis shares this one account of it, so that an outage costs each
+        # process two lines whatever uses Redis (learning, hashes, lists).
+        self.outage = Outage(f"Redis {self.describe}", log, start=BACKOFF_START, cap=retry_max,
+                             meanwhile="its checks report *_TEMPFAIL and lists in Redis keep their last copy")
 
     # ------------------------------------------------------------ construction
 

@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from milterguard.clients.outage import Outage
 from milterguard.ruleset.maps import MapFile
 from milterguard.yamlsrc import SourceError
 
@@ -172,7 +171,6 @@ class RedisLists(_Lists):
         self.store = store
         self.version: bytes | None = None  # of the copy (None: no version in Redis)
         self.loaded = False  # whether there is a copy at all
-        self.outage = Outage(f"lists in Redis ({store.describe})", log)
         self._pid = os.getpid()
 
     def refresh(self, force: bool = False) -> None:
@@ -181,7 +179,7 @@ class RedisLists(_Lists):
             # A worker forked while another thread held the lock: that thread did not come along.
             self._pid, self._lock = os.getpid(), threading.Lock()
         now = time.monotonic()
-        if not force and (now - self._checked < self.check_interval or not self.outage.usable()):
+        if not force and now - self._checked < self.check_interval:
             return
         if not self._lock.acquire(blocking=False):
             return  # another thread is asking; this message is judged by the copy
@@ -196,13 +194,17 @@ class RedisLists(_Lists):
                 if version != self.version or not self.loaded:
                     self._maps, self.version, self.loaded = self._read(), version, True
             except RedisUnavailable as exc:
-                copy = "no copy yet" if not self.loaded else \
-                    f"keeping the last copy ({sum(map(len, self._maps.values()))} entries)"
-                self.outage.failed(f"{exc}; {copy}")
+                # The Redis client logs the outage once for everything that uses it (and skips
+                # Redis at once while it backs off); the lists judge by their copy meanwhile.
+                log.debug("lists in Redis not read (%s); %s", exc,
+                          f"the last copy ({self.entries} entries) stands" if self.loaded else "no copy yet")
                 return
-            self.outage.succeeded()
         finally:
             self._lock.release()
+
+    @property
+    def entries(self) -> int:
+        return sum(map(len, self._maps.values()))
 
     def _read(self) -> dict[tuple[str, str], MapFile]:
         """Every list, in two round trips; a set that no longer parses keeps the entries of the copy."""
