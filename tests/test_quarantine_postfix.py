@@ -6,27 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import pytest
 
 from milterguard.cli import main
 from support import wait_until
+from support.quarantine import RCPTS, SENDER, held_message, listed, message
 
 pytestmark = pytest.mark.postfix
-
-SENDER = "alice@example.com"
-RCPTS = ["bob@example.net", "carol@example.org"]
-
-
-def message(body: str, subject: str = "held for review") -> tuple[bytes, str]:
-    msgid = f"{uuid.uuid4().hex}@example.com"
-    text = (f"From: Alice Example <{SENDER}>\r\nTo: Bob <bob@example.net>, Carol <carol@example.org>\r\n"
-            f"Subject: {subject}\r\nDate: Mon, 02 Jan 2023 10:00:00 +0000\r\nMessage-ID: <{msgid}>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-            f"{body}\r\n")
-    return text.encode(), f"<{msgid}>"
-
 
 @pytest.fixture
 def reinject(postfix_factory):
@@ -46,23 +33,6 @@ def cli(milterguard, reinject, capsys):
         return status, capsys.readouterr().out
 
     return run
-
-
-def listed(cli, *args: str) -> list[dict]:
-    status, out = cli("list", "--json", *args)
-    assert status == 0
-    return [json.loads(line) for line in out.splitlines()]
-
-
-def held_message(postfix, milterguard, cli, body: str = "MILTERGUARD-CANARY-REVIEW") -> tuple[dict, str]:
-    raw, msgid = message(body)
-    result = postfix.send(raw, SENDER, RCPTS)
-    assert result.code == 250, result
-    assert milterguard.verdict_for(msgid).action == "review"
-    wait_until(lambda: "stored in the quarantine as" in milterguard.log_text() or None, 10, what="the stored line",
-               on_timeout=milterguard.log_tail)
-    [record] = [r for r in listed(cli) if r["queue_id"] == result.queue_id]
-    return record, msgid
 
 
 def test_review_is_stored_not_delivered_and_released_once(postfix, milterguard, sink, cli, reinject):

@@ -34,6 +34,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from milterguard.mail.raw import header_bytes, split_message
+
 log = logging.getLogger("milterguard.quarantine")
 
 SCHEMA_VERSION = 1
@@ -102,7 +104,7 @@ events = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("message_id", String(16), nullable=False),
     Column("at", Float, nullable=False),
-    Column("kind", String(16), nullable=False),  # release, delete
+    Column("kind", String(16), nullable=False),  # release, delete, learn
     Column("who", String(255), nullable=False, default=""),
     Column("detail", Text, nullable=False, default=""),
 )
@@ -439,6 +441,11 @@ class Quarantine:
             detail=json.dumps({"rcpts": chosen, "force": force}))))
         return chosen
 
+    def note(self, message_id: str, kind: str, who: str = "", detail: str = "") -> None:
+        """Record an event of the message (such as `learn`) beside its releases and deletion."""
+        self._run(lambda conn: conn.execute(insert(events).values(
+            message_id=message_id, at=time.time(), kind=kind, who=who, detail=detail)))
+
     def delete(self, message_id: str, who: str = "") -> None:
         def work(conn) -> None:
             if not conn.execute(select(messages.c.id).where(messages.c.id == message_id)).first():
@@ -487,6 +494,17 @@ class Quarantine:
                     "nodes": nodes, "top_symbols": dict(top)}
 
         return self._run(work)
+
+
+def as_received(held: Held, raw: bytes) -> bytes:
+    """RAW with its Subject as the client sent it (without the Subject tag), for learning: the
+    message digest and the tokens then match what the filter scanned and autolearn learned.
+    The headers milterguard added stay; neither the digest nor the tokens read them."""
+    headers, body = split_message(raw)
+    at = next((i for i, (name, _value) in enumerate(headers) if name.lower() == "subject"), None)
+    if at is not None:
+        headers[at] = (headers[at][0], held.subject)
+    return header_bytes(headers) + body
 
 
 def _delete_ids(conn, ids: list[str]) -> None:
