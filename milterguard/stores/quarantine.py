@@ -209,17 +209,22 @@ def engine_url(url: str):
 
 
 def _private_sqlite_file(path: str) -> None:
-    """Create the directory (0700) and the file (0600) before SQLite does, with the mode of a quarantine."""
+    """Create the directory (0700) and the file (0600) before SQLite does, with the mode of a quarantine.
+
+    An existing file is never opened here: closing any descriptor of a database file drops
+    every POSIX lock this process holds on it, those of SQLite's open connections included,
+    and other processes then write over them (a corrupt database, SIGBUS on the -shm map).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700)
         os.chmod(directory, 0o700)  # whatever the umask
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # new: nobody has it open
+    except FileExistsError:
+        pass
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 def _sqlite_engine(url) -> Engine:
