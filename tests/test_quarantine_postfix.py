@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -102,3 +103,15 @@ def test_a_store_that_fails_gets_451_and_the_retry_is_stored(postfix, milterguar
     assert postfix.send(raw, SENDER, RCPTS).code == 250  # the sender's retry
     assert [r["subject"] for r in listed(cli, "--symbol", "CANARY_REVIEW")].count("retried") == 1
     assert not any(m.message_id == msgid for m in sink.messages)
+
+
+def test_reviews_stored_at_once_are_all_kept_and_no_worker_dies(postfix, milterguard, cli):
+    # Eight sessions at a time storing: SQLAlchemy's Python functions on each SQLite
+    # connection crashed the workers when the connections closed (SIGSEGV, SIGBUS).
+    messages = [message("MILTERGUARD-CANARY-REVIEW", subject=f"parallel {i}")[0] for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = [result.code for result in pool.map(lambda raw: postfix.send(raw, SENDER, RCPTS), messages)]
+    assert codes == [250] * 24
+    wait_until(lambda: len(listed(cli, "--symbol", "CANARY_REVIEW")) == 24 or None, 20, what="24 stored messages",
+               on_timeout=milterguard.log_tail)
+    assert "died" not in milterguard.log_text()

@@ -30,6 +30,8 @@ from typing import Callable, Iterable
 
 from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text,
                         create_engine, delete, event, exists, func, insert, select, update)
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -227,11 +229,30 @@ def _private_sqlite_file(path: str) -> None:
         os.chmod(path, 0o600)
 
 
+class _SQLiteWithoutFunctions(SQLiteDialect_pysqlite):
+    """pysqlite without the Python functions SQLAlchemy adds to every connection (regexp, floor).
+
+    Closing a connection frees those functions from C, which takes the GIL afresh; under
+    the milter, whose sessions run Python on libmilter's threads, that crashed workers
+    (SIGSEGV, SIGBUS, "take_gil: PyMUTEX_LOCK(gil->mutex) failed") as soon as two
+    sessions stored at once.  The quarantine's queries use neither function.
+    """
+
+    supports_statement_cache = True
+
+    def on_connect(self):
+        return None
+
+
+registry.register("sqlite.milterguard", __name__, "_SQLiteWithoutFunctions")
+
+
 def _sqlite_engine(url) -> Engine:
     _private_sqlite_file(url.database)
     # A connection per use: a worker holds no file open between messages, so that a
     # file restored or moved back in place is used at once.
-    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 10})
+    engine = create_engine(url.set(drivername="sqlite+milterguard"), poolclass=NullPool,
+                           connect_args={"timeout": 10})
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:
