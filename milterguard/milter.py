@@ -437,16 +437,22 @@ class MilterguardMilter(Milter.Base):
 
 
 _STORES: dict = {}
+_STORES_LOCK = threading.Lock()
 
 
 def _quarantine(config):
-    """This process's quarantine store for the configuration (opened at first use, after the fork)."""
+    """This process's quarantine store for the configuration (opened at first use, after the fork).
+
+    One per process: sessions run in threads, and two threads opening it at once made two
+    engines, the second one's set-up racing the first one's connections.
+    """
     from milterguard.stores.quarantine import open_quarantine
 
     key = (os.getpid(), config["quarantine.url"], config["node.name"])
-    store = _STORES.get(key)
-    if store is None:
-        store = _STORES[key] = open_quarantine(config)
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            store = _STORES[key] = open_quarantine(config)
     return store
 
 

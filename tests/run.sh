@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need and run them: Debian packages (Postfix, libmilter,
-# miltertest, Redis, clamd, nsd, PostgreSQL) and the package with its test extras in a
+# miltertest, Redis, clamd, nsd, PostgreSQL, Dovecot) and the package with its test extras in a
 # virtual environment of the checkout (.venv/), made with Debian's own Python.
 # The system's Python is left alone (Debian 12 refuses pip outside a virtual
 # environment: PEP 668).  Run as root on Debian 12.  Arguments go to pytest.
@@ -12,7 +12,7 @@ unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE
 
 need=()
 for pkg in python3 python3-venv python3-dev gcc postfix libmilter-dev miltertest \
-        redis-server redis-sentinel clamav-daemon nsd 7zip postgresql \
+        redis-server redis-sentinel clamav-daemon nsd 7zip postgresql dovecot-imapd dovecot-sieve \
         debhelper dh-virtualenv fakeroot build-essential lintian; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
@@ -21,7 +21,7 @@ if [ "${#need[@]}" -gt 0 ]; then
     # Postfix from the package must not configure or start a system instance:
     # the tests run private instances on loopback ports.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    # Nor may the packages start their system services (redis, clamd, freshclam, nsd, postgresql):
+    # Nor may the packages start their system services (redis, clamd, freshclam, nsd, postgresql, dovecot):
     # the tests start their own instances on loopback ports.
     policy=/usr/sbin/policy-rc.d own_policy=
     [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; own_policy=1; }

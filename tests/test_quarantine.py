@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -167,6 +168,58 @@ def test_a_store_that_cannot_be_opened_raises_its_own_error(tmp_path):
         Quarantine(f"sqlite:///{tmp_path}/afile/q.db")
     with pytest.raises(QuarantineError):
         Quarantine("mysql://localhost/q")
+
+
+def test_processes_and_threads_opening_the_store_at_once_keep_it_sound(tmp_path):
+    # As the filter's workers do: two processes, eight threads each, every thread opening
+    # the store at the moment the others write, and a reader (the CLI) besides.  Opening
+    # used to close a descriptor of the database, which dropped the process's SQLite locks:
+    # "database disk image is malformed", disk I/O errors, and workers killed by SIGBUS.
+    url = f"sqlite:///{tmp_path}/qdir/quarantine.db"
+    Quarantine(url).close()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit status
+            status = 1
+            try:
+                failures = []
+
+                def work() -> None:
+                    try:
+                        store = Quarantine(url)
+                        for _ in range(25):
+                            store.add(held(), b"Subject: x\r\n\r\n" + b"y" * 4000)
+                    except QuarantineError as exc:
+                        failures.append(exc)
+
+                threads = [threading.Thread(target=work) for _ in range(8)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                status = 1 if failures else 0
+            finally:
+                os._exit(status)
+        children.append(pid)
+    pending, statuses, deadline = set(children), [], time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        reader = Quarantine(url)
+        reader.stats()
+        reader.close()
+        for pid in list(pending):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pending.discard(pid)
+                statuses.append(status)
+    for pid in pending:  # pragma: no cover - only when the writers hang
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert statuses == [0, 0]
+    store = Quarantine(url)
+    assert store.stats()["messages"] == 2 * 8 * 25
+    assert store._run(lambda conn: conn.exec_driver_sql("PRAGMA integrity_check").scalar()) == "ok"
+    store.close()
 
 
 @pytest.mark.slow

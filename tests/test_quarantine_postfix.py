@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from milterguard.cli import main
 from support import wait_until
+from support.quarantine import RCPTS, SENDER, held_message, listed, message
 
 pytestmark = pytest.mark.postfix
-
-SENDER = "alice@example.com"
-RCPTS = ["bob@example.net", "carol@example.org"]
-
-
-def message(body: str, subject: str = "held for review") -> tuple[bytes, str]:
-    msgid = f"{uuid.uuid4().hex}@example.com"
-    text = (f"From: Alice Example <{SENDER}>\r\nTo: Bob <bob@example.net>, Carol <carol@example.org>\r\n"
-            f"Subject: {subject}\r\nDate: Mon, 02 Jan 2023 10:00:00 +0000\r\nMessage-ID: <{msgid}>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-            f"{body}\r\n")
-    return text.encode(), f"<{msgid}>"
-
 
 @pytest.fixture
 def reinject(postfix_factory):
@@ -46,23 +34,6 @@ def cli(milterguard, reinject, capsys):
         return status, capsys.readouterr().out
 
     return run
-
-
-def listed(cli, *args: str) -> list[dict]:
-    status, out = cli("list", "--json", *args)
-    assert status == 0
-    return [json.loads(line) for line in out.splitlines()]
-
-
-def held_message(postfix, milterguard, cli, body: str = "MILTERGUARD-CANARY-REVIEW") -> tuple[dict, str]:
-    raw, msgid = message(body)
-    result = postfix.send(raw, SENDER, RCPTS)
-    assert result.code == 250, result
-    assert milterguard.verdict_for(msgid).action == "review"
-    wait_until(lambda: "stored in the quarantine as" in milterguard.log_text() or None, 10, what="the stored line",
-               on_timeout=milterguard.log_tail)
-    [record] = [r for r in listed(cli) if r["queue_id"] == result.queue_id]
-    return record, msgid
 
 
 def test_review_is_stored_not_delivered_and_released_once(postfix, milterguard, sink, cli, reinject):
@@ -132,3 +103,15 @@ def test_a_store_that_fails_gets_451_and_the_retry_is_stored(postfix, milterguar
     assert postfix.send(raw, SENDER, RCPTS).code == 250  # the sender's retry
     assert [r["subject"] for r in listed(cli, "--symbol", "CANARY_REVIEW")].count("retried") == 1
     assert not any(m.message_id == msgid for m in sink.messages)
+
+
+def test_reviews_stored_at_once_are_all_kept_and_no_worker_dies(postfix, milterguard, cli):
+    # Eight sessions at a time storing: SQLAlchemy's Python functions on each SQLite
+    # connection crashed the workers when the connections closed (SIGSEGV, SIGBUS).
+    messages = [message("MILTERGUARD-CANARY-REVIEW", subject=f"parallel {i}")[0] for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = [result.code for result in pool.map(lambda raw: postfix.send(raw, SENDER, RCPTS), messages)]
+    assert codes == [250] * 24
+    wait_until(lambda: len(listed(cli, "--symbol", "CANARY_REVIEW")) == 24 or None, 20, what="24 stored messages",
+               on_timeout=milterguard.log_tail)
+    assert "died" not in milterguard.log_text()

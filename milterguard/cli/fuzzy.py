@@ -19,45 +19,53 @@ def add_arguments(parser) -> None:
     parser.add_argument("paths", nargs="+", metavar="FILE|DIR|-", help="message files, directories of them, or -")
 
 
+def open_fuzzy(config) -> FuzzyStore:
+    """The hash store of the configuration; CliError when Redis is off."""
+    from milterguard.clients.redis_client import get_store
+
+    store = get_store(config)
+    if store is None:
+        raise CliError("Redis is off (set redis.url, redis.replicas or redis.sentinels)")
+    return FuzzyStore(store, config["fuzzy.ttl"])
+
+
+def apply(fuzzy: FuzzyStore, config, action: str, raw: bytes) -> tuple[str, int]:
+    """ACTION (add, del, check) for one message: what to print after its name, and the status
+    (1: too short to hash, not found, no match).  Raises RedisUnavailable."""
+    from milterguard.mail.message import Message
+
+    msg = Message.from_bytes(raw, max_scan_bytes=config["message.max_scan_bytes"],
+                             max_text_chars=config["message.max_text_chars"])
+    d = digest(msg.text)
+    if d.words < config["fuzzy.min_words"]:
+        return f"skipped: {d.words} words, fewer than fuzzy.min_words", 1
+    if action == "add":
+        fuzzy.add(d)
+        return f"added\texact {d.exact[:16]} simhash {d.simhex}", 0
+    if action == "del":
+        found = fuzzy.delete(d)
+        return f"{'deleted' if found else 'not found'}\texact {d.exact[:16]} simhash {d.simhex}", 0 if found else 1
+    match = fuzzy.lookup(d, config["fuzzy.max_distance"])
+    if match is None:
+        return f"no match\tsimhash {d.simhex}", 1
+    if match.kind == "exact":
+        return f"HASH_DENIED\texact {d.exact[:16]}", 0
+    return f"FUZZY_DENIED\tdistance {match.distance} to {match.simhash}", 0
+
+
 def run(args) -> int:
     # Imported here: every command's module is imported to build the command line, and the
     # Redis client library is only needed by this one.
-    from milterguard.mail.message import Message
-    from milterguard.clients.redis_client import RedisUnavailable, get_store
+    from milterguard.clients.redis_client import RedisUnavailable
 
     try:
         config = load(args)
-        store = get_store(config)
-        if store is None:
-            raise CliError("Redis is off (set redis.url, redis.replicas or redis.sentinels)")
-        fuzzy = FuzzyStore(store, config["fuzzy.ttl"])
-        max_distance = config["fuzzy.max_distance"]
+        fuzzy = open_fuzzy(config)
         status = 0
         for path in iter_message_files(args.paths):
-            raw = read_message(path)
-            msg = Message.from_bytes(raw, max_scan_bytes=config["message.max_scan_bytes"],
-                                     max_text_chars=config["message.max_text_chars"])
-            d = digest(msg.text)
-            if d.words < config["fuzzy.min_words"]:
-                print(f"{path}\tskipped: {d.words} words, fewer than fuzzy.min_words")
-                status = max(status, 1)
-                continue
-            if args.action == "add":
-                fuzzy.add(d)
-                print(f"{path}\tadded\texact {d.exact[:16]} simhash {d.simhex}")
-            elif args.action == "del":
-                found = fuzzy.delete(d)
-                print(f"{path}\t{'deleted' if found else 'not found'}\texact {d.exact[:16]} simhash {d.simhex}")
-                status = max(status, 0 if found else 1)
-            else:
-                match = fuzzy.lookup(d, max_distance)
-                if match is None:
-                    print(f"{path}\tno match\tsimhash {d.simhex}")
-                    status = max(status, 1)
-                elif match.kind == "exact":
-                    print(f"{path}\tHASH_DENIED\texact {d.exact[:16]}")
-                else:
-                    print(f"{path}\tFUZZY_DENIED\tdistance {match.distance} to {match.simhash}")
+            text, code = apply(fuzzy, config, args.action, read_message(path))
+            print(f"{path}\t{text}")
+            status = max(status, code)
         return status
     except RedisUnavailable as exc:
         return report(CliError(f"Redis unavailable: {exc}"))

@@ -9,6 +9,7 @@ only; a node with only a replica refuses.
 from __future__ import annotations
 
 import sys
+from typing import Iterable
 
 from milterguard.cli.common import CliError, load, report
 from milterguard.corpus import Progress
@@ -52,8 +53,14 @@ def open_bayes(config) -> Bayes:
 
 def learn_paths(bayes: Bayes, config, paths: list[str], label: str, progress: Progress | None = None) -> dict[str, int]:
     """Learn (label 'spam'/'ham') or forget (label '') every message under PATHS; counts per outcome."""
+    return learn_messages(bayes, config, iter_messages(paths), label, progress)
+
+
+def learn_messages(bayes: Bayes, config, messages: Iterable[tuple[str, bytes]], label: str,
+                   progress: Progress | None = None) -> dict[str, int]:
+    """Learn or forget each (name, bytes) of MESSAGES, as learn_paths does; counts per outcome."""
     counts = {"learned": 0, "relearned": 0, "unlearned": 0, "known": 0, "unreadable": 0}
-    for name, raw in iter_messages(paths):
+    for name, raw in messages:
         try:
             msg = Message.from_bytes(raw, max_scan_bytes=config["message.max_scan_bytes"],
                                      max_text_chars=config["message.max_text_chars"])
@@ -74,10 +81,7 @@ def run_learning(args, label: str) -> int:
         bayes = open_bayes(config)
         progress = Progress(count_messages(args.paths), "learning" if label else "unlearning", enabled=args.progress)
         counts = learn_paths(bayes, config, args.paths, label, progress)
-        expired = None
-        if label and counts["learned"]:
-            expired = bayes.expire(config["bayes.max_tokens"])
-        n_spam, n_ham = bayes.totals()
+        line = summary(bayes, config, label, counts)
     except RedisReadOnly as exc:
         return report(CliError(str(exc)))
     except RedisUnavailable as exc:
@@ -85,12 +89,22 @@ def run_learning(args, label: str) -> int:
     except CliError as exc:
         return report(exc)
     if not args.quiet:
-        done = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-        line = f"{done or 'nothing to do'}; now {n_spam} spam and {n_ham} ham learned"
-        if expired and expired["removed"]:
-            line += f"; {expired['removed']} rare tokens expired ({expired['tokens']} kept)"
         print(line)
     return 1 if counts["unreadable"] else 0
+
+
+def summary(bayes: Bayes, config, label: str, counts: dict[str, int]) -> str:
+    """After learning: expire rare tokens when messages were added, and say what was done and
+    what is learned now.  Raises RedisUnavailable."""
+    expired = None
+    if label and counts["learned"]:
+        expired = bayes.expire(config["bayes.max_tokens"])
+    n_spam, n_ham = bayes.totals()
+    done = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    line = f"{done or 'nothing to do'}; now {n_spam} spam and {n_ham} ham learned"
+    if expired and expired["removed"]:
+        line += f"; {expired['removed']} rare tokens expired ({expired['tokens']} kept)"
+    return line
 
 
 def run(args) -> int:

@@ -2,14 +2,17 @@
 
     milterguard quarantine list [--rcpt ADDR] [--from ADDR] [--since 2d] [--symbol NAME] [--min-score N] [--limit N]
     milterguard quarantine show ID [--raw | --explain]
-    milterguard quarantine release ID [--rcpt ADDR]... [--force]
-    milterguard quarantine delete ID
+    milterguard quarantine release ID [--rcpt ADDR]... [--force] [--learn-ham]
+    milterguard quarantine delete ID [--learn-spam]
+    milterguard quarantine learn ID --learn-ham|--learn-spam
     milterguard quarantine expire
     milterguard quarantine stats
 
 Every subcommand takes --json (list: one object per line per message).
 Release sends the stored bytes with the original envelope to quarantine.reinject,
 with an X-Milterguard-Released header; see docs/quarantine.md.
+--learn-ham and --learn-spam teach Bayes, the classifier's samples and the
+hash store what the message was, as `learn` and `fuzzy` do.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from email.utils import formatdate
 
 from milterguard.cli.common import CliError, load, report
 
-ACTIONS = ("list", "show", "release", "delete", "expire", "stats")
+ACTIONS = ("list", "show", "release", "delete", "learn", "expire", "stats")
+# Which of --learn-ham and --learn-spam each action takes.
+LEARNING = {"release": ("ham",), "delete": ("spam",), "learn": ("ham", "spam")}
 RELEASED_HEADER = "X-Milterguard-Released"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -33,7 +38,7 @@ _UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def add_arguments(parser) -> None:
     parser.add_argument("action", choices=ACTIONS, help="what to do")
-    parser.add_argument("ident", nargs="?", metavar="ID", help="the message (show, release, delete)")
+    parser.add_argument("ident", nargs="?", metavar="ID", help="the message (show, release, delete, learn)")
     parser.add_argument("--json", action="store_true", help="print JSON (list: one object per line)")
     parser.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
                         help="list: messages to ADDR; release: to ADDR only (repeatable; default all recipients)")
@@ -47,7 +52,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--explain", action="store_true", help="show: the stored verdict, symbol by symbol")
     parser.add_argument("--force", action="store_true", help="release: again to recipients released before")
     parser.add_argument("--by", default="", metavar="NAME",
-                        help="release, delete: who does it, for the record (default: the login name)")
+                        help="release, delete, learn: who does it, for the record (default: the login name)")
+    label = parser.add_mutually_exclusive_group()
+    label.add_argument("--learn-ham", dest="learn", action="store_const", const="ham", default="",
+                       help="release, learn: learn the message as ham (Bayes, samples) and take its hashes "
+                            "out of the fuzzy store; needs Redis")
+    label.add_argument("--learn-spam", dest="learn", action="store_const", const="spam",
+                       help="delete, learn: learn the message as spam and add its hashes to the fuzzy store; "
+                            "needs Redis")
 
 
 def parse_age(text: str) -> float:
@@ -77,8 +89,12 @@ def _who(args) -> str:
 def run(args) -> int:
     try:
         config = load(args)
-        if args.action in ("show", "release", "delete") and not args.ident:
+        if args.action in ("show", "release", "delete", "learn") and not args.ident:
             raise CliError(f"quarantine {args.action} needs the message's ID")
+        if args.learn and args.learn not in LEARNING.get(args.action, ()):
+            raise CliError(f"quarantine {args.action} does not take --learn-{args.learn}")
+        if args.action == "learn" and not args.learn:
+            raise CliError("quarantine learn needs --learn-ham or --learn-spam")
         from milterguard.stores.quarantine import AlreadyReleased, QuarantineError, open_quarantine
 
         try:
@@ -180,21 +196,106 @@ def _refusals(refused: dict) -> str:
 
 def _release(args, config, store) -> int:
     who = _who(args)
+    teacher = _teacher(args, config)  # before anything is sent: a Redis not configured is refused here
     done = store.release(args.ident, reinject(config, who), rcpts=args.rcpt, who=who, force=args.force)
+    record = {"id": args.ident, "released": done, "by": who}
+    status = 0 if done else 1
+    if teacher and done:
+        # Released first: the mail must not wait for Redis.  A learning that fails
+        # afterwards says so and can be done again with `quarantine learn`.
+        from milterguard.clients.redis_client import RedisUnavailable
+
+        try:
+            record["learned"] = _teach(args, config, store, teacher, who)
+        except RedisUnavailable as exc:
+            record["learned"] = None
+            status = report(CliError(f"{args.ident} released but not learned as {args.learn}: Redis not reachable: "
+                                     f"{exc}; run `milterguard quarantine learn {args.ident} --learn-{args.learn}` "
+                                     f"when it is back", status=75))
     if args.json:
-        _print_json({"id": args.ident, "released": done, "by": who})
-    elif done:
-        print(f"{args.ident} released to {', '.join(done)}")
-    return 0 if done else 1
+        _print_json(record)
+    else:
+        if done:
+            print(f"{args.ident} released to {', '.join(done)}")
+        if record.get("learned"):
+            _print_learned(record["learned"])
+    return status
 
 
 def _delete(args, config, store) -> int:
-    store.delete(args.ident, who=_who(args))
+    who = _who(args)
+    record: dict = {"id": args.ident, "deleted": True}
+    teacher = _teacher(args, config)
+    if teacher:
+        # Learned first: once deleted, the message could not be learned again.
+        from milterguard.clients.redis_client import RedisUnavailable
+
+        try:
+            record["learned"] = _teach(args, config, store, teacher, who)
+        except RedisUnavailable as exc:
+            raise CliError(f"{args.ident} not deleted: learning it as spam failed: Redis not reachable: {exc}; "
+                           f"try again when it is back, or delete it without --learn-spam", status=75) from None
+    store.delete(args.ident, who=who)
     if args.json:
-        _print_json({"id": args.ident, "deleted": True})
+        _print_json(record)
     else:
+        if teacher:
+            _print_learned(record["learned"])
         print(f"{args.ident} deleted")
     return 0
+
+
+def _learn(args, config, store) -> int:
+    """`quarantine learn ID`: learning alone, such as after a release whose learning failed."""
+    from milterguard.clients.redis_client import RedisUnavailable
+
+    try:
+        learned = _teach(args, config, store, _teacher(args, config), _who(args))
+    except RedisUnavailable as exc:
+        raise CliError(f"{args.ident} not learned as {args.learn}: Redis not reachable: {exc}", status=75) from None
+    if args.json:
+        _print_json({"id": args.ident, "learned": learned})
+    else:
+        _print_learned(learned)
+    return 0
+
+
+def _teach(args, config, store, teacher, who: str) -> dict:
+    """Learn the stored message as args.learn: Bayes and the classifier's samples, as `learn`
+    does, and its hashes added to the fuzzy store (spam, as `fuzzy add`) or taken out of it
+    (ham, as `fuzzy del`).  Raises RedisUnavailable."""
+    from milterguard.cli.fuzzy import apply
+    from milterguard.cli.learn import learn_messages, summary
+    from milterguard.stores.quarantine import as_received
+
+    bayes, fuzzy = teacher
+    raw = as_received(store.get(args.ident), store.raw(args.ident))
+    counts = learn_messages(bayes, config, [(args.ident, raw)], args.learn)
+    bayes_line = summary(bayes, config, args.learn, counts)
+    hashes, _status = apply(fuzzy, config, "add" if args.learn == "spam" else "del", raw)
+    outcome = next((name for name, count in counts.items() if count), "known")
+    store.note(args.ident, "learn", who, json.dumps({"as": args.learn, "bayes": outcome}))
+    return {"id": args.ident, "as": args.learn, "bayes": outcome, "summary": bayes_line,
+            "hashes": hashes.replace("\t", " ")}
+
+
+def _print_learned(learned: dict) -> None:
+    print(f"{learned['id']} learned as {learned['as']}: {learned['summary']}")
+    print(f"{learned['id']} hashes: {learned['hashes']}")
+
+
+def _teacher(args, config):
+    """(Bayes, fuzzy store) when --learn-ham or --learn-spam asks to learn; CliError when Redis
+    is not configured or this node may not write to it (nothing is released or deleted then)."""
+    if not args.learn:
+        return None
+    from milterguard.cli.fuzzy import open_fuzzy
+    from milterguard.cli.learn import open_bayes
+
+    try:
+        return open_bayes(config), open_fuzzy(config)
+    except CliError as exc:
+        raise CliError(f"--learn-{args.learn}: {exc}; nothing was done") from None
 
 
 def _expire(args, config, store) -> int:

@@ -30,10 +30,13 @@ from typing import Callable, Iterable
 
 from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text,
                         create_engine, delete, event, exists, func, insert, select, update)
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from milterguard.mail.raw import header_bytes, split_message
 from milterguard.settings import node_name
 
 log = logging.getLogger("milterguard.quarantine")
@@ -104,7 +107,7 @@ events = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("message_id", String(16), nullable=False),
     Column("at", Float, nullable=False),
-    Column("kind", String(16), nullable=False),  # release, delete
+    Column("kind", String(16), nullable=False),  # release, delete, learn
     Column("who", String(255), nullable=False, default=""),
     Column("detail", Text, nullable=False, default=""),
 )
@@ -209,24 +212,48 @@ def engine_url(url: str):
 
 
 def _private_sqlite_file(path: str) -> None:
-    """Create the directory (0700) and the file (0600) before SQLite does, with the mode of a quarantine."""
+    """Create the directory (0700) and the file (0600) before SQLite does, with the mode of a quarantine.
+
+    An existing file is never opened here: closing any descriptor of a database file drops
+    every POSIX lock this process holds on it, those of SQLite's open connections included,
+    and other processes then write over them (a corrupt database, SIGBUS on the -shm map).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700)
         os.chmod(directory, 0o700)  # whatever the umask
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # new: nobody has it open
+    except FileExistsError:
+        pass
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o600)
+
+
+class _SQLiteWithoutFunctions(SQLiteDialect_pysqlite):
+    """pysqlite without the Python functions SQLAlchemy adds to every connection (regexp, floor).
+
+    Closing a connection frees those functions from C, which takes the GIL afresh; under
+    the milter, whose sessions run Python on libmilter's threads, that crashed workers
+    (SIGSEGV, SIGBUS, "take_gil: PyMUTEX_LOCK(gil->mutex) failed") as soon as two
+    sessions stored at once.  The quarantine's queries use neither function.
+    """
+
+    supports_statement_cache = True
+
+    def on_connect(self):
+        return None
+
+
+registry.register("sqlite.milterguard", __name__, "_SQLiteWithoutFunctions")
 
 
 def _sqlite_engine(url) -> Engine:
     _private_sqlite_file(url.database)
     # A connection per use: a worker holds no file open between messages, so that a
     # file restored or moved back in place is used at once.
-    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 10})
+    engine = create_engine(url.set(drivername="sqlite+milterguard"), poolclass=NullPool,
+                           connect_args={"timeout": 10})
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:
@@ -441,6 +468,11 @@ class Quarantine:
             detail=json.dumps({"rcpts": chosen, "force": force}))))
         return chosen
 
+    def note(self, message_id: str, kind: str, who: str = "", detail: str = "") -> None:
+        """Record an event of the message (such as `learn`) beside its releases and deletion."""
+        self._run(lambda conn: conn.execute(insert(events).values(
+            message_id=message_id, at=time.time(), kind=kind, who=who, detail=detail)))
+
     def delete(self, message_id: str, who: str = "") -> None:
         def work(conn) -> None:
             if not conn.execute(select(messages.c.id).where(messages.c.id == message_id)).first():
@@ -489,6 +521,17 @@ class Quarantine:
                     "nodes": nodes, "top_symbols": dict(top)}
 
         return self._run(work)
+
+
+def as_received(held: Held, raw: bytes) -> bytes:
+    """RAW with its Subject as the client sent it (without the Subject tag), for learning: the
+    message digest and the tokens then match what the filter scanned and autolearn learned.
+    The headers milterguard added stay; neither the digest nor the tokens read them."""
+    headers, body = split_message(raw)
+    at = next((i for i, (name, _value) in enumerate(headers) if name.lower() == "subject"), None)
+    if at is not None:
+        headers[at] = (headers[at][0], held.subject)
+    return header_bytes(headers) + body
 
 
 def _delete_ids(conn, ids: list[str]) -> None:
