@@ -115,3 +115,47 @@ def test_reviews_stored_at_once_are_all_kept_and_no_worker_dies(postfix, milterg
     wait_until(lambda: len(listed(cli, "--symbol", "CANARY_REVIEW")) == 24 or None, 20, what="24 stored messages",
                on_timeout=milterguard.log_tail)
     assert "died" not in milterguard.log_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of 1 MiB (tmpfs) for the store, grown with `grow()`; unmounted at the end."""
+    import subprocess
+
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mountpoint)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mountpoint)], check=True)
+
+    try:
+        yield mountpoint, grow
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_gets_451_and_the_retry_is_stored_once_there_is_room(small_disk, milterguard_factory,
+                                                                          postfix_factory, capsys):
+    mountpoint, grow = small_disk
+    url = f"sqlite:///{mountpoint}/quarantine.db"
+    mg = milterguard_factory(sets={"quarantine.url": url}, workers=1)
+    pf = postfix_factory(mg.socket)
+    # Two megabytes of text: more than the whole file system holds.
+    raw, msgid = message("MILTERGUARD-CANARY-REVIEW\r\n" + ("filler text for the quarantine " * 64 + "\r\n") * 1000,
+                         subject="no room")
+    result = pf.send(raw, SENDER, RCPTS)
+    assert result.code == 451, result
+    line = wait_until(lambda: next((l for l in mg.log_text().splitlines() if "failed in the quarantine store" in l),
+                                   None), 10, what="the store failure line", on_timeout=mg.log_tail)
+    assert "full" in line and "on_error=tempfail" in line
+    assert sum("failed in the quarantine store" in l for l in mg.log_text().splitlines()) == 1
+    grow()
+    assert pf.send(raw, SENDER, RCPTS).code == 250  # the sender's retry
+    capsys.readouterr()
+    assert main(["quarantine", "list", "--json", "--etc-dir", str(mg.etc_dir), "--set", f"quarantine.url={url}"]) == 0
+    stored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["subject"] for r in stored] == ["no room"]
