@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from milterguard.ruleset.maps import MapFile
-from milterguard.stores.redis_copy import RedisCopy, change_set, new_version, set_members
+from milterguard.stores.redis_copy import RedisCopy, change_set, copy_for, new_version, set_members
 from milterguard.yamlsrc import SourceError
 
 if TYPE_CHECKING:
@@ -183,23 +183,12 @@ class RedisLists(RedisCopy, _Lists):
 
 
 _STORES: dict[tuple[str, float], ListStore] = {}
-_REDIS_LISTS: dict[int, RedisLists] = {}
 
 
 def store_for(config) -> _Lists | None:
     """The per-process lists of CONFIG: in Redis, or the files of lists.dir (None when it is empty)."""
     if config["lists.backend"] == "redis":
-        # Imported here: a filter or scan without Redis never loads the Redis client.
-        from milterguard.clients.redis_client import get_store
-
-        redis_store = get_store(config)
-        if redis_store is None:
-            return None  # refused when the configuration is read (config.py)
-        lists = _REDIS_LISTS.get(id(redis_store))
-        if lists is None or lists.store is not redis_store:
-            lists = _REDIS_LISTS[id(redis_store)] = RedisLists(redis_store)
-        lists.check_interval = config["lists.check_interval"]
-        return lists
+        return copy_for(config, RedisLists)  # None without Redis: refused when the configuration is read
     base = config["lists.dir"]
     if not base:
         return None

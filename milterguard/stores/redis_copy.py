@@ -139,3 +139,21 @@ def change_set(store: RedisStore, command: str, key: str, entries: list[str],
         also(pipe)
         counts = pipe.execute()
     return [entry for entry, count in zip(wanted, counts) if count]
+
+
+_COPIES: dict[tuple[type, int], RedisCopy] = {}
+
+
+def copy_for(config: Any, cls: type[RedisCopy]) -> Any:
+    """The per-process CLS copy of the Redis of CONFIG (None without Redis), polled every lists.check_interval."""
+    # Imported here: a filter or scan without Redis never loads the Redis client.
+    from milterguard.clients.redis_client import get_store
+
+    store = get_store(config)
+    if store is None:
+        return None
+    copy = _COPIES.get((cls, id(store)))
+    if copy is None or copy.store is not store:
+        copy = _COPIES[(cls, id(store))] = cls(store)
+    copy.check_interval = config["lists.check_interval"]
+    return copy
