@@ -338,7 +338,8 @@ SETTINGS: list[Setting] = [
             since="0.2"),
     Setting("lists.check_interval", Seconds(), 1.0,
             "How often the lists are looked at for changes: the files' times and sizes, or the version "
-            "key in Redis (one GET); a changed list is read again.", since="0.2"),
+            "key in Redis (one GET); a changed list is read again. The maps of rules in Redis "
+            "(`map: redis:NAME`) are looked at as often.", since="0.2"),
     Setting("lists.backend", Choice("files", "redis"), "files",
             "Where the allow and block lists live: `files` under `lists.dir` on each node, or `redis` (a set "
             "per list under `redis.prefix`, shared by every node; needs `redis.url`, replicas or sentinels). "

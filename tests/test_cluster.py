@@ -77,5 +77,5 @@ def test_a_block_added_on_one_node_refuses_at_the_other_and_outlives_redis(
     # One line per worker that noticed: the outage of Redis, for everything that uses it.
     lines = [line for line in mg_b.log_text().splitlines() if "Redis" in line and "unavailable" in line]
     workers = {pid(line) for line in lines}
-    assert 1 <= len(lines) == len(workers) <= 2 and all("lists in Redis keep their last copy" in line for line in lines), lines
+    assert 1 <= len(lines) == len(workers) <= 2 and all("lists and maps in Redis keep their last copy" in line for line in lines), lines
 

@@ -157,7 +157,7 @@ def test_redis_away_keeps_the_last_copy_and_says_so_once(etc, master, caplog):
         # One account of Redis for all that uses it: one line, which says what the lists do.
         lines = [r.getMessage() for r in caplog.records if r.name in ("milterguard.lists", "milterguard.redis")]
         assert len(lines) == 1, lines
-        assert "unavailable" in lines[0] and "lists in Redis keep their last copy" in lines[0]
+        assert "unavailable" in lines[0] and "lists and maps in Redis keep their last copy" in lines[0]
         # Back (empty: this test's Redis keeps nothing on disk): the copy follows it, one line says so.
         master.restart()
 

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("milterguard.cli.train", "train the classifier on the learned messages and publish it"),
     "evaluate": ("milterguard.cli.evaluate", "accuracy on a spam and a ham corpus: learn, train and test on a fixed split"),
     "list": ("milterguard.cli.list", "show and edit the allow and block lists"),
+    "map": ("milterguard.cli.map", "show and edit the maps of rules kept in Redis"),
     "fuzzy": ("milterguard.cli.fuzzy", "report spam by its content hashes, forget it, or check files"),
     "quarantine": ("milterguard.cli.quarantine", "list, show, release, delete and expire quarantined messages"),
 }
@@ -66,7 +67,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, a
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    # Not list(argv): importing the `list` command binds that name in this package.
+    # Not list(argv): importing the `list` command binds that name in this package (`map` too).
     argv = sys.argv[1:] if argv is None else [*argv]
     # The top level has only options without values, so the first word is the command.
     at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))

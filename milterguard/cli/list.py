@@ -64,8 +64,8 @@ def _in_files(base: Path, args, domain: str) -> int:
                       for d in domains for k in KINDS}, domain, args.kind)
     path = list_path(base, args.kind, domain)
     if args.action == "add":
-        return _edited(lambda: add_entries(path, args.entries), args, str(path))
-    return _edited(lambda: remove_entries(path, args.entries), args, str(path))
+        return edited(lambda: add_entries(path, args.entries), args, str(path))
+    return edited(lambda: remove_entries(path, args.entries), args, str(path))
 
 
 def _in_redis(store, base: Path | None, args, domain: str | None) -> int:
@@ -88,11 +88,11 @@ def _in_redis(store, base: Path | None, args, domain: str | None) -> int:
     domain = domain or GLOBAL
     key = redis_key(store, args.kind, domain)
     if args.action == "add":
-        return _edited(lambda: redis_add(store, args.kind, domain, args.entries), args, key)
-    return _edited(lambda: redis_remove(store, args.kind, domain, args.entries), args, key)
+        return edited(lambda: redis_add(store, args.kind, domain, args.entries), args, key)
+    return edited(lambda: redis_remove(store, args.kind, domain, args.entries), args, key)
 
 
-def _edited(change, args, where: str) -> int:
+def edited(change, args, where: str) -> int:
     """Apply CHANGE (add or remove ARGS.entries) and say what it did; 1 when del found none."""
     try:
         done = change()

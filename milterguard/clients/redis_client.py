@@ -297,7 +297,7 @@ class RedisStore:
         # Everything that uses Redis shares this one account of it, so that an outage costs each
         # process two lines whatever uses Redis (learning, hashes, lists).
         self.outage = Outage(f"Redis {self.describe}", log, start=BACKOFF_START, cap=retry_max,
-                             meanwhile="its checks report *_TEMPFAIL and lists in Redis keep their last copy")
+                             meanwhile="its checks report *_TEMPFAIL and lists and maps in Redis keep their last copy")
 
     # ------------------------------------------------------------ construction
 

@@ -17,6 +17,8 @@ from milterguard.checks import registry
 from milterguard.engine.pipeline import Session, run_session
 from milterguard.model import Action, Connection, Hits, Stage, Transaction, Verdict
 from milterguard.ruleset.rules import PatternSet, Rule, RuleSet, load_rules
+from milterguard.settings import redis_configured
+from milterguard.stores.redis_maps import maps_for
 
 log = logging.getLogger("milterguard.engine")
 
@@ -195,6 +197,11 @@ class Engine:
         self.verdict_hooks = [(name, fn) for name, fn in registry.VERDICT_HOOKS if name in enabled]
         self.budget = config["checks.message_budget"]
         self.check_budget = config["checks.check_budget"]
+        # Maps in Redis (`map: redis:NAME`): a copy in this process, read now and kept current.
+        names = {rule.redis_map for rules in ruleset.list_rules.values() for rule in rules if rule.redis_map}
+        self.redis_maps = maps_for(config) if names else None
+        if self.redis_maps is not None:
+            self.redis_maps.watch(names)
 
     @classmethod
     def load(cls, config: Config, strict: bool = False) -> "Engine":
@@ -320,8 +327,11 @@ class Engine:
     def _run_rules(self, stage: Stage, scan: Scan, hits: Hits) -> None:
         rs = self.ruleset
         for rule in rs.list_rules.get(stage, ()):
+            found = rule.map if rule.map is not None else self.redis_maps.get(rule.redis_map)
+            if found is None:
+                continue  # a map in Redis with no entries (or none read yet)
             for value in _map_values(rule.map_key, scan):
-                entry = rule.map.match_ip(value) if rule.map_key == "client_ip" else rule.map.match_any(value)
+                entry = found.match_ip(value) if rule.map_key == "client_ip" else found.match_any(value)
                 if entry is not None:
                     hits.add(rule.symbol, value, where=rule.where, text=f"{value} (entry {entry})")
                     break
@@ -439,6 +449,7 @@ def load_ruleset(config: Config) -> RuleSet:
         overrides=_symbol_overrides(config),
         group_caps=config["groups"],
         check_symbols=declared,
+        redis=redis_configured(config),
     )
 
 

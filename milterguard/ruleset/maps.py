@@ -11,10 +11,26 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from milterguard.yamlsrc import SourceError
+
+# `map: redis:NAME` names a map kept in Redis (stores/redis_maps.py) rather than a file.
+REDIS_MAP_PREFIX = "redis:"
+_REDIS_MAP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def redis_map_name(name: str) -> str | None:
+    """NAME without `redis:` when it names a map in Redis, else None; ValueError on a bad name."""
+    if not name.startswith(REDIS_MAP_PREFIX):
+        return None
+    bare = name[len(REDIS_MAP_PREFIX):]
+    if not _REDIS_MAP_NAME.match(bare):
+        raise ValueError(f"a map in Redis is named redis:NAME, NAME of letters, digits, _ . and - "
+                         f"(at most 64), got {name!r}")
+    return bare
 
 
 def _domain_suffixes(domain: str):

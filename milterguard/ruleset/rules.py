@@ -32,7 +32,7 @@ import re2
 
 from milterguard.model import Action, Stage
 from milterguard.ruleset import composite
-from milterguard.ruleset.maps import MapFile
+from milterguard.ruleset.maps import MapFile, redis_map_name
 from milterguard.yamlsrc import SourceError, load_file
 
 _UNANCHORED = re2._Anchor.UNANCHORED
@@ -107,6 +107,7 @@ class Rule:
     negate: bool = False
     map: MapFile | None = None
     map_key: str = ""
+    redis_map: str = ""  # the name of a map in Redis (`map: redis:NAME`), read by the engine
     regex: Any = None  # compiled RE2
     # composites
     expr: Any = None
@@ -120,7 +121,8 @@ class Rule:
         if self.target == "header":
             return f"header {self.header}" + ("" if self.part == "value" else f" ({self.part})")
         if self.target == "map":
-            return f"map {Path(self.map.path).name if self.map else '?'} by {self.map_key}"
+            name = f"redis:{self.redis_map}" if self.redis_map else Path(self.map.path).name if self.map else "?"
+            return f"map {name} by {self.map_key}"
         return TARGETS.get(self.target, (None, self.kind))[1]
 
     def match_text(self, text: str) -> re2._Match | None:
@@ -224,8 +226,9 @@ def _as_list(value: Any) -> list:
 
 
 class _Loader:
-    def __init__(self, share_dir: Path, maps_dirs: list[Path]) -> None:
+    def __init__(self, share_dir: Path, maps_dirs: list[Path], redis: bool) -> None:
         self.rs = RuleSet()
+        self.redis = redis  # whether Redis is configured, for maps in Redis
         self.share_dir = share_dir.resolve() if share_dir else None
         self.maps_dirs = maps_dirs
         self.map_cache: dict[str, MapFile] = {}
@@ -366,7 +369,10 @@ class _Loader:
         if kind == "match":
             if not self.compile_match(rule, entry["match"], at, rule_dir):
                 return
-            if not (rule.examples_hit and rule.examples_miss):
+            if rule.redis_map:
+                if rule.examples_hit or rule.examples_miss:  # the entries are in Redis, not here
+                    self.warn(at("examples"), f"{symbol}: the examples of a map in Redis are not checked")
+            elif not (rule.examples_hit and rule.examples_miss):
                 if shipped:
                     self.error(at("symbol"), f"{symbol}: a shipped match rule needs hit and miss examples")
                     return
@@ -445,8 +451,18 @@ class _Loader:
                 rule.map_key = key
                 rule.stage = MAP_KEYS[key]
                 if not isinstance(pattern, str):
-                    self.error(at("match", "map"), f"{sym}: map is a file name")
+                    self.error(at("match", "map"), f"{sym}: map is a file name or redis:NAME")
                     return False
+                try:
+                    rule.redis_map = redis_map_name(pattern) or ""
+                except ValueError as exc:
+                    self.error(at("match", "map"), f"{sym}: {exc}")
+                    return False
+                if rule.redis_map:
+                    if not self.redis:
+                        self.error(at("match", "map"), f"{sym}: map {pattern} is in Redis, but no Redis is "
+                                   "configured (redis.url, redis.replicas or redis.sentinels)")
+                    return self.redis
                 rule.map = self.load_map(pattern, at("match", "map"), rule_dir)
                 return rule.map is not None
             entries = _as_list(pattern)
@@ -483,15 +499,16 @@ def load_rules(
     overrides: dict[str, dict] | None = None,
     group_caps: dict[str, dict] | None = None,
     check_symbols: dict[str, str] | None = None,
+    redis: bool = False,
 ) -> RuleSet:
     """Load rule files, apply configuration overrides, and compile.
 
     `check_symbols` maps every symbol a Python check declares to that
     check's name, so that both sides can be cross-checked.  Errors are
     collected in `RuleSet.errors` rather than raised, so that `lint` can
-    report them all.
+    report them all.  `redis` says whether Redis is configured, which maps in Redis need.
     """
-    loader = _Loader(share_dir or Path("/nonexistent"), [Path(p) for p in maps_dirs])
+    loader = _Loader(share_dir or Path("/nonexistent"), [Path(p) for p in maps_dirs], redis)
     for path in files:
         loader.load_file(str(path))
     rs = loader.rs
@@ -562,7 +579,7 @@ def _compile_sets(rs: RuleSet, loader: _Loader) -> None:
             continue
         if rule.exists is not None:
             rs.exists_rules.setdefault(rule.stage, []).append(rule)
-        elif rule.map is not None:
+        elif rule.map is not None or rule.redis_map:
             rs.list_rules.setdefault(rule.stage, []).append(rule)
         else:
             key = (rule.stage, rule.target, rule.header.lower(), rule.part)

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from milterguard.ruleset.maps import MapFile
+from milterguard.stores.redis_copy import RedisCopy, change_set, copy_for, new_version, set_members
 from milterguard.yamlsrc import SourceError
 
 if TYPE_CHECKING:
@@ -163,90 +163,32 @@ def redis_key(store: RedisStore, kind: str = "", domain: str = GLOBAL) -> str:
     return store.key("lists", "d", domain, kind) if domain else store.key("lists", kind)
 
 
-class RedisLists(_Lists):
-    """The lists in Redis: a copy in this process, read again when lists:version changes."""
+class RedisLists(RedisCopy, _Lists):
+    """The lists in Redis: a copy in this process, read again when lists:version changes.
 
-    def __init__(self, store: RedisStore, check_interval: float = 1.0) -> None:
-        super().__init__(check_interval)
-        self.store = store
-        self.version: bytes | None = None  # of the copy (None: no version in Redis)
-        self.loaded = False  # whether there is a copy at all
-        self._pid = os.getpid()
+    RedisCopy's refresh comes first, and its __init__ sets what _Lists's look-up uses.
+    """
 
-    def refresh(self, force: bool = False) -> None:
-        """Ask for the version at most every check_interval; read the lists again when it changed."""
-        if self._pid != os.getpid():
-            # A worker forked while another thread held the lock: that thread did not come along.
-            self._pid, self._lock = os.getpid(), threading.Lock()
-        now = time.monotonic()
-        if not force and now - self._checked < self.check_interval:
-            return
-        if not self._lock.acquire(blocking=False):
-            return  # another thread is asking; this message is judged by the copy
-        from milterguard.clients.redis_client import RedisUnavailable  # loaded by store_for already
+    what = "lists"
+    log = log
 
-        try:
-            self._checked = now
-            try:
-                # The version is read before the sets: a change made in between is read
-                # again at the next look, never missed.
-                version = self.store.reader().get(self.store.key("lists", "version"))
-                if version != self.version or not self.loaded:
-                    self._maps, self.version, self.loaded = self._read(), version, True
-            except RedisUnavailable as exc:
-                # The Redis client logs the outage once for everything that uses it (and skips
-                # Redis at once while it backs off); the lists judge by their copy meanwhile.
-                log.debug("lists in Redis not read (%s); %s", exc,
-                          f"the last copy ({self.entries} entries) stands" if self.loaded else "no copy yet")
-                return
-        finally:
-            self._lock.release()
+    def _version(self) -> bytes | None:
+        return self.store.reader().get(self.store.key("lists", "version"))
 
-    @property
-    def entries(self) -> int:
-        return sum(map(len, self._maps.values()))
-
-    def _read(self) -> dict[tuple[str, str], MapFile]:
-        """Every list, in two round trips; a set that no longer parses keeps the entries of the copy."""
-        reader = self.store.reader()
-        domains = sorted(d.decode() for d in reader.smembers(redis_key(self.store)))
+    def _read(self, version: bytes | None) -> dict[tuple[str, str], MapFile]:
+        """Every list, in two round trips."""
+        domains = redis_domains(self.store)
         names = [(GLOBAL, kind) for kind in KINDS] + [(d, kind) for d in domains for kind in KINDS]
-        with reader.pipeline() as pipe:
-            for domain, kind in names:
-                pipe.smembers(redis_key(self.store, kind, domain))
-            members = pipe.execute()
-        maps: dict[tuple[str, str], MapFile] = {}
-        for name, entries in zip(names, members):
-            if not entries:
-                continue
-            key = redis_key(self.store, name[1], name[0])
-            try:
-                maps[name] = MapFile.parse("\n".join(sorted(e.decode() for e in entries)), f"redis {key}")
-            except SourceError as exc:
-                log.error("list %s not reloaded, keeping its previous entries: %s", key, exc)
-                if name in self._maps:
-                    maps[name] = self._maps[name]
-        return maps
+        return self._read_sets({name: redis_key(self.store, name[1], name[0]) for name in names})
 
 
 _STORES: dict[tuple[str, float], ListStore] = {}
-_REDIS_LISTS: dict[int, RedisLists] = {}
 
 
 def store_for(config) -> _Lists | None:
     """The per-process lists of CONFIG: in Redis, or the files of lists.dir (None when it is empty)."""
     if config["lists.backend"] == "redis":
-        # Imported here: a filter or scan without Redis never loads the Redis client.
-        from milterguard.clients.redis_client import get_store
-
-        redis_store = get_store(config)
-        if redis_store is None:
-            return None  # refused when the configuration is read (config.py)
-        lists = _REDIS_LISTS.get(id(redis_store))
-        if lists is None or lists.store is not redis_store:
-            lists = _REDIS_LISTS[id(redis_store)] = RedisLists(redis_store)
-        lists.check_interval = config["lists.check_interval"]
-        return lists
+        return copy_for(config, RedisLists)  # None without Redis: refused when the configuration is read
     base = config["lists.dir"]
     if not base:
         return None
@@ -319,12 +261,12 @@ def _replace(path: Path, text: str) -> None:
 
 def redis_entries(store: RedisStore, kind: str, domain: str = GLOBAL) -> list[str]:
     """The entries of list KIND (global, or DOMAIN's), sorted. Raises RedisUnavailable."""
-    return sorted(e.decode() for e in store.reader().smembers(redis_key(store, kind, domain)))
+    return set_members(store, redis_key(store, kind, domain))
 
 
 def redis_domains(store: RedisStore) -> list[str]:
     """The domains that have lists in Redis. Raises RedisUnavailable."""
-    return sorted(d.decode() for d in store.reader().smembers(redis_key(store)))
+    return set_members(store, redis_key(store))
 
 
 def redis_add(store: RedisStore, kind: str, domain: str, entries: list[str]) -> list[str]:
@@ -343,17 +285,12 @@ def redis_remove(store: RedisStore, kind: str, domain: str, entries: list[str]) 
 
 
 def _redis_change(store: RedisStore, command: str, kind: str, domain: str, entries: list[str]) -> list[str]:
-    # Entries are kept in lower case, as the maps compare them: Alice@X and alice@x are one entry.
-    wanted = list(dict.fromkeys(e.strip().lower() for e in entries))
-    key = redis_key(store, kind, domain)
-    with store.writer().pipeline(transaction=True) as pipe:
-        for entry in wanted:
-            getattr(pipe, command)(key, entry)
+    def also(pipe) -> None:
         if domain:
             pipe.sadd(redis_key(store), domain)
-        pipe.set(store.key("lists", "version"), secrets.token_hex(8))
-        counts = pipe.execute()
-    return [entry for entry, count in zip(wanted, counts) if count]
+        pipe.set(store.key("lists", "version"), new_version())
+
+    return change_set(store, command, redis_key(store, kind, domain), entries, also)
 
 
 def import_files(store: RedisStore, base: Path, domain: str | None = None,
