@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from milterguard.model import Action, Facts, HeaderEdits, Hits, ScoredHit, Stage, Thresholds, Verdict
 from milterguard.ruleset.rules import RuleSet
+from milterguard.settings import node_name
 
 
 def thresholds_for(config, domain: str | None) -> Thresholds:
@@ -210,6 +211,8 @@ def header_edits(verdict: Verdict, facts: Facts, headers: list[tuple[str, str]],
         edits.prepend.append(("Authentication-Results", results.header()))
     if config["headers.enabled"]:
         edits.add.extend(spam_headers(verdict, config["headers.symbols"]))
+        if config["headers.node"]:
+            edits.add.append(("X-Spam-Node", node_name(config)))
     tag = config["actions.subject_tag"]
     if tag and verdict.applied in (Action.TAG, Action.REVIEW):
         subject = next((value for name, value in headers if name.lower() == "subject"), None)

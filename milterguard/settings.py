@@ -136,6 +136,9 @@ SETTINGS: list[Setting] = [
             "What happens to a message from an authenticated (SASL) client when the filter itself fails."),
     Setting("headers.enabled", Bool(), True, "Add X-Spam-* headers to delivered messages."),
     Setting("headers.symbols", Bool(), True, "Add the X-Spam-Symbols header."),
+    Setting("headers.node", Bool(), True,
+            "Add X-Spam-Node with the name of the node that judged the message (`node.name`), for sites "
+            "with several filter nodes; false leaves the inner host name out of delivered mail.", since="0.3"),
     Setting("headers.remove_upstream", Bool(), True,
             "Remove X-Spam-* headers that arrive with the message: they are never trusted."),
     # --- quarantine (docs/quarantine.md)

@@ -114,3 +114,18 @@ def test_headers_render_from_verdict(tmp_path):
     assert headers["X-Spam-Score"] == "4.00"
     assert "action=tag" in headers["X-Spam-Status"]
     assert headers["X-Spam-Symbols"] == "A_ONE(4.00)"
+
+
+def test_the_node_that_judged_is_named_in_a_header_unless_switched_off(tmp_path):
+    from milterguard.model import Facts
+
+    rs, cfg = setup(tmp_path, "node.name=mx-b")
+    v = scoring.score(hits_of("A_ONE"), rs, cfg, [])
+    edits = scoring.header_edits(v, Facts(), [("Subject", "hi")], cfg)
+    assert ("X-Spam-Node", "mx-b") in edits.add
+    # One that came with the message is removed with the other upstream X-Spam-* headers.
+    edits = scoring.header_edits(v, Facts(), [("X-Spam-Node", "forged")], cfg)
+    assert ("X-Spam-Node", 1) in edits.remove
+    rs, cfg = setup(tmp_path, "node.name=mx-b", "headers.node=false")
+    edits = scoring.header_edits(scoring.score(hits_of("A_ONE"), rs, cfg, []), Facts(), [], cfg)
+    assert not [name for name, _value in edits.add if name == "X-Spam-Node"]
