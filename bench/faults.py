@@ -96,21 +96,27 @@ class Result:
         return self.accepted() - self.delivered - self.held
 
 
-class Campaign:
-    """The servers, the load, and one run per fault."""
+class Rig:
+    """The servers on loopback: an SMTP sink, Redis, clamd, nsd, `milterguard serve` and Postfix.
 
-    def __init__(self, work: Path, args) -> None:
-        self.work, self.args = work, args
-        self.corpus = corpus_messages(args.messages + int(SETTLE * 2))
-        self.sink = SmtpSink().start()
+    PREPARE, if given, runs once Redis is up and before the filter starts
+    (bench/soak.py learns and trains there).  WORKERS None is serve's
+    default, one per core.
+    """
+
+    def __init__(self, work: Path, *, workers: int | None, sink: SmtpSink | None = None,
+                 sets: dict | None = None, prepare: Callable[["Rig"], None] | None = None) -> None:
+        self.work = work
+        self.sink = (sink or SmtpSink()).start()
         self.redis = RedisServer.start(work / "redis")
         self.clamd = ClamdInstance(work / "clamd").start()
         self.nsd = NsdServer(work / "nsd", [Zone("test.invalid")]).start()
-        self.silent: socket.socket | None = None
-        self.mg = MilterguardProcess(work / "milterguard", workers=args.workers, sets={
+        self.mg = MilterguardProcess(work / "milterguard", workers=workers, sets={
             "redis.url": self.redis.url, "clamav.address": self.clamd.address,
-            "dns.nameservers": self.nsd.address, "quarantine.mode": "mta-hold",
+            "dns.nameservers": self.nsd.address, "quarantine.mode": "mta-hold", **(sets or {}),
         })
+        if prepare is not None:
+            prepare(self)
         self.mg.start()
         self.pf = PostfixInstance(work / "postfix", milter=self.mg.socket, relay_port=self.sink.port,
                                   extra_main_cf={"message_size_limit": 2 * LARGE_BYTES,
@@ -123,6 +129,28 @@ class Campaign:
                 stop()
             except (SupportError, OSError) as exc:
                 print(f"cleanup: {exc}", file=sys.stderr)
+
+    def drain(self) -> None:
+        """Until everything Postfix holds, the hold queue aside, has gone to the sink."""
+        deadline = time.monotonic() + DRAIN_LIMIT
+        while time.monotonic() < deadline:
+            if not [m for m in self.pf.queue() if m.get("queue_name") != "hold"]:
+                return
+            self.pf.flush()
+            time.sleep(0.5)
+
+
+class Campaign(Rig):
+    """The servers, the load, and one run per fault."""
+
+    def __init__(self, work: Path, args) -> None:
+        self.args = args
+        self.corpus = corpus_messages(args.messages + int(SETTLE * 2))
+        self.silent: socket.socket | None = None
+        super().__init__(work, workers=args.workers)
+
+    def close(self) -> None:
+        super().close()
         if self.silent is not None:
             self.silent.close()
 
@@ -267,23 +295,19 @@ class Campaign:
             helper.join(60)
         return sent
 
-    def drain(self) -> None:
-        """Until everything Postfix holds, the hold queue aside, has gone to the sink."""
-        deadline = time.monotonic() + DRAIN_LIMIT
-        while time.monotonic() < deadline:
-            if not [m for m in self.pf.queue() if m.get("queue_name") != "hold"]:
-                return
-            self.pf.flush()
-            time.sleep(0.5)
+
+def corpus_files(subdirs=("spamassassin/ham", "spamassassin/spam", "modern/ham", "modern/spam")) -> list[Path]:
+    """The corpus's message files under SUBDIRS, sorted."""
+    root = corpus_dir()
+    files = sorted(p for sub in subdirs for p in (root / sub).glob("*.eml"))
+    if not files:
+        raise SystemExit(f"no corpus under {root} (set MILTERGUARD_CORPUS)")
+    return files
 
 
 def corpus_messages(count: int) -> list[bytes]:
     """COUNT corpus messages, ham and spam alike, always the same ones."""
-    root = corpus_dir()
-    files = sorted(p for sub in ("spamassassin/ham", "spamassassin/spam", "modern/ham", "modern/spam")
-                   for p in (root / sub).glob("*.eml"))
-    if not files:
-        raise SystemExit(f"no corpus under {root} (set MILTERGUARD_CORPUS)")
+    files = corpus_files()
     chosen = random.Random(11).sample(files, min(count, len(files)))
     return [p.read_bytes() for p in chosen]
 
@@ -316,13 +340,14 @@ def table(results: list[Result], args) -> str:
     return "\n".join(lines)
 
 
-def update_doc(text: str) -> None:
+def update_doc(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """TEXT into docs/reliability.md between the markers BEGIN and END (added at the end if missing)."""
     doc = DOC.read_text()
-    if BEGIN not in doc:
-        doc = doc.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, _, rest = doc.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if begin not in doc:
+        doc = doc.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, _, rest = doc.partition(begin)
+    _, _, tail = rest.partition(end)
+    DOC.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

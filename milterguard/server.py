@@ -26,6 +26,7 @@ Signals reach the supervisor, whose handlers only queue them:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import logging
@@ -134,6 +135,9 @@ class Supervisor:
         self.socket_file = _file_id(self._socket_path())
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._queue)
+        arenas = self.engine.config["milter.malloc_arenas"]
+        if arenas and not limit_malloc_arenas(arenas):
+            log.warning("milter.malloc_arenas: this C library has no mallopt(M_ARENA_MAX); not limited")
         log.info("milterguard listening on %s with %d worker%s, %d rules", self.socket_spec, self.nworkers,
                  "" if self.nworkers == 1 else "s",
                  len(self.engine.ruleset.rules))
@@ -279,6 +283,26 @@ class Supervisor:
                 os.unlink(path)
             except OSError as exc:
                 log.warning("cannot remove socket %s: %s", path, exc)
+
+
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """At most COUNT malloc arenas in this process and the workers it forks from now on.
+
+    glibc gives a thread that finds every arena busy a new one, up to eight per
+    core; each arena keeps the free memory of the largest messages its threads
+    handled.  libmilter runs every session in a new thread, so a worker ends
+    up with all of them.  False where mallopt or M_ARENA_MAX is missing (not
+    glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_ARENA_MAX, count) == 1
 
 
 def _file_id(path: str | None) -> tuple[int, int] | None:
