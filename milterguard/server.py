@@ -316,11 +316,11 @@ def _file_id(path: str | None) -> tuple[int, int] | None:
     return (found.st_dev, found.st_ino) if stat.S_ISSOCK(found.st_mode) else None
 
 
-def _listening_fds() -> set[int]:
-    """The descriptors of this process that are listening sockets."""
+def _own_sockets():
+    """(descriptor, socket object) for each socket this process holds, the object borrowed:
+    it is detached again when the caller moves on, so the descriptor stays open."""
     import socket
 
-    found = set()
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
@@ -330,12 +330,22 @@ def _listening_fds() -> set[int]:
         except OSError:
             continue
         try:
+            yield fd, sock
+        finally:
+            sock.detach()
+
+
+def _listening_fds() -> set[int]:
+    """The descriptors of this process that are listening sockets."""
+    import socket
+
+    found = set()
+    for fd, sock in _own_sockets():
+        try:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 found.add(fd)
         except OSError:
             pass
-        finally:
-            sock.detach()
     return found
 
 
@@ -380,22 +390,13 @@ def _milter_connections(addresses: set) -> int:
     import socket
 
     count = 0
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            continue
+    for _fd, sock in _own_sockets():
         try:
             if sock.getsockname() in addresses and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 sock.getpeername()  # raises unless connected
                 count += 1
         except OSError:
             pass
-        finally:
-            sock.detach()
     return count
 
 
