@@ -58,6 +58,7 @@ from procmem import _rollup  # noqa: E402
 from support import LOOPBACK, SupportError, corpus_dir, free_port, port_accepts, stop_process, wait_until  # noqa: E402
 from support.clamd import clamd_available  # noqa: E402
 from support.dns import nsd_available  # noqa: E402
+from support.mailgen import strip_message_id  # noqa: E402
 from support.postfix import postfix_available  # noqa: E402
 from support.redis import redis_available  # noqa: E402
 
@@ -121,20 +122,6 @@ class Tally:
             found = QUEUED_AS.search(text)
             self.accepted[number] = found.group(1) if found else ""
         self.done += 1
-
-
-def strip_message_id(raw: bytes) -> bytes:
-    """RAW without its Message-ID header (and its folded lines), with CRLF line ends."""
-    raw = raw.replace(b"\r\n", b"\n")
-    head, sep, body = raw.partition(b"\n\n")
-    kept, skipping = [], False
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t") and skipping:
-            continue
-        skipping = line.lower().startswith(b"message-id:")
-        if not skipping:
-            kept.append(line)
-    return (b"\n".join(kept) + sep + body).replace(b"\n", b"\r\n")
 
 
 def envelope_sender(raw: bytes) -> str:

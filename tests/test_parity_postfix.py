@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from support import LOOPBACK, corpus_dir
+from support.mailgen import strip_message_id
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
 
@@ -55,16 +56,7 @@ def with_message_id(raw: bytes, index: int) -> tuple[bytes, str]:
     msgid = f"parity-{index}-{os.getpid()}@test.invalid"
     if raw.startswith(b"From "):
         raw = raw.split(b"\n", 1)[1]
-    head, sep, body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
-    kept, skipping = [], False
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t") and skipping:
-            continue
-        skipping = line.lower().startswith(b"message-id:")
-        if not skipping:
-            kept.append(line)
-    raw = b"\n".join([f"Message-ID: <{msgid}>".encode(), *kept]) + sep + body
-    return raw.replace(b"\n", b"\r\n"), msgid
+    return f"Message-ID: <{msgid}>\r\n".encode() + strip_message_id(raw), msgid
 
 
 def without_our_received(data: bytes) -> bytes:

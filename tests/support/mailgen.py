@@ -41,3 +41,18 @@ def write_corpus(root: Path, spam: int, ham: int) -> tuple[Path, Path]:
             (d / f"{label}{i:04d}.eml").write_bytes(make_message(label, i))
         dirs.append(d)
     return dirs[0], dirs[1]
+
+
+def strip_message_id(raw: bytes) -> bytes:
+    """RAW without its Message-ID header (and its folded lines), with CRLF line ends: for
+    sending a stored message again under a Message-ID of one's own."""
+    raw = raw.replace(b"\r\n", b"\n")
+    head, sep, body = raw.partition(b"\n\n")
+    kept, skipping = [], False
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = line.lower().startswith(b"message-id:")
+        if not skipping:
+            kept.append(line)
+    return (b"\n".join(kept) + sep + body).replace(b"\n", b"\r\n")
