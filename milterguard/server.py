@@ -92,6 +92,8 @@ class Supervisor:
         self.stopping = False
         self.listen_fds: list[int] = []
         self.socket_file: tuple[int, int] | None = None  # the unix socket file this instance made
+        self.exporter = None  # metrics.Exporter, when metrics.listen is set
+        self.restarts = 0  # workers that died and were replaced
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -138,6 +140,7 @@ class Supervisor:
         arenas = self.engine.config["milter.malloc_arenas"]
         if arenas and not limit_malloc_arenas(arenas):
             log.warning("milter.malloc_arenas: this C library has no mallopt(M_ARENA_MAX); not limited")
+        self._start_metrics()
         log.info("milterguard listening on %s with %d worker%s, %d rules", self.socket_spec, self.nworkers,
                  "" if self.nworkers == 1 else "s",
                  len(self.engine.ruleset.rules))
@@ -160,6 +163,24 @@ class Supervisor:
             import select
 
             select.select([self._wake_r], [], [], 1.0)
+
+    def _start_metrics(self) -> None:
+        """/metrics, when metrics.listen is set (read at start only); a failure leaves the mail alone."""
+        config = self.engine.config
+        if not config["metrics.listen"]:
+            return
+        from milterguard.metrics import Exporter, disable
+
+        exporter = Exporter(config, lambda: list(self.workers), lambda: self.restarts)
+        try:
+            exporter.prepare()
+            exporter.start()
+        except Exception as exc:  # noqa: BLE001 - the filter serves mail without its metrics
+            log.error("metrics off: cannot serve them on %s: %s", config["metrics.listen"], exc)
+            exporter.stop()
+            disable()
+            return
+        self.exporter = exporter
 
     def _socket_path(self) -> str | None:
         """The path of a unix socket, None for a TCP one."""
@@ -194,6 +215,8 @@ class Supervisor:
                     os.close(fd)
                 except OSError:
                     pass
+            if self.exporter is not None:
+                self.exporter.in_child()
             code = 1
             try:
                 code = worker_main(self.engine, read_end, self.load_engine, self.listen_fds)
@@ -216,8 +239,11 @@ class Supervisor:
             if worker is None:
                 continue
             os.close(worker.pipe)
+            if self.exporter is not None:
+                self.exporter.process_dead(pid)
             if self.stopping:
                 continue
+            self.restarts += 1
             how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {os.WEXITSTATUS(status)}"
             log.error("worker %d died (%s); starting a new one", pid, how)
             if time.monotonic() - worker.started < 1.0:
@@ -271,6 +297,8 @@ class Supervisor:
             except ProcessLookupError:
                 pass
         self._remove_socket()
+        if self.exporter is not None:
+            self.exporter.stop()
         log.info("stopped in %.1fs", time.monotonic() - started)
         return 0
 
@@ -425,8 +453,10 @@ def worker_main(engine, pipe_fd: int, load_engine, listen_fds: list[int] = ()) -
     """Run libmilter's loop in this process until told to stop."""
     from Milter import milter
 
+    from milterguard import metrics
     from milterguard.milter import SESSIONS, MilterguardMilter
 
+    metrics.start_recording()
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     # Only to interrupt libmilter's poll on the stop (_stop_accepting): caught, so that
