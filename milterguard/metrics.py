@@ -83,30 +83,32 @@ class _Metrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        # registry=None: none is registered in this process; the supervisor's collector reads the files.
+
         self.messages = Counter("milterguard_messages", "Messages by the action applied to them (error: "
-                                "answered by actions.on_error after an internal error).", ["action"])
+                                "answered by actions.on_error after an internal error).", ["action"], registry=None)
         self.rcpts_refused = Counter("milterguard_recipients_refused", "Recipients refused alone at RCPT "
-                                     "(a block entry of their domain's list).")
-        self.symbols = Counter("milterguard_symbol_hits", "Messages each symbol hit.", ["symbol"])
+                                     "(a block entry of their domain's list).", registry=None)
+        self.symbols = Counter("milterguard_symbol_hits", "Messages each symbol hit.", ["symbol"], registry=None)
         self.checks = Histogram("milterguard_check_duration_seconds", "Time of each check, rule kind and step "
                                 "of the engine per message (the timings of scan --explain).", ["check"],
-                                buckets=CHECK_BUCKETS)
+                                buckets=CHECK_BUCKETS, registry=None)
         self.scan = Histogram("milterguard_scan_duration_seconds", "Time the engine worked on a message: the "
-                              "sum of its check times.", buckets=SCAN_BUCKETS)
+                              "sum of its check times.", buckets=SCAN_BUCKETS, registry=None)
         self.message = Histogram("milterguard_message_duration_seconds", "From MAIL FROM to the verdict, the "
-                                 "client's own pace included.", buckets=SCAN_BUCKETS)
+                                 "client's own pace included.", buckets=SCAN_BUCKETS, registry=None)
         self.sessions = Gauge("milterguard_sessions_in_flight", "SMTP sessions open in the workers.",
-                              multiprocess_mode="livesum")
+                              multiprocess_mode="livesum", registry=None)
         self.dep_up = Gauge("milterguard_dependency_up", "Whether a dependency answered at the last call (1) or "
                             "is away (0), as the most recent worker to call it found it.",
-                            ["dependency", "name"], multiprocess_mode="livemostrecent")
+                            ["dependency", "name"], multiprocess_mode="livemostrecent", registry=None)
         self.dep_failures = Counter("milterguard_dependency_failures", "Calls to a dependency that failed.",
-                                    ["dependency"])
+                                    ["dependency"], registry=None)
         self.dep_skipped = Counter("milterguard_dependency_skipped", "Calls not made because the dependency was "
                                    "away (its back-off): the checks reported their *_TEMPFAIL symbol.",
-                                   ["dependency"])
+                                   ["dependency"], registry=None)
         self.errors = Counter("milterguard_filter_errors", "Answers made by actions.on_error: an internal "
-                              "error in a milter callback (stage), or the quarantine failing to store.", ["stage"])
+                              "error in a milter callback (stage), or the quarantine failing to store.", ["stage"], registry=None)
         self._check_children: dict[str, object] = {}
         self._symbol_children: dict[str, object] = {}
         self._action_children: dict[str, object] = {}
@@ -278,6 +280,10 @@ class Exporter:
         self.quarantine: tuple[int, int] | None = None  # (messages, bytes) at the last poll
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Held by the poll while it queries and by the supervisor while it forks: a worker
+        # forked in the middle of a query would inherit the locks the query holds (SQLAlchemy's,
+        # the database driver's) locked for good, and hang at its first store in the quarantine.
+        self.fork_gate = threading.Lock()
 
     def prepare(self) -> None:
         """Before the first fork: the directory and the metrics."""
@@ -297,8 +303,13 @@ class Exporter:
         self.server, _thread = start_http_server(port, addr=host, registry=registry)
         interval = self.config["metrics.quarantine_interval"]
         if interval > 0 and self.config["quarantine.mode"] == "store":
-            self._poller = threading.Thread(target=self._poll, args=(interval,), name="metrics-quarantine",
-                                            daemon=True)
+            # Imported here, in the main thread: a worker forked while another thread holds a
+            # module's import lock would wait for that lock for ever at its own first import of
+            # it (per-module import locks are not reset in the child).
+            from milterguard.stores import quarantine
+
+            self._poller = threading.Thread(target=self._poll, args=(interval, quarantine),
+                                            name="metrics-quarantine", daemon=True)
             self._poller.start()
         log.info("metrics on http://%s/metrics", self.config["metrics.listen"])
 
@@ -327,16 +338,15 @@ class Exporter:
             shutil.rmtree(self.directory, ignore_errors=True)
         disable()
 
-    def _poll(self, interval: float) -> None:
-        from milterguard.stores.quarantine import QuarantineError, open_quarantine
-
+    def _poll(self, interval: float, quarantine) -> None:
         store = None
         while not self._stop.is_set():
             try:
-                if store is None:
-                    store = open_quarantine(self.config)
-                self.quarantine = store.size()
-            except (QuarantineError, OSError) as exc:
+                with self.fork_gate:  # the database driver may import its modules at first use
+                    if store is None:
+                        store = quarantine.open_quarantine(self.config)
+                    self.quarantine = store.size()
+            except (quarantine.QuarantineError, OSError) as exc:
                 self.quarantine = None
                 _once("reading the quarantine's size", exc)
             self._stop.wait(interval)
@@ -346,16 +356,21 @@ class _SupervisorCollector:
     """The supervisor's figures, read at each scrape from plain attributes and /proc."""
 
     def __init__(self, exporter: Exporter) -> None:
-        self.exporter = exporter
-
-    def collect(self):
+        # Imported here, in the main thread, not by the first scrape (see Exporter.start).
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from milterguard import __version__
 
+        self.exporter = exporter
+        self.counter, self.gauge, self.version = CounterMetricFamily, GaugeMetricFamily, __version__
+
+    def collect(self):
+        CounterMetricFamily, GaugeMetricFamily = self.counter, self.gauge  # noqa: N806 - the library's names
         ex = self.exporter
         pids = list(ex.workers())
-        yield _info(__version__)
+        info = GaugeMetricFamily("milterguard_build_info", "The version of the filter.", labels=["version"])
+        info.add_metric([self.version], 1)
+        yield info
         yield GaugeMetricFamily("milterguard_start_time_seconds", "When the supervisor started (Unix time).",
                                 value=ex.started)
         yield GaugeMetricFamily("milterguard_workers", "Worker processes alive.", value=len(pids))
@@ -376,14 +391,6 @@ class _SupervisorCollector:
                                     "every metrics.quarantine_interval).", value=ex.quarantine[0])
             yield GaugeMetricFamily("milterguard_quarantine_size_bytes", "Bytes held in the quarantine.",
                                     value=ex.quarantine[1])
-
-
-def _info(version: str):
-    from prometheus_client.core import GaugeMetricFamily
-
-    family = GaugeMetricFamily("milterguard_build_info", "The version of the filter.", labels=["version"])
-    family.add_metric([version], 1)
-    return family
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

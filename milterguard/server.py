@@ -26,6 +26,7 @@ Signals reach the supervisor, whose handlers only queue them:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import gc
@@ -205,7 +206,9 @@ class Supervisor:
         # Keep the objects the workers inherit (the engine, the loaded modules) out of the
         # collector's reach, so that its passes do not copy the shared pages into each worker.
         gc.freeze()
-        pid = os.fork()
+        gate = self.exporter.fork_gate if self.exporter is not None else contextlib.nullcontext()
+        with gate:  # never in the middle of the metrics' quarantine query
+            pid = os.fork()
         if pid == 0:
             os.close(write_end)
             os.close(self._wake_r)
