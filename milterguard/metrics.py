@@ -11,6 +11,11 @@ adding up the files of every worker, live or gone: the counters of a worker
 that died stay counted, its gauges of the `live*` kinds are dropped
 (`mark_process_dead`).
 
+A worker adds its figures up in memory and writes them to its files every
+FLUSH_SECONDS (and when it stops), so that a message costs a few dictionary
+updates rather than some thirty writes; a worker killed outright loses what
+it counted in its last FLUSH_SECONDS.
+
 Only the workers write to these files.  The supervisor's own figures (the
 workers, the quarantine's size, its memory) are read when a scrape asks,
 from what its main loop and a polling thread keep in plain attributes, so
@@ -23,6 +28,7 @@ errors, logs the first of each kind and goes on.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import shutil
@@ -109,15 +115,31 @@ class _Metrics:
                                    ["dependency"], registry=None)
         self.errors = Counter("milterguard_filter_errors", "Answers made by actions.on_error: an internal "
                               "error in a milter callback (stage), or the quarantine failing to store.", ["stage"], registry=None)
-        self._check_children: dict[str, object] = {}
+        self._check_children: dict[str, "_Hist"] = {}
         self._symbol_children: dict[str, object] = {}
         self._action_children: dict[str, object] = {}
+        self.scan_hist = _Hist(self.scan)
+        self.message_hist = _Hist(self.message)
+        # What this process counted since the last flush: counter child -> amount.
+        self.pending: dict[object, float] = {}
+        self.lock = threading.Lock()
 
-    def check(self, name: str):
+    def check(self, name: str) -> "_Hist":
         child = self._check_children.get(name)
         if child is None:
-            child = self._check_children[name] = self.checks.labels(name)
+            child = self._check_children[name] = _Hist(self.checks.labels(name))
         return child
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush into this process's files."""
+        with self.lock:
+            pending, self.pending = self.pending, {}
+            hists = [h for h in (*self._check_children.values(), self.scan_hist, self.message_hist) if h.dirty]
+            taken = [h.take() for h in hists]
+        for child, amount in pending.items():
+            child.inc(amount)
+        for hist, (counts, total) in zip(hists, taken):
+            hist.write(counts, total)
 
     def symbol(self, name: str):
         child = self._symbol_children.get(name)
@@ -130,6 +152,42 @@ class _Metrics:
         if child is None:
             child = self._action_children[name] = self.messages.labels(name)
         return child
+
+
+class _Hist:
+    """A histogram's observations, added up in this process until the next flush.
+
+    prometheus_client writes each observation to the memory-mapped file at once (two
+    values, each under its lock); a message has some thirty timings, so the workers add
+    them up here and write each series once per flush instead.
+    """
+
+    __slots__ = ("child", "bounds", "counts", "total", "dirty")
+
+    def __init__(self, child) -> None:
+        self.child = child
+        self.bounds = list(child._upper_bounds)  # the buckets, +Inf last
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.dirty = False
+
+    def observe(self, seconds: float) -> None:  # under _Metrics.lock
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1  # the first bucket with le >= seconds
+        self.total += seconds
+        self.dirty = True
+
+    def take(self) -> tuple[list[int], float]:  # under _Metrics.lock
+        taken = (self.counts, self.total)
+        self.counts, self.total, self.dirty = [0] * len(self.bounds), 0.0, False
+        return taken
+
+    def write(self, counts: list[int], total: float) -> None:
+        # A multiprocess histogram keeps each bucket's own count (not cumulative) and the sum,
+        # as Histogram.observe writes them; the collector adds the buckets up at a scrape.
+        self.child._sum.inc(total)
+        for bucket, count in zip(self.child._buckets, counts):
+            if count:
+                bucket.inc(count)
 
 
 def enable(directory: str) -> None:
@@ -147,22 +205,52 @@ def enable(directory: str) -> None:
     _created = _Metrics()
 
 
+FLUSH_SECONDS = 0.5  # how often a worker writes what it counted
+_flusher: "tuple[threading.Thread, threading.Event] | None" = None
+
+
 def start_recording() -> None:
     """In a worker (or the benchmark): record from now on, starting with the state of the
-    dependencies its engine knows already."""
-    global _metrics
+    dependencies its engine knows already, and write the figures every FLUSH_SECONDS."""
+    global _metrics, _flusher
     if _created is None:
         return
     _metrics = _created
+    stop = threading.Event()
+    thread = threading.Thread(target=_flush_loop, args=(_created, stop), name="metrics-flush", daemon=True)
+    thread.start()
+    _flusher = (thread, stop)
     if _outage_event not in outage_mod.observers:
         outage_mod.observers.append(_outage_event)
     for found in outage_mod.known():
         _outage_event(found, "new")
 
 
+def _flush_loop(m: _Metrics, stop: threading.Event) -> None:
+    while not stop.wait(FLUSH_SECONDS):
+        flush(m)
+
+
+def flush(m: "_Metrics | None" = None) -> None:
+    """Write what this process counted (the flusher does it every FLUSH_SECONDS; a worker that
+    stops does it last)."""
+    m = m or _metrics
+    if m is None:
+        return
+    try:
+        m.flush()
+    except Exception as exc:  # noqa: BLE001
+        _once("writing the figures", exc)
+
+
 def disable() -> None:
-    """Stop recording in this process."""
-    global _metrics, _created
+    """Stop recording in this process, writing what was counted."""
+    global _metrics, _created, _flusher
+    if _flusher is not None:
+        _flusher[1].set()
+        _flusher[0].join(5)
+        _flusher = None
+    flush()
     _metrics = _created = None
     if _outage_event in outage_mod.observers:
         outage_mod.observers.remove(_outage_event)
@@ -177,19 +265,23 @@ def record_verdict(verdict: Verdict) -> None:
     if m is None:
         return
     try:
-        if verdict.rcpt:
-            m.rcpts_refused.inc()
-            return
-        m.action(verdict.applied.label).inc()
-        for hit in verdict.hits:
-            m.symbol(hit.symbol).inc()
-        total = 0.0
-        for name, seconds in verdict.timings.items():
-            if seconds > 0.0:  # 0.0: skipped, the message being settled already
-                m.check(name).observe(seconds)
-                total += seconds
-        m.scan.observe(total)
-        m.message.observe(verdict.elapsed)
+        with m.lock:
+            pending = m.pending
+            if verdict.rcpt:
+                pending[m.rcpts_refused] = pending.get(m.rcpts_refused, 0) + 1
+                return
+            child = m.action(verdict.applied.label)
+            pending[child] = pending.get(child, 0) + 1
+            for hit in verdict.hits:
+                child = m.symbol(hit.symbol)
+                pending[child] = pending.get(child, 0) + 1
+            total = 0.0
+            for name, seconds in verdict.timings.items():
+                if seconds > 0.0:  # 0.0: skipped, the message being settled already
+                    m.check(name).observe(seconds)
+                    total += seconds
+            m.scan_hist.observe(total)
+            m.message_hist.observe(verdict.elapsed)
     except Exception as exc:  # noqa: BLE001 - metrics never fail a message
         _once("recording a verdict", exc)
 

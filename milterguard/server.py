@@ -448,6 +448,9 @@ def _drain_and_exit(engine, listen_fds: list[int]) -> None:
                     os.getpid(), open_now, drain)
     else:
         log.info("worker %d: stopped in %.1fs", os.getpid(), time.monotonic() - started)
+    from milterguard import metrics
+
+    metrics.flush()
     logging.shutdown()
     os._exit(1 if open_now else 0)
 
@@ -507,6 +510,7 @@ def worker_main(engine, pipe_fd: int, load_engine, listen_fds: list[int] = ()) -
         log.info("worker %d: draining %d open sessions", os.getpid(), SESSIONS.open)
         if not SESSIONS.wait_idle(drain):
             log.warning("worker %d: %d sessions still open after %.0fs", os.getpid(), SESSIONS.open, drain)
+    metrics.flush()
     return 0
 
 
