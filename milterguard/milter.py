@@ -95,6 +95,7 @@ class MilterguardMilter(Milter.Base):
         self.conn: Connection | None = None
         self.session: Session | None = None
         self.failed: str = ""  # set when the filter itself failed in a callback that cannot answer
+        self._failure_counted = ""  # the failure the metrics have counted already (answered more than once)
         self.spool = None
         self.message_id = ""
         self._counted = False
@@ -153,7 +154,9 @@ class MilterguardMilter(Milter.Base):
         key = "actions.on_error.authenticated" if authenticated else "actions.on_error.unauthenticated"
         policy = engine.config[key] if engine else "tempfail"
         log.warning("on_error=%s for %s (failed in %s)", policy, self._ref(), self.failed)
-        metrics.record_error(self.failed)
+        if self._failure_counted != self.failed:
+            metrics.record_error(self.failed)
+            self._failure_counted = self.failed
         if policy == "accept":
             return Milter.ACCEPT
         self._reply("451", "4.3.0", engine.config["actions.tempfail_text"] if engine else "Try again later (ref {ref})")
@@ -428,7 +431,7 @@ class MilterguardMilter(Milter.Base):
 
     def abort(self):
         self._reset()
-        self.failed = ""
+        self.failed = self._failure_counted = ""
         return Milter.CONTINUE
 
     @Milter.noreply

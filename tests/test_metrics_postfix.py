@@ -183,3 +183,23 @@ def test_a_port_in_use_leaves_the_mail_flowing(postfix_factory, milterguard_fact
         assert re.search(r"ERROR metrics off: cannot serve them on 127\.0\.0\.1:\d+", mg.log_text())
     finally:
         taken.close()
+
+
+def test_a_filter_failure_counts_once_as_an_error(postfix_factory, milterguard_factory, metrics_port, sink,
+                                                  tmp_path):
+    # A spool directory removed under the running filter: every body past spool_bytes fails to
+    # spool (body), and the filter answers at end of message by actions.on_error.
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    mg = milterguard_factory(workers=1, sets={"message.spool_bytes": "1K", "message.spool_dir": str(spool),
+                                              "metrics.listen": f"127.0.0.1:{metrics_port}"})
+    spool.rmdir()
+    pf = postfix_factory(mg)
+    line = "All work and no play makes a dull message.\r\n"
+    raw, _msgid = message("MILTERGUARD-CANARY-CLEAN\r\n" + line * 500)
+    assert pf.send(raw).code == 451
+    small, _ = message(BODIES["accept"])
+    assert pf.send(small).code == 250
+    got = counted(metrics_port, 2, mg.log_tail)
+    assert by_action(got) == {"error": 1, "accept": 1}
+    assert got[("milterguard_filter_errors_total", 'stage="body"')] == 1
