@@ -203,3 +203,41 @@ def test_a_filter_failure_counts_once_as_an_error(postfix_factory, milterguard_f
     got = counted(metrics_port, 2, mg.log_tail)
     assert by_action(got) == {"error": 1, "accept": 1}
     assert got[("milterguard_filter_errors_total", 'stage="body"')] == 1
+
+
+def test_a_redis_outage_shows_as_down_failing_and_back(postfix_factory, milterguard_factory, metrics_port, sink,
+                                                        tmp_path):
+    from support.redis import RedisServer, redis_available
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        mg = milterguard_factory(workers=1, config_text=f"redis: {{url: '{server.url}', retry_max: 1}}\n",
+                                 sets={"metrics.listen": f"127.0.0.1:{metrics_port}"})
+        pf = postfix_factory(mg)
+
+        def redis_up() -> float | None:
+            found = [v for (name, labels), v in scrape(metrics_port).items()
+                     if name == "milterguard_dependency_up" and 'dependency="redis"' in labels]
+            return found[0] if found else None
+
+        def failures() -> float:
+            return scrape(metrics_port).get(("milterguard_dependency_failures_total", 'dependency="redis"'), 0.0)
+
+        assert pf.send(message(BODIES["accept"])[0]).code == 250
+        assert redis_up() == 1 and failures() == 0
+        server.kill()
+        assert pf.send(message(BODIES["accept"])[0]).code == 250  # Bayes reports its tempfail symbol
+        assert redis_up() == 0
+        assert failures() >= 1
+        server.restart()
+
+        def back() -> bool:
+            pf.send(message(BODIES["accept"])[0])  # the next call after the back-off finds it again
+            return redis_up() == 1
+
+        wait_until(back, 20, interval=0.5, what="Redis up again in the metrics", on_timeout=mg.log_tail)
+        assert re.search(r"Redis .* back after", mg.log_text())
+    finally:
+        server.stop()
