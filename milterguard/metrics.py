@@ -370,6 +370,7 @@ class Exporter:
         self.server = None
         self.started = time.time()
         self.quarantine: tuple[int, int] | None = None  # (messages, bytes) at the last poll
+        self.dead_cpu = 0.0  # CPU seconds of the workers that have exited
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         # Held by the poll while it queries and by the supervisor while it forks: a worker
@@ -413,7 +414,9 @@ class Exporter:
             except OSError:
                 pass
 
-    def process_dead(self, pid: int) -> None:
+    def process_dead(self, pid: int, cpu_seconds: float = 0.0) -> None:
+        """A worker has exited: its CPU time joins that of the workers gone, its live gauges go."""
+        self.dead_cpu += cpu_seconds
         try:
             from prometheus_client.multiprocess import mark_process_dead
 
@@ -468,7 +471,7 @@ class _SupervisorCollector:
         yield GaugeMetricFamily("milterguard_workers", "Worker processes alive.", value=len(pids))
         yield CounterMetricFamily("milterguard_worker_restarts", "Workers that died and were replaced.",
                                   value=ex.restarts())
-        rss, cpu = 0, 0.0
+        rss, cpu = 0, ex.dead_cpu
         for pid in pids:
             found = _proc_figures(pid)
             if found is not None:
@@ -476,8 +479,8 @@ class _SupervisorCollector:
                 cpu += found[1]
         yield GaugeMetricFamily("milterguard_workers_resident_memory_bytes", "Resident memory of the workers, "
                                 "added up.", value=rss)
-        yield CounterMetricFamily("milterguard_workers_cpu_seconds", "CPU time of the live workers, added up "
-                                  "(falls when a worker is replaced).", value=cpu)
+        yield CounterMetricFamily("milterguard_workers_cpu_seconds", "CPU time of the workers, those gone "
+                                  "included, added up.", value=cpu)
         if ex.quarantine is not None:
             yield GaugeMetricFamily("milterguard_quarantine_messages", "Messages held in the quarantine (read "
                                     "every metrics.quarantine_interval).", value=ex.quarantine[0])

@@ -122,6 +122,8 @@ def test_counters_add_up_across_workers_and_a_killed_worker(postfix_factory, mg,
     assert got[("milterguard_dependency_up", 'dependency="quarantine",name="quarantine"')] == 1
 
     # A worker killed while idle: what it counted stays, and its replacement counts on.
+    cpu_before = scrape(metrics_port)[("milterguard_workers_cpu_seconds_total", "")]
+    assert cpu_before > 0
     victim = mg.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: len(mg.worker_pids()) == 2 and victim not in mg.worker_pids(), 15,
@@ -131,6 +133,7 @@ def test_counters_add_up_across_workers_and_a_killed_worker(postfix_factory, mg,
     after = counted(metrics_port, sum(want.values()), mg.log_tail)
     assert by_action(after) == want
     assert after[("milterguard_worker_restarts_total", "")] == 1
+    assert after[("milterguard_workers_cpu_seconds_total", "")] >= cpu_before  # the dead worker's time kept
     assert after[("milterguard_workers", "")] == 2
     assert after[("milterguard_sessions_in_flight", "")] == 0
     # The killed worker's files stay (its counters); its live gauges are gone.
