@@ -56,6 +56,7 @@ DOC = REPO / "docs" / "metrics.md"
 BEGIN, END = "<!-- metrics table: bench/metrics.py --update-doc -->", "<!-- end of metrics table -->"
 RCPT = "user@example.net"
 KINDS = ("off", "on", "on+scrape")
+WARM = 20  # messages sent to each filter before the runs
 
 
 class Pair:
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pairs["off"] = Pair(work, "off", sink.port, args.workers, None)
         pairs["on"] = Pair(work, "on", sink.port, args.workers, metrics_port)
-        one_run(pairs["off"], messages[:20], args.concurrency, "warm-off")  # first sessions: imports, caches
-        one_run(pairs["on"], messages[:20], args.concurrency, "warm-on")
+        one_run(pairs["off"], messages[:WARM], args.concurrency, "warm-off")  # first sessions: imports, caches
+        one_run(pairs["on"], messages[:WARM], args.concurrency, "warm-on")
         for rnd in range(args.rounds):
             order = KINDS[rnd % 3:] + KINDS[:rnd % 3]
             for kind in order:
@@ -187,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 got["seconds"] += seconds
                 got["messages"] += len(latencies)
                 print(f"round {rnd + 1} {kind:10s} {len(latencies) / seconds:7.1f} msg/s, "
-                      f"p50 {1000 * percentile(latencies, 0.5):6.1f} ms, p99 {1000 * percentile(latencies, 0.99):6.1f} ms",
-                      flush=True)
+                      f"p50 {1000 * percentile(latencies, 0.5):6.1f} ms, "
+                      f"p99 {1000 * percentile(latencies, 0.99):6.1f} ms", flush=True)
         time.sleep(1.5)  # the workers write what they counted every 0.5 s
         with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
@@ -202,16 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     for kind in KINDS:
         got = results[kind]
         rows.append(f"| {kind} | {got['messages']} | {got['messages'] / got['seconds']:.1f} | "
-                    f"{1000 * percentile(got['latencies'], 0.5):.1f} | {1000 * percentile(got['latencies'], 0.99):.1f} |")
-    expected = results["on"]["messages"] + results["on+scrape"]["messages"] + 20
+                    f"{1000 * percentile(got['latencies'], 0.5):.1f} | "
+                    f"{1000 * percentile(got['latencies'], 0.99):.1f} |")
+    expected = results["on"]["messages"] + results["on+scrape"]["messages"] + len(messages[:WARM])
     table = "\n".join(rows) + (
         f"\n\n{args.rounds} rounds of {args.messages} corpus messages per run, {args.concurrency} SMTP sessions "
         f"at once, {args.workers} workers per filter; {scrapes[0]} scrapes answered during the on+scrape runs "
         f"(one {args.scrape_every:g} s after the other ended), {scrapes[1]} failed; a scrape took "
         f"{1000 * percentile(scrape_seconds or [0.0], 0.5):.1f} ms at the median and "
-        f"{1000 * percentile(scrape_seconds or [0.0], 0.99):.1f} ms at the 99th percentile. The filter with metrics counted {counted:.0f} "
-        f"messages in milterguard_messages_total; it was sent {expected}. Load average (1 min) "
-        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+        f"{1000 * percentile(scrape_seconds or [0.0], 0.99):.1f} ms at the 99th percentile. The filter with "
+        f"metrics counted {counted:.0f} messages in milterguard_messages_total; it was sent {expected}. "
+        f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     print()
     print(table)
     if args.update_doc:

@@ -20,7 +20,8 @@ Only the workers write to these files.  The supervisor's own figures (the
 workers, the quarantine's size, its memory) are read when a scrape asks,
 from what its main loop and a polling thread keep in plain attributes, so
 that no thread of the supervisor holds prometheus_client's lock when it
-forks a worker.
+forks a worker; for the same reason its threads import nothing (the main
+thread imports what they need) and the poll's query runs under `fork_gate`.
 
 Recording never fails the mail path: each entry point catches its own
 errors, logs the first of each kind and goes on.
@@ -67,8 +68,8 @@ def prepare_directory(configured: str) -> tuple[str, bool]:
     """The directory of the figures, emptied, mode 0700: (path, made by us).
 
     Empty CONFIGURED makes a new one under the system's temporary directory.
-    A configured one is made if missing; one that another user owns, or that
-    others may write to, is refused.
+    A configured one is made if missing and set to mode 0700; one that another
+    user owns is refused.
     """
     if not configured:
         return tempfile.mkdtemp(prefix="milterguard-metrics-"), True
@@ -90,7 +91,6 @@ class _Metrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         # registry=None: none is registered in this process; the supervisor's collector reads the files.
-
         self.messages = Counter("milterguard_messages", "Messages by the action applied to them (error: "
                                 "answered by actions.on_error after an internal error).", ["action"], registry=None)
         self.rcpts_refused = Counter("milterguard_recipients_refused", "Recipients refused alone at RCPT "
@@ -114,7 +114,8 @@ class _Metrics:
                                    "away (its back-off): the checks reported their *_TEMPFAIL symbol.",
                                    ["dependency"], registry=None)
         self.errors = Counter("milterguard_filter_errors", "Answers made by actions.on_error: an internal "
-                              "error in a milter callback (stage), or the quarantine failing to store.", ["stage"], registry=None)
+                              "error in a milter callback (stage), or the quarantine failing to store.", ["stage"],
+                              registry=None)
         self._check_children: dict[str, "_Hist"] = {}
         self._symbol_children: dict[str, object] = {}
         self._action_children: dict[str, object] = {}

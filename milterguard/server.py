@@ -22,6 +22,9 @@ Signals reach the supervisor, whose handlers only queue them:
   polls no session once the stop flag is set), which froze them until the
   drain timeout ended in a reset.
 - SIGCHLD: a worker that died is replaced.
+
+With `metrics.listen` set, the supervisor also serves /metrics from a
+thread, adding up the figures the workers write (milterguard/metrics.py).
 """
 
 from __future__ import annotations
