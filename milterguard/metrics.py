@@ -55,6 +55,7 @@ ERROR_ACTION = "error"
 _created: "_Metrics | None" = None  # made in this process (or inherited from the supervisor)
 _metrics: "_Metrics | None" = None  # the same, once this process records
 _reported: set[str] = set()
+_saved: "tuple[str | None, type | None] | None" = None  # what enable() changed, for disable()
 
 
 def _once(where: str, exc: BaseException) -> None:
@@ -197,11 +198,13 @@ def enable(directory: str) -> None:
     The metrics are made here, but only written once `start_recording` is called
     (in each worker): the supervisor writes none.
     """
-    global _created
+    global _created, _saved
+    _saved = (os.environ.get("PROMETHEUS_MULTIPROC_DIR"), None)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     from prometheus_client import values
 
     if values.ValueClass is values.MutexValue:  # imported before the variable was set
+        _saved = (_saved[0], values.ValueClass)
         values.ValueClass = values.get_value_class()
     _created = _Metrics()
 
@@ -246,13 +249,24 @@ def flush(m: "_Metrics | None" = None) -> None:
 
 def disable() -> None:
     """Stop recording in this process, writing what was counted."""
-    global _metrics, _created, _flusher
+    global _metrics, _created, _flusher, _saved
     if _flusher is not None:
         _flusher[1].set()
         _flusher[0].join(5)
         _flusher = None
     flush()
     _metrics = _created = None
+    if _saved is not None:  # as before enable(): the benchmark and the tests go on in this process
+        env, value_class = _saved
+        if env is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = env
+        if value_class is not None:
+            from prometheus_client import values
+
+            values.ValueClass = value_class
+        _saved = None
     if _outage_event in outage_mod.observers:
         outage_mod.observers.remove(_outage_event)
 

@@ -53,11 +53,9 @@ def recording(tmp_path):
         yield directory
     finally:
         metrics.disable()
-        values.ValueClass = saved_class
-        if saved_env is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved_env
+        # disable() puts back what enable() changed, for whatever runs next in this process
+        assert values.ValueClass is saved_class
+        assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") == saved_env
 
 
 def scrape(directory: str) -> dict:
@@ -188,9 +186,6 @@ def test_errors_count_once_per_answer(recording):
 
 def test_the_supervisor_records_nothing_until_a_worker_starts(engine, tmp_path):
     """enable() alone (the supervisor, before it forks) makes the metrics but writes no figure."""
-    from prometheus_client import values
-
-    saved_class, saved_env = values.ValueClass, os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     directory, _ = metrics.prepare_directory(str(tmp_path / "metrics"))
     try:
         metrics.enable(directory)
@@ -203,11 +198,6 @@ def test_the_supervisor_records_nothing_until_a_worker_starts(engine, tmp_path):
         assert not any(name.startswith("milterguard_dependency") for name, _labels in got)
     finally:
         metrics.disable()
-        values.ValueClass = saved_class
-        if saved_env is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved_env
 
 
 @pytest.mark.parametrize("text, expected", [("127.0.0.1:11381", ("127.0.0.1", 11381)),
