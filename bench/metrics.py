@@ -91,7 +91,23 @@ def send_one(port: int, sender: str, raw: bytes) -> float:
         return time.perf_counter() - t0
 
 
-def one_run(pair: Pair, messages: list[tuple[str, bytes]], concurrency: int, run_id: str) -> tuple[list[float], float]:
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def filter_cpu(pair: Pair) -> tuple[float, float]:
+    """(supervisor, workers) CPU seconds of the filter so far."""
+    return cpu_seconds(pair.mg.pid), sum(cpu_seconds(pid) for pid in pair.mg.worker_pids())
+
+
+def one_run(pair: Pair, messages: list[tuple[str, bytes]], concurrency: int,
+            run_id: str) -> tuple[list[float], float]:
     port = pair.pf.smtpd_port
 
     def job(item: tuple[int, tuple[str, bytes]]) -> float:
@@ -162,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     sink = PostfixSink().start()
     metrics_port = free_port()
     pairs: dict[str, Pair] = {}
-    results = {kind: {"latencies": [], "seconds": 0.0, "messages": 0} for kind in KINDS}
+    results = {kind: {"latencies": [], "seconds": 0.0, "messages": 0, "supervisor_cpu": 0.0, "workers_cpu": 0.0}
+               for kind in KINDS}
     scrapes = [0, 0]
     scrape_seconds: list[float] = []
     try:
@@ -175,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in order:
                 pair = pairs["off" if kind == "off" else "on"]
                 run_id = f"{kind}.{rnd}"
+                cpu_before = filter_cpu(pair)
                 if kind == "on+scrape":
                     with Scraper(metrics_port, args.scrape_every) as scraper:
                         latencies, seconds = one_run(pair, messages, args.concurrency, run_id)
@@ -183,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                     scrape_seconds += scraper.seconds
                 else:
                     latencies, seconds = one_run(pair, messages, args.concurrency, run_id)
+                time.sleep(1.0)  # the workers' last flush, and their CPU time settled in /proc
+                cpu_after = filter_cpu(pair)
                 got = results[kind]
+                got["supervisor_cpu"] += cpu_after[0] - cpu_before[0]
+                got["workers_cpu"] += cpu_after[1] - cpu_before[1]
                 got["latencies"] += latencies
                 got["seconds"] += seconds
                 got["messages"] += len(latencies)
@@ -199,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         for pair in pairs.values():
             pair.close()
         sink.stop()
-    rows = ["| run | messages | messages/s | p50 (ms) | p99 (ms) |", "|---|---:|---:|---:|---:|"]
+    rows = ["| run | messages | messages/s | p50 (ms) | p99 (ms) | workers' CPU per message (ms) "
+            "| supervisor's CPU per run (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind in KINDS:
         got = results[kind]
         rows.append(f"| {kind} | {got['messages']} | {got['messages'] / got['seconds']:.1f} | "
                     f"{1000 * percentile(got['latencies'], 0.5):.1f} | "
-                    f"{1000 * percentile(got['latencies'], 0.99):.1f} |")
+                    f"{1000 * percentile(got['latencies'], 0.99):.1f} | "
+                    f"{1000 * got['workers_cpu'] / got['messages']:.2f} | "
+                    f"{got['supervisor_cpu'] / args.rounds:.2f} |")
     expected = results["on"]["messages"] + results["on+scrape"]["messages"] + len(messages[:WARM])
     table = "\n".join(rows) + (
         f"\n\n{args.rounds} rounds of {args.messages} corpus messages per run, {args.concurrency} SMTP sessions "
