@@ -19,9 +19,11 @@ same ones in the same order each time, each with a fresh Message-ID), one
 SMTP session per message, --concurrency sessions at once.  The kinds run in
 turns, their order rotated each round, --rounds times, so that whatever else
 the machine does falls on all of them alike.  The table gives, per kind, the
-messages per second (all rounds) and the median and 99th percentile of the
+messages per second (all rounds), the median and 99th percentile of the
 time from connecting to the reply to the end of DATA (which waits for the
-filter's verdict), and how many scrapes were answered.
+filter's verdict), the workers' CPU time per message and the supervisor's
+per run (from /proc), and how many scrapes were answered and how long they
+took.
 
 Needs root (Postfix) and postfix; everything listens on 127.0.0.1 only and
 every loop is bounded.  --update-doc writes the table into docs/metrics.md.
