@@ -30,6 +30,7 @@ errors, logs the first of each kind and goes on.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import shutil
@@ -210,6 +211,7 @@ def enable(directory: str) -> None:
 
 
 FLUSH_SECONDS = 0.5  # how often a worker writes what it counted
+FORK_WAIT = 2.0  # longest a fork waits for the quarantine poll
 _flusher: "tuple[threading.Thread, threading.Event] | None" = None
 
 
@@ -420,6 +422,21 @@ class Exporter:
                                             name="metrics-quarantine", daemon=True)
             self._poller.start()
         log.info("metrics on http://%s/metrics", self.config["metrics.listen"])
+
+    @contextlib.contextmanager
+    def forking(self, wait: float = FORK_WAIT):
+        """Around the supervisor's fork: not in the middle of the quarantine poll, unless the
+        poll has been waiting on the database for WAIT seconds (a database that stopped
+        answering must not keep a dead worker from being replaced; the poll is then in the
+        driver's network wait, holding no lock a worker would need)."""
+        held = self.fork_gate.acquire(timeout=wait)
+        if not held:
+            log.warning("metrics: the quarantine's size query has run for %gs; forking a worker meanwhile", wait)
+        try:
+            yield
+        finally:
+            if held:
+                self.fork_gate.release()  # in the supervisor and in the new worker, each its own copy
 
     def in_child(self) -> None:
         """In a new worker: let go of the supervisor's listening socket."""

@@ -209,9 +209,8 @@ class Supervisor:
         # Keep the objects the workers inherit (the engine, the loaded modules) out of the
         # collector's reach, so that its passes do not copy the shared pages into each worker.
         gc.freeze()
-        gate = self.exporter.fork_gate if self.exporter is not None else contextlib.nullcontext()
-        with gate:  # never in the middle of the metrics' quarantine query
-            pid = os.fork()
+        with self.exporter.forking() if self.exporter is not None else contextlib.nullcontext():
+            pid = os.fork()  # not in the middle of the metrics' quarantine query (metrics.Exporter.forking)
         if pid == 0:
             os.close(write_end)
             os.close(self._wake_r)

@@ -268,3 +268,19 @@ def test_the_docs_name_every_metric():
     missing += [name.removesuffix("_bucket") for name in exported_names()
                 if name.endswith("_bucket") and f"`{name.removesuffix('_bucket')}" not in text]
     assert not missing, f"docs/metrics.md does not describe: {missing}"
+
+
+def test_a_fork_waits_for_the_quarantine_poll_but_not_for_ever(caplog):
+    exporter = metrics.Exporter({}, list, lambda: 0)
+    with exporter.forking():
+        assert exporter.fork_gate.locked()  # a poll starting now waits for the fork
+    assert not exporter.fork_gate.locked()
+    exporter.fork_gate.acquire()  # a poll stuck on a database that stopped answering
+    try:
+        with caplog.at_level(logging.WARNING, logger="milterguard.metrics"):
+            with exporter.forking(wait=0.05):
+                pass
+        assert "forking a worker meanwhile" in caplog.text
+        assert exporter.fork_gate.locked()  # still the poll's
+    finally:
+        exporter.fork_gate.release()
