@@ -56,7 +56,7 @@ ERROR_ACTION = "error"
 _created: "_Metrics | None" = None  # made in this process (or inherited from the supervisor)
 _metrics: "_Metrics | None" = None  # the same, once this process records
 _reported: set[str] = set()
-_saved: "tuple[str | None, type | None] | None" = None  # what enable() changed, for disable()
+_saved: "str | None | bool" = False  # PROMETHEUS_MULTIPROC_DIR before enable() (False: not enabled)
 
 
 def _once(where: str, exc: BaseException) -> None:
@@ -200,13 +200,13 @@ def enable(directory: str) -> None:
     (in each worker): the supervisor writes none.
     """
     global _created, _saved
-    _saved = (os.environ.get("PROMETHEUS_MULTIPROC_DIR"), None)
+    _saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     from prometheus_client import values
 
-    if values.ValueClass is values.MutexValue:  # imported before the variable was set
-        _saved = (_saved[0], values.ValueClass)
-        values.ValueClass = values.get_value_class()
+    # The library picks its value store when first imported, by the variable; here it
+    # may have been imported before, or reset by disable().
+    values.ValueClass = values.get_value_class()
     _created = _Metrics()
 
 
@@ -258,17 +258,15 @@ def disable() -> None:
         _flusher = None
     flush()
     _metrics = _created = None
-    if _saved is not None:  # as before enable(): the benchmark and the tests go on in this process
-        env, value_class = _saved
-        if env is None:
+    if _saved is not False:  # as before enable(): the benchmark and the tests go on in this process
+        if _saved is None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = env
-        if value_class is not None:
-            from prometheus_client import values
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = _saved
+        _saved = False
+        from prometheus_client import values
 
-            values.ValueClass = value_class
-        _saved = None
+        values.ValueClass = values.get_value_class()
     if _outage_event in outage_mod.observers:
         outage_mod.observers.remove(_outage_event)
 
