@@ -24,6 +24,7 @@ from milterguard.engine.core import Engine
 from milterguard.engine.pipeline import Session
 from milterguard.model import Action, Connection, Transaction, Verdict
 from milterguard.explain import explain_text, log_record
+from milterguard import metrics
 from milterguard.mail.raw import edited_headers, raw_message
 from milterguard.settings import node_name
 
@@ -43,12 +44,14 @@ class Sessions:
     def opened(self) -> None:
         with self._lock:
             self._open += 1
+        metrics.session_opened()
 
     def closed(self) -> None:
         with self._lock:
             self._open = max(0, self._open - 1)
             if self._open == 0:
                 self._idle.notify_all()
+        metrics.session_closed()
 
     @property
     def open(self) -> int:
@@ -92,6 +95,7 @@ class MilterguardMilter(Milter.Base):
         self.conn: Connection | None = None
         self.session: Session | None = None
         self.failed: str = ""  # set when the filter itself failed in a callback that cannot answer
+        self._failure_counted = ""  # the failure the metrics have counted already (answered more than once)
         self.spool = None
         self.message_id = ""
         self._counted = False
@@ -150,6 +154,9 @@ class MilterguardMilter(Milter.Base):
         key = "actions.on_error.authenticated" if authenticated else "actions.on_error.unauthenticated"
         policy = engine.config[key] if engine else "tempfail"
         log.warning("on_error=%s for %s (failed in %s)", policy, self._ref(), self.failed)
+        if self._failure_counted != self.failed:
+            metrics.record_error(self.failed)
+            self._failure_counted = self.failed
         if policy == "accept":
             return Milter.ACCEPT
         self._reply("451", "4.3.0", engine.config["actions.tempfail_text"] if engine else "Try again later (ref {ref})")
@@ -180,6 +187,7 @@ class MilterguardMilter(Milter.Base):
         return Milter.TEMPFAIL
 
     def _log(self, verdict: Verdict) -> None:
+        metrics.record_verdict(verdict)
         conn, txn = self.conn, self.txn
         log.info(
             "%s",
@@ -372,9 +380,11 @@ class MilterguardMilter(Milter.Base):
 
             try:
                 self._store(verdict)
+                metrics.dependency("quarantine", "quarantine", True)
                 # Stored: the client gets 250 and the MTA delivers nothing (release re-injects it).
                 return Milter.DISCARD
             except QuarantineError as exc:
+                metrics.dependency("quarantine", "quarantine", False)
                 # Never accept and drop: the sender retries on a tempfail; with on_error accept
                 # the MTA's hold queue keeps it instead.
                 self.failed = f"the quarantine store ({exc})"
@@ -421,7 +431,7 @@ class MilterguardMilter(Milter.Base):
 
     def abort(self):
         self._reset()
-        self.failed = ""
+        self.failed = self._failure_counted = ""
         return Milter.CONTINUE
 
     @Milter.noreply

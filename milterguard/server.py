@@ -22,10 +22,14 @@ Signals reach the supervisor, whose handlers only queue them:
   polls no session once the stop flag is set), which froze them until the
   drain timeout ended in a reset.
 - SIGCHLD: a worker that died is replaced.
+
+With `metrics.listen` set, the supervisor also serves /metrics from a
+thread, adding up the figures the workers write (milterguard/metrics.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import gc
@@ -92,6 +96,8 @@ class Supervisor:
         self.stopping = False
         self.listen_fds: list[int] = []
         self.socket_file: tuple[int, int] | None = None  # the unix socket file this instance made
+        self.exporter = None  # metrics.Exporter, when metrics.listen is set
+        self.restarts = 0  # workers that died and were replaced
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -138,6 +144,7 @@ class Supervisor:
         arenas = self.engine.config["milter.malloc_arenas"]
         if arenas and not limit_malloc_arenas(arenas):
             log.warning("milter.malloc_arenas: this C library has no mallopt(M_ARENA_MAX); not limited")
+        self._start_metrics()
         log.info("milterguard listening on %s with %d worker%s, %d rules", self.socket_spec, self.nworkers,
                  "" if self.nworkers == 1 else "s",
                  len(self.engine.ruleset.rules))
@@ -160,6 +167,24 @@ class Supervisor:
             import select
 
             select.select([self._wake_r], [], [], 1.0)
+
+    def _start_metrics(self) -> None:
+        """/metrics, when metrics.listen is set (read at start only); a failure leaves the mail alone."""
+        config = self.engine.config
+        if not config["metrics.listen"]:
+            return
+        from milterguard.metrics import Exporter, disable
+
+        exporter = Exporter(config, lambda: list(self.workers), lambda: self.restarts)
+        try:
+            exporter.prepare()
+            exporter.start()
+        except Exception as exc:  # noqa: BLE001 - the filter serves mail without its metrics
+            log.error("metrics off: cannot serve them on %s: %s", config["metrics.listen"], exc)
+            exporter.stop()
+            disable()
+            return
+        self.exporter = exporter
 
     def _socket_path(self) -> str | None:
         """The path of a unix socket, None for a TCP one."""
@@ -184,7 +209,8 @@ class Supervisor:
         # Keep the objects the workers inherit (the engine, the loaded modules) out of the
         # collector's reach, so that its passes do not copy the shared pages into each worker.
         gc.freeze()
-        pid = os.fork()
+        with self.exporter.forking() if self.exporter is not None else contextlib.nullcontext():
+            pid = os.fork()  # not in the middle of the metrics' quarantine query (metrics.Exporter.forking)
         if pid == 0:
             os.close(write_end)
             os.close(self._wake_r)
@@ -194,6 +220,8 @@ class Supervisor:
                     os.close(fd)
                 except OSError:
                     pass
+            if self.exporter is not None:
+                self.exporter.in_child()
             code = 1
             try:
                 code = worker_main(self.engine, read_end, self.load_engine, self.listen_fds)
@@ -207,7 +235,7 @@ class Supervisor:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)  # wait4: the CPU time it used, for the metrics
             except ChildProcessError:
                 return
             if pid == 0:
@@ -216,8 +244,11 @@ class Supervisor:
             if worker is None:
                 continue
             os.close(worker.pipe)
+            if self.exporter is not None:
+                self.exporter.process_dead(pid, usage.ru_utime + usage.ru_stime)
             if self.stopping:
                 continue
+            self.restarts += 1
             how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {os.WEXITSTATUS(status)}"
             log.error("worker %d died (%s); starting a new one", pid, how)
             if time.monotonic() - worker.started < 1.0:
@@ -271,6 +302,8 @@ class Supervisor:
             except ProcessLookupError:
                 pass
         self._remove_socket()
+        if self.exporter is not None:
+            self.exporter.stop()
         log.info("stopped in %.1fs", time.monotonic() - started)
         return 0
 
@@ -417,6 +450,9 @@ def _drain_and_exit(engine, listen_fds: list[int]) -> None:
                     os.getpid(), open_now, drain)
     else:
         log.info("worker %d: stopped in %.1fs", os.getpid(), time.monotonic() - started)
+    from milterguard import metrics
+
+    metrics.flush()
     logging.shutdown()
     os._exit(1 if open_now else 0)
 
@@ -425,8 +461,10 @@ def worker_main(engine, pipe_fd: int, load_engine, listen_fds: list[int] = ()) -
     """Run libmilter's loop in this process until told to stop."""
     from Milter import milter
 
+    from milterguard import metrics
     from milterguard.milter import SESSIONS, MilterguardMilter
 
+    metrics.start_recording()
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     # Only to interrupt libmilter's poll on the stop (_stop_accepting): caught, so that
@@ -474,6 +512,7 @@ def worker_main(engine, pipe_fd: int, load_engine, listen_fds: list[int] = ()) -
         log.info("worker %d: draining %d open sessions", os.getpid(), SESSIONS.open)
         if not SESSIONS.wait_idle(drain):
             log.warning("worker %d: %d sessions still open after %.0fs", os.getpid(), SESSIONS.open, drain)
+    metrics.flush()
     return 0
 
 

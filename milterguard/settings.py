@@ -15,6 +15,7 @@ from milterguard.settingtypes import (  # noqa: F401 - the types are part of thi
     Type,
     Str,
     ClamdAddress,
+    ListenAddress,
     FileMode,
     Directory,
     Int,
@@ -106,6 +107,21 @@ SETTINGS: list[Setting] = [
             "symbols_more.", since="0.2"),
     Setting("log.syslog_facility", Str(), "mail", "Syslog facility when log.target is syslog."),
     Setting("log.syslog_socket", Str(), "/dev/log", "Syslog socket path when log.target is syslog."),
+    # --- metrics (docs/metrics.md)
+    Setting("metrics.listen", ListenAddress(), "",
+            "Where the filter serves Prometheus metrics at /metrics, as ADDRESS:PORT (an IPv6 address in "
+            "brackets), such as 127.0.0.1:11381; empty for off. The supervisor serves them, adding up the "
+            "figures of every worker. The page has no authentication: keep it on loopback or a private "
+            "network.", since="0.4"),
+    Setting("metrics.directory", Str(), "",
+            "Directory where each worker writes its figures (prometheus_client's multiprocess files), "
+            "emptied at each start and made mode 0700. Empty: a new directory under the system's temporary "
+            "directory, removed at stop. A directory in memory (tmpfs, such as /run/milterguard/metrics) "
+            "keeps the writes off the disk.", since="0.4"),
+    Setting("metrics.quarantine_interval", Seconds(), 30.0,
+            "How often the supervisor reads the quarantine's size for milterguard_quarantine_messages "
+            "and milterguard_quarantine_size_bytes (one count query, in a thread of its own, never at "
+            "a scrape); 0 for never.", since="0.4"),
     # --- scoring
     Setting("thresholds", THRESHOLDS, {"reject": 15.0, "review": 6.0, "tag": 4.0},
             "Scores at which a message is rejected, held for review, or tagged.", merge=True),

@@ -79,6 +79,39 @@ class ClamdAddress(Str):
         return self(text)
 
 
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """`ADDRESS:PORT` (an IPv6 address in brackets) into (address, port); IP addresses only, so that
+    binding never asks a resolver.  ValueError for anything else."""
+    import ipaddress
+
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected ADDRESS:PORT, like 127.0.0.1:11381 or [::1]:11381, got {text!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (an IPv6 address goes in brackets), in {text!r}") from None
+    if address.version == 6 and not bracketed:
+        raise ValueError(f"write an IPv6 address in brackets, like [::1]:11381, not {text!r}")
+    return str(address), int(port)
+
+
+class ListenAddress(Str):
+    """`ADDRESS:PORT` to listen on, or empty for off."""
+
+    name = "listen address"
+
+    def __call__(self, value: Any) -> str:
+        value = super().__call__(value).strip()
+        if value:
+            parse_listen_address(value)
+        return value
+
+    def from_text(self, text: str) -> str:
+        return self(text)
+
+
 class FileMode(Type):
     """Permission bits written in octal, as chmod takes them: '0660', '660', '0o660'."""
 

@@ -21,7 +21,7 @@ LAYERS = {
     "stores": 3,
     # checks, then the engine that runs them and the rendering of its verdicts
     "checks": 4,
-    "engine": 5, "explain": 5,
+    "engine": 5, "explain": 5, "metrics": 5,
     # the faces
     "milter": 6, "server": 7, "cli": 8, "__main__": 9, "__init__": 0,
 }

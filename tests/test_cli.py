@@ -589,6 +589,19 @@ def test_bench_two_messages_one_round(capsys, etc, messages):
     assert out.startswith("2 messages in one process: ")
 
 
+def test_bench_with_and_without_metrics(capsys, etc, messages):
+    status, out, err = run(capsys, "bench", "--etc-dir", str(etc), "--rounds", "2", "--json", "--metrics",
+                           str(messages / "ham.eml"), str(messages / "canary.eml"))
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["off"]["messages"] == result["on"]["messages"] == 4
+    assert "cost_us_per_message" in result and "cost_percent" in result
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # left as it was
+    status, out, err = run(capsys, "bench", "--etc-dir", str(etc), "--rounds", "1", "--metrics", str(messages))
+    assert status == 0, err
+    assert out.startswith("metrics off: 2 messages") and "recording cost:" in out
+
+
 def test_bench_makes_no_dns_lookup_unless_asked(capsys, etc, messages, dns_listener):
     common = ("bench", "--etc-dir", str(etc), "--rounds", "1", "--json", str(messages / "ham.eml"),
               *dns_listener.sets)

@@ -13,17 +13,38 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from typing import Callable
 
 BACKOFF_START = 0.5
 BACKOFF_CAP = 4.0
+
+# Told of every outage made ("new"), every failed call ("failed"), every call skipped
+# while the dependency is away ("skipped") and every return ("up"); never of a call that
+# works while the dependency is up, so that they cost the usual path nothing.  An
+# observer must not raise (the metrics, milterguard/metrics.py, catch their own errors).
+observers: list[Callable[["Outage", str], None]] = []
+_known: "weakref.WeakSet[Outage]" = weakref.WeakSet()
+
+
+def known() -> list["Outage"]:
+    """Every outage of this process still in use."""
+    return list(_known)
+
+
+def _tell(outage: "Outage", event: str) -> None:
+    for observer in observers:
+        observer(outage, event)
 
 
 class Outage:
     """A dependency's state: up, or down since a time with a count of failures."""
 
     def __init__(self, name: str, log: logging.Logger, *, start: float = BACKOFF_START,
-                 cap: float = BACKOFF_CAP, meanwhile: str = "") -> None:
+                 cap: float = BACKOFF_CAP, meanwhile: str = "", kind: str = "") -> None:
         self.name = name
+        # What it is (redis, clamd, dns): by default the first word of the name.
+        self.kind = kind or name.split(" ", 1)[0].lower()
         self.log = log
         self.meanwhile = meanwhile  # what the filter does without it, said in the line that it went away
         self.start, self.cap = start, cap
@@ -32,6 +53,8 @@ class Outage:
         self.failures = 0  # failed or skipped calls since it went away
         self._attempts = 0
         self._lock = threading.Lock()
+        _known.add(self)
+        _tell(self, "new")
 
     @property
     def down(self) -> bool:
@@ -55,6 +78,7 @@ class Outage:
                 self.retry_at = now + self.cap
                 return True
             self.failures += 1
+        _tell(self, "skipped")
         return False
 
     def failed(self, reason: object) -> None:
@@ -67,6 +91,7 @@ class Outage:
             self.failures += 1
             self._attempts += 1
             self.retry_at = now + min(self.cap, self.start * 2 ** (self._attempts - 1))
+        _tell(self, "failed")
         if first:
             self.log.warning("%s unavailable: %s; %sretrying every %gs at most, one line when it is back",
                              self.name, reason, f"{self.meanwhile}; " if self.meanwhile else "", self.cap)
@@ -80,4 +105,5 @@ class Outage:
                 return
             away, failures = time.monotonic() - self.down_since, self.failures
             self.down_since, self.failures, self._attempts, self.retry_at = 0.0, 0, 0, 0.0
+        _tell(self, "up")
         self.log.warning("%s back after %.1fs; %d calls failed or were skipped meanwhile", self.name, away, failures)

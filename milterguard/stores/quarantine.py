@@ -506,6 +506,15 @@ class Quarantine:
                      count, freed, retention_days, max_size)
         return count, freed
 
+    def size(self) -> tuple[int, int]:
+        """(messages, bytes) held: one query, for the metrics' regular poll."""
+        def work(conn) -> tuple[int, int]:
+            count, size = conn.execute(select(func.count(messages.c.id),
+                                              func.coalesce(func.sum(messages.c.size), 0))).one()
+            return int(count), int(size)
+
+        return self._run(work)
+
     def stats(self) -> dict:
         def work(conn) -> dict:
             count, size, oldest, newest = conn.execute(select(
