@@ -45,12 +45,13 @@ from support.mangle import mutate  # noqa: E402
 
 CORPUS = Path(os.environ.get("MILTERGUARD_CORPUS", "/work/shared/corpus")) / "spamassassin"
 KINDS = ("ham", "hard_ham", "spam")
-# A longer sweep by hand: MILTERGUARD_FUZZ=SEED:MUTANTS:SECONDS (say 7:20000:600).
-_FUZZ = (os.environ.get("MILTERGUARD_FUZZ") or "20261201:1500:25").split(":")
+# A longer sweep by hand: MILTERGUARD_FUZZ=SEED:MUTANTS[:SECONDS] (say 7:20000:600).  The
+# default runs a fixed count of mutants, however long they take: how far a sweep gets must not
+# depend on how busy the machine is.  SECONDS, given by hand, stops a long sweep where it got.
+_FUZZ = (os.environ.get("MILTERGUARD_FUZZ") or "20261201:400").split(":")
 SEED = int(_FUZZ[0])
 MUTANTS = int(_FUZZ[1])
-FUZZ_SECONDS = float(_FUZZ[2])  # the fuzz stops here, however far it got
-MIN_MUTANTS = min(MUTANTS, 300)  # and fails if it got less far than this
+FUZZ_SECONDS = float(_FUZZ[2]) if len(_FUZZ) > 2 else float("inf")
 SAMPLE = 150  # corpus messages the mutants are made from
 WORKERS = 2
 BAD = ("CHECK_ERROR", "CHECK_SLOW", "CHECK_BUDGET_EXCEEDED")
@@ -278,14 +279,13 @@ def test_mangled_mail_scans_without_a_check_failing(tmp_path, dns_that_knows_not
         pytest.skip(f"no corpus at {CORPUS}")
     sample = fuzz_sample(files)
     sets = [f"redis.url={redis_server.url}"] if redis_server is not None else []
-    deadline = time.monotonic() + FUZZ_SECONDS
+    started = time.monotonic()
     with _pool(tmp_path, sets) as pool:
-        results = pool.map(_fuzz_job, [(sample, i, deadline) for i in range(MUTANTS)], chunksize=10)
+        results = pool.map(_fuzz_job, [(sample, i, started + FUZZ_SECONDS) for i in range(MUTANTS)], chunksize=10)
     done = [r for r in results if r[3] is not None]
-    print(f"{len(done)} mutants of seed {SEED} in {time.monotonic() - deadline + FUZZ_SECONDS:.1f}s")
+    print(f"{len(done)} mutants of seed {SEED} in {time.monotonic() - started:.1f}s")
     failures = [(f"mutant {i} ({name} of {base})", problems) for i, name, base, problems in done if problems]
     assert not failures, f"{len(failures)} of {len(done)} mutants:\n" + _summary(failures)
-    assert len(done) >= MIN_MUTANTS, f"only {len(done)} mutants in {FUZZ_SECONDS}s"
 
 
 def test_the_session_dns_answers_a_burst_of_queries_at_once(dns_that_knows_nothing):
