@@ -2,9 +2,9 @@
 
 `ml.default_model` names it (`builtin`: `milterguard/data/default-model.bin`,
 built by `milterguard train --corpus`, see milterguard/cli/shipped.py).  It
-scores the shared tokens (`checks/learning.tokens_of`) as the shipped model
-sees them (`learn.linear.shipped_tokens`: no list headers, list names or
-footers) and adds ML_DEFAULT_SPAM or ML_DEFAULT_HAM, whose weights scale with
+scores the message's tokens as the shipped model sees them
+(`learn.linear.shipped_tokens`: the shared tokens without word pairs, list
+headers, list names or footers, hashed by CRC-32) and adds ML_DEFAULT_SPAM or ML_DEFAULT_HAM, whose weights scale with
 the probability as ML_SPAM's do.
 
 Outweighed by what the site learns: once the site has a model of its own in
@@ -17,7 +17,6 @@ model is all there is.
 
 from __future__ import annotations
 
-from milterguard.checks.learning import tokens_of
 from milterguard.checks.registry import check, preparer
 from milterguard.learn import linear
 from milterguard.model import Hits, Learned, Stage
@@ -60,9 +59,7 @@ def shipped_model(scan, hits: Hits) -> None:
     model = linear.shipped_model(model_path(config))
     if model is None:
         return  # logged once when it could not be read
-    tokens = tokens_of(scan)
-    keep = linear.shipped_filter(scan.message)
-    prob = model.probability([h for t, h in zip(tokens, scan.txn.facts.token_hashes) if keep(t)])
+    prob = model.probability(linear.shipped_hashes(scan.message))
     scan.txn.facts.default_classifier = Learned(prob, {"share": round(share, 3)})
     detail = "shipped model" + (f", {share:.0%} of its weight (the site's model is young)" if share < 1.0 else "")
     option = f"{prob:.3f}"

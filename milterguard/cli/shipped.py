@@ -4,8 +4,8 @@ A corpus is a directory whose sub-directories named `spam` hold spam and
 those named `ham` or `hard_ham` hold ham (at any depth, e.g.
 `spamassassin/spam`, `modern/ham`).  The train split of each (the fixed
 split of `milterguard.corpus`, or `--time-split`: all but the newest
-quarter by Date header) is tokenized as the filter tokenizes, with the
-shipped model's view of the tokens (`learn.linear.shipped_tokens`: no list
+quarter by Date header) is tokenized as the shipped model sees mail
+(`learn.linear.shipped_tokens`: the shared tokens without word pairs, list
 headers, list names or list footers), and the classifier of
 `stores/models.fit` is fitted on it.  The same corpus gives the same file,
 byte for byte.  Next to the model goes its provenance (JSON): what it was
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from milterguard import __version__
 from milterguard.corpus import Progress, split_of
 from milterguard.learn import linear
-from milterguard.learn.tokens import tokenize
 from milterguard.mail.message import Message
 from milterguard.mail.raw import read_message
 
@@ -74,7 +73,7 @@ def message_date(msg: Message) -> float:
 def tokens_of(path: str) -> tuple[list[int], float]:
     """(token hashes as the shipped model sees them, Date timestamp) of one message file."""
     msg = Message.from_bytes(read_message(path))
-    return [linear.token_hash(t) for t in linear.shipped_tokens(msg, tokenize(msg))], message_date(msg)
+    return linear.shipped_hashes(msg), message_date(msg)
 
 
 def newest_quarter(samples: list[Sample]) -> set[str]:
@@ -162,7 +161,7 @@ def build(root: str, output: str, split: str = "train", alpha: float = SHIPPED_A
         "alpha": alpha,
         "nonzero_weights": int((model.weights != 0).sum()),
         "newest_message": email.utils.formatdate(dates[-1], usegmt=True) if dates else None,
-        "tokens": "learn.tokens.tokenize, then learn.linear.shipped_tokens (no list headers, list names or footers)",
+        "tokens": "learn.linear.shipped_tokens (no word pairs, list headers, list names or footers), CRC-32",
         "licences": licences(root),
         "built": time.strftime("%Y-%m-%d", time.gmtime()),
         "figures_held_out": figures(model, held_out, hashes),

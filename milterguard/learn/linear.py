@@ -88,6 +88,7 @@ class LinearModel:
 # Header tokens (learn/tokens.header_tokens) that say "list mail" or "this site's relays".
 LIST_TOKEN_PREFIXES = ("h:list-id:", "h:precedence:", "h:sender:", "h:return-path:", "h:received:")
 # Words of the footers list managers append.
+SHIPPED_WORDS = 1000  # words of the text the shipped model reads
 LIST_FOOTER_WORDS = ("mailing list", "mailing _ list", "listinfo", "mailman")
 # Headers a list manager adds; their values name the list.
 LIST_HEADERS = ("List-Id", "List-Post", "List-Unsubscribe", "List-Subscribe", "List-Archive", "List-Help",
@@ -121,22 +122,40 @@ def list_identity(msg: "Message") -> list[str]:
 
 def shipped_filter(msg: "Message") -> "Callable[[str], bool]":
     """Whether the shipped model sees a token of MSG: not list headers, list names or list footers."""
+    import re
+
     identity = list_identity(msg)
+    if not identity:
+        return lambda token: not token.startswith(LIST_TOKEN_PREFIXES)
     hosts = [n.split(".")[-2] for n in identity if n.count(".") >= 1 and len(n.split(".")[-2]) >= 4]
-    marks = tuple(identity + hosts) + LIST_FOOTER_WORDS if identity else ()
-
-    def keep(token: str) -> bool:
-        if token.startswith(LIST_TOKEN_PREFIXES):
-            return False
-        return not (marks and any(m in token for m in marks))
-
-    return keep
+    marks = re.compile("|".join(re.escape(m) for m in (*identity, *hosts, *LIST_FOOTER_WORDS)))
+    return lambda token: not token.startswith(LIST_TOKEN_PREFIXES) and marks.search(token) is None
 
 
-def shipped_tokens(msg: "Message", tokens: list[str]) -> list[str]:
-    """The tokens the shipped model sees of TOKENS, those of MSG."""
+def shipped_tokens(msg: "Message") -> list[str]:
+    """The tokens the shipped model sees: those of learn.tokens without the pairs of words (OSB),
+    at most SHIPPED_WORDS words of text, and without what says "mailing list" (shipped_filter)."""
+    from milterguard.learn import tokens as tk
+
+    subject = tk.words(msg.subject, 40)
+    seq = ["s:" + w for w in subject]
+    seq += tk.char_grams(msg.subject, "c:s:")
+    seq += tk.char_grams(msg.from_name, "c:f:")
+    seq += tk.header_tokens(msg)
+    seq += tk.structure_tokens(msg)
+    seq += tk.url_tokens(msg)
+    seq += tk.words(msg.text, SHIPPED_WORDS)
     keep = shipped_filter(msg)
-    return [t for t in tokens if keep(t)]
+    return [t for t in dict.fromkeys(seq) if keep(t)]
+
+
+def shipped_hash(token: str) -> int:
+    """The shipped model's own token hash (CRC-32): cheap, and independent of the hash Bayes stores by."""
+    return zlib.crc32(token.encode("utf-8", "surrogatepass"))
+
+
+def shipped_hashes(msg: "Message") -> list[int]:
+    return [shipped_hash(t) for t in shipped_tokens(msg)]
 
 
 # ---------------------------------------------------------------- the file
