@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from milterguard.cli.shipped import build, corpus_samples
+from milterguard.cli.shipped import build, corpus_samples, token_fingerprint
 from milterguard.config import load_config
 from milterguard.corpus import split_of
 from milterguard.engine.core import Engine, RulesError
@@ -46,6 +46,13 @@ def test_shipped_model_file_matches_its_provenance():
     assert header["nonzero"] == prov["nonzero_weights"]
     assert {"modern", "spamassassin"} <= set(prov["licences"]) and all(prov["licences"].values())
     assert prov["command"].startswith("milterguard train --corpus")
+
+
+def test_the_shipped_model_was_built_for_todays_tokens():
+    # Tokens changed (learn/tokens.py, learn/linear.py): rebuild the model with the command of
+    # docs/learning.md ("Rebuilding it"), then refit the weights.
+    prov = json.loads(open(linear.SHIPPED_PROVENANCE, encoding="utf-8").read())
+    assert token_fingerprint() == prov["token_fingerprint"], "the shipped model was built for other tokens: rebuild it"
 
 
 @needs_corpus

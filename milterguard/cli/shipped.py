@@ -161,6 +161,7 @@ def build(root: str, output: str, split: str = "train", alpha: float = SHIPPED_A
         "alpha": alpha,
         "nonzero_weights": int((model.weights != 0).sum()),
         "newest_message": email.utils.formatdate(dates[-1], usegmt=True) if dates else None,
+        "token_fingerprint": token_fingerprint(),
         "tokens": "learn.linear.shipped_tokens (no word pairs, list headers, list names or footers), CRC-32",
         "licences": licences(root),
         "built": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -186,6 +187,24 @@ def figures(model: linear.LinearModel, held_out: list[Sample], hashes: dict[str,
         probs = [model.probability(hashes[s.path]) for s in part]
         out[source] = {"spam": sum(labels), "ham": len(labels) - sum(labels), **summarise(labels, probs)}
     return out
+
+
+# A message whose tokens stand for the tokenizer: when they change, the model must be rebuilt.
+FINGERPRINT_MESSAGE = (
+    b"From: \"Service Desk\" <help@example.com>\nTo: user@example.org\nSubject: Your mailbox is FULL!\n"
+    b"Date: Mon, 02 Jan 2023 10:00:00 +0000\nMessage-ID: <a1b2c3@example.com>\nList-Id: <team.lists.example.net>\n"
+    b"MIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n"
+    b"<p>Dear user, verify your account at <a href=\"https://login.example.net/x?id=12345678\">our portal</a> "
+    b"within 24 hours or lose $100 of stored mail. Caf\xc3\xa9 na\xc3\xafve.</p>"
+    b"<p>team mailing list https://lists.example.net/mailman/listinfo/team</p>\n"
+)
+
+
+def token_fingerprint() -> str:
+    """SHA-256 of the shipped model's token hashes of FINGERPRINT_MESSAGE: the provenance records it, and a
+    test compares it with the tokenizer of the day, so that a model built for other tokens is noticed."""
+    hashes = linear.shipped_hashes(Message.from_bytes(FINGERPRINT_MESSAGE))
+    return hashlib.sha256(b"".join(h.to_bytes(4, "big") for h in hashes)).hexdigest()
 
 
 def provenance_path(model_path: str) -> str:
