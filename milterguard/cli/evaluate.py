@@ -170,7 +170,7 @@ def _evaluate(args, config, cleanup: bool) -> int:
                   "learn_seconds": round(learn_time, 1), "train_seconds": round(train_time, 1), "model_samples": model.samples},
         "test": {"spam": sum(labels), "ham": len(labels) - sum(labels)},
         "scorers": {name: summarise(labels, [r[name] for r in rows])
-                    for name in ("bayes", "classifier", "rules", "without_classifier", "score")},
+                    for name in ("bayes", "classifier", "default_model", "rules", "without_classifier", "score")},
         "thresholds": {},
         "ms_per_message": round(sum(r["ms"] for r in rows) / max(len(rows), 1), 2),
         "learned_ms_per_message": round(sum(r["learned_ms"] for r in rows) / max(len(rows), 1), 2),
@@ -201,7 +201,8 @@ def print_report(result: dict) -> None:
     t, tr = result["test"], result["train"]
     print(f"train: {tr['spam']} spam, {tr['ham']} ham (learned in {tr['learn_seconds']}s, classifier trained in "
           f"{tr['train_seconds']}s); test: {t['spam']} spam, {t['ham']} ham")
-    names = {"bayes": "Bayes alone", "classifier": "classifier alone", "rules": "rules alone",
+    names = {"bayes": "Bayes alone", "classifier": "classifier alone", "default_model": "shipped model",
+             "rules": "rules alone",
              "without_classifier": "rules + Bayes", "score": "full score"}
     print(f"\n{'scorer':<18} {'ROC AUC':>8} {'missed @0.1% FP':>16} {'missed @1% FP':>14}")
     for key, s in result["scorers"].items():
