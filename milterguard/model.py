@@ -216,6 +216,7 @@ class Facts:
     token_hashes: list[int] | None = None
     bayes: Learned | None = None
     classifier: Learned | None = None
+    default_classifier: Learned | None = None  # the shipped model (checks/shipped_model.py), read by evaluate
     # Recipients whose own domain's block list refuses this message once past RCPT (checks/lists.py):
     # recipient -> why.  Scoring turns them into Verdict.drop_rcpts.
     blocked_rcpts: dict[str, str] = field(default_factory=dict)

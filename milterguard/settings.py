@@ -190,6 +190,10 @@ SETTINGS: list[Setting] = [
     # --- rules and checks
     Setting("rules.files", ListOf(Str()), ["{share}/rules/*.yaml", "{etc}/rules.d/*.yaml"],
             "Rule files (glob patterns). `{share}` is the package's data directory, `{etc}` the configuration directory."),
+    Setting("rules.weights", ListOf(Str()), ["{share}/rules/weights/*.yaml", "{etc}/weights.d/*.yaml"],
+            "Weight files (glob patterns): YAML mappings of symbols to weights, over the rule files' own and under "
+            "`symbols:`. The shipped `rules/weights/learned.yaml` holds the weights fitted on the shared corpus "
+            "(docs/accuracy.md); `rules.weights: []` goes back to the rule files' weights.", since="0.3"),
     Setting("rules.maps_dirs", ListOf(Str()), ["{etc}/maps", "{share}/rules/maps"],
             "Where relative map file names in rules are looked up, in order, before the rule file's own directory."),
     Setting("checks.disabled", ListOf(Str()), [], "Python checks (by name) that do not run."),
@@ -305,6 +309,15 @@ SETTINGS: list[Setting] = [
     Setting("ml.max_samples", Int(minimum=100), 20000,
             "Learned messages kept (as token hashes, about 2 KB each) for `milterguard train`; the oldest go first.",
             since="0.2"),
+    Setting("ml.default_model", Str(), "builtin",
+            "The model used before the site has one of its own, and beside it while that one is young: `builtin` "
+            "for the model shipped with milterguard (trained on public corpora, see docs/learning.md), the path of a "
+            "model file written by `milterguard train --corpus`, or empty to use none. Needs no Redis. It adds "
+            "ML_DEFAULT_SPAM or ML_DEFAULT_HAM.", since="0.3"),
+    Setting("ml.default_fade", Int(minimum=0), 2000,
+            "The shipped model's symbols count `1 - n / ml.default_fade` of their weight, n being the messages the "
+            "site's own model (in Redis) was trained on: from this many on, the site's model alone speaks. "
+            "0: the shipped model always counts in full.", since="0.3"),
     # --- content: ClamAV, attachments, content hashes, phishing, lists
     Setting("clamav.address", ClamdAddress(), "",
             "clamd to scan with: `HOST:PORT` (`[v6]:PORT`) for TCP, or the path of its unix socket (`/path` "

@@ -34,7 +34,7 @@ _BAYES: dict[int, "Bayes"] = {}
 
 def tokens_of(scan) -> list[str]:
     """The message's tokens, computed once per message for both classifiers."""
-    from milterguard.stores.bayes import token_hash
+    from milterguard.learn.linear import token_hash
 
     facts = scan.txn.facts
     if facts.tokens is None:
@@ -124,7 +124,7 @@ def classifier(scan, hits: Hits) -> None:
         return  # nothing trained yet
     tokens_of(scan)
     prob = model.probability(scan.txn.facts.token_hashes)
-    scan.txn.facts.classifier = Learned(prob, {"version": model.version})
+    scan.txn.facts.classifier = Learned(prob, {"version": model.version, "samples": model.samples})
     _emit(hits, "ML", prob, config["ml.spam_probability"], config["ml.ham_probability"],
           f"model version {model.version}")
 

@@ -36,7 +36,7 @@ from milterguard.stores.bayes import Bayes
 from milterguard.mail.raw import iter_message_files, read_message
 from milterguard.clients.redis_client import RedisStore, RedisUnavailable
 
-LEARNED_GROUPS = {"bayes": ("BAYES_",), "classifier": ("ML_",)}
+LEARNED_GROUPS = {"bayes": ("BAYES_",), "classifier": ("ML_",)}  # ML_ takes in the shipped model's ML_DEFAULT_*
 
 
 def add_arguments(parser) -> None:
@@ -45,6 +45,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--progress", action="store_true", default=None, help="draw progress bars even when not on a terminal")
     parser.add_argument("--details", metavar="FILE", help="write one JSON line per test message (scores and probabilities)")
+    parser.add_argument("--corpus", metavar="DIR",
+                        help="instead of --spam/--ham: every corpus under DIR (spamassassin/, modern/...), out of the "
+                             "box and trained, and a time split (see docs/accuracy.md)")
+    parser.add_argument("--time-split", default="modern", metavar="NAME",
+                        help="with --corpus: the corpus tested on its newest quarter by Date (default modern)")
     parser.add_argument("--alpha", type=float, default=ml.DEFAULT_ALPHA, help="regularisation of the classifier (see train)")
 
 
@@ -104,6 +109,15 @@ def _learned_weight(verdict, prefixes: tuple[str, ...]) -> float:
 
 
 def run(args) -> int:
+    if args.corpus:
+        from milterguard.cli.evaluate_corpus import run_corpus
+
+        try:
+            return run_corpus(args)
+        except RedisUnavailable as exc:
+            return report(CliError(f"Redis not reachable: {exc}", status=75))
+        except CliError as exc:
+            return report(exc)
     if not args.spam or not args.ham:
         return report(CliError("give --spam DIR and --ham DIR"))
     # Offline, as the figures are compared, and without autolearn, which would learn the test split.
@@ -141,31 +155,7 @@ def _evaluate(args, config, cleanup: bool) -> int:
         train_time = time.monotonic() - t0
         engine = load_engine(args, config)
         test = [(p, 1) for p in select(spam, "test")] + [(p, 0) for p in select(ham, "test")]
-        progress = Progress(len(test), "testing", enabled=args.progress)
-        rows = []
-
-        class _Env:
-            ip = None
-            client_name = helo = auth = ""
-            mail_from = None
-            rcpt: list[str] = []
-
-        for index, (path, label) in enumerate(test):
-            conn, txn = build(_Env, read_message(path), index)
-            txn.started = time.monotonic()
-            t1 = time.perf_counter()
-            verdict = engine.evaluate(conn, txn)
-            elapsed = time.perf_counter() - t1
-            learned = sum(txn.timings.get(name, 0.0) for name in ("bayes", "classifier"))
-            rows.append({
-                "path": path, "label": label, "score": verdict.score,
-                "bayes": txn.facts.bayes.probability if txn.facts.bayes else 0.5,
-                "classifier": txn.facts.classifier.probability if txn.facts.classifier else 0.5,
-                "without_classifier": verdict.score - _learned_weight(verdict, LEARNED_GROUPS["classifier"]),
-                "rules": verdict.score - _learned_weight(verdict, LEARNED_GROUPS["bayes"] + LEARNED_GROUPS["classifier"]),
-                "ms": elapsed * 1000, "learned_ms": learned * 1000,
-            })
-            progress.step()
+        rows = score_rows(engine, test, args.progress)
     finally:
         if cleanup:
             _delete_prefix(store)
@@ -180,7 +170,7 @@ def _evaluate(args, config, cleanup: bool) -> int:
                   "learn_seconds": round(learn_time, 1), "train_seconds": round(train_time, 1), "model_samples": model.samples},
         "test": {"spam": sum(labels), "ham": len(labels) - sum(labels)},
         "scorers": {name: summarise(labels, [r[name] for r in rows])
-                    for name in ("bayes", "classifier", "rules", "without_classifier", "score")},
+                    for name in ("bayes", "classifier", "default_model", "rules", "without_classifier", "score")},
         "thresholds": {},
         "ms_per_message": round(sum(r["ms"] for r in rows) / max(len(rows), 1), 2),
         "learned_ms_per_message": round(sum(r["learned_ms"] for r in rows) / max(len(rows), 1), 2),
@@ -211,7 +201,8 @@ def print_report(result: dict) -> None:
     t, tr = result["test"], result["train"]
     print(f"train: {tr['spam']} spam, {tr['ham']} ham (learned in {tr['learn_seconds']}s, classifier trained in "
           f"{tr['train_seconds']}s); test: {t['spam']} spam, {t['ham']} ham")
-    names = {"bayes": "Bayes alone", "classifier": "classifier alone", "rules": "rules alone",
+    names = {"bayes": "Bayes alone", "classifier": "classifier alone", "default_model": "shipped model",
+             "rules": "rules alone",
              "without_classifier": "rules + Bayes", "score": "full score"}
     print(f"\n{'scorer':<18} {'ROC AUC':>8} {'missed @0.1% FP':>16} {'missed @1% FP':>14}")
     for key, s in result["scorers"].items():
@@ -221,6 +212,43 @@ def print_report(result: dict) -> None:
         print(f"{action:<10} {v['at']:>6g} {v['ham_flagged']:>10} of {t['ham']:<4} {v['spam_missed']:>5} of {t['spam']}")
     print(f"\n{result['ms_per_message']:.1f} ms per message, of which Bayes + classifier "
           f"{result['learned_ms_per_message']:.1f} ms", file=sys.stdout)
+
+
+class _Env:
+    ip = None
+    client_name = helo = auth = ""
+    mail_from = None
+    rcpt: list[str] = []
+
+
+def score_rows(engine, test: list[tuple[str, int]], progress: bool | None = None, transform=None) -> list[dict]:
+    """Score each (path, label) of TEST with ENGINE: one row each (scores, probabilities, actions, times).
+
+    TRANSFORM, when given, changes each message's bytes first (list headers removed, for one)."""
+    from milterguard.cli.scan import build
+
+    bar = Progress(len(test), "testing", enabled=progress)
+    rows = []
+    for index, (path, label) in enumerate(test):
+        raw = read_message(path)
+        conn, txn = build(_Env, transform(raw) if transform else raw, index)
+        txn.started = time.monotonic()
+        t1 = time.perf_counter()
+        verdict = engine.evaluate(conn, txn)
+        elapsed = time.perf_counter() - t1
+        learned = sum(txn.timings.get(name, 0.0) for name in ("bayes", "classifier", "shipped_model"))
+        facts = txn.facts
+        rows.append({
+            "path": path, "label": label, "score": verdict.score, "action": verdict.action.name.lower(),
+            "bayes": facts.bayes.probability if facts.bayes else 0.5,
+            "classifier": facts.classifier.probability if facts.classifier else 0.5,
+            "default_model": facts.default_classifier.probability if facts.default_classifier else 0.5,
+            "without_classifier": verdict.score - _learned_weight(verdict, LEARNED_GROUPS["classifier"]),
+            "rules": verdict.score - _learned_weight(verdict, LEARNED_GROUPS["bayes"] + LEARNED_GROUPS["classifier"]),
+            "ms": elapsed * 1000, "learned_ms": learned * 1000,
+        })
+        bar.step()
+    return rows
 
 
 def _delete_prefix(store: RedisStore) -> None:

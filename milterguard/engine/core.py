@@ -17,6 +17,7 @@ from milterguard.checks import registry
 from milterguard.engine.pipeline import Session, run_session
 from milterguard.model import Action, Connection, Hits, Stage, Transaction, Verdict
 from milterguard.ruleset.rules import PatternSet, Rule, RuleSet, load_rules
+from milterguard.ruleset.weights import load_weights
 from milterguard.settings import redis_configured
 from milterguard.stores.redis_maps import maps_for
 
@@ -442,15 +443,26 @@ def load_ruleset(config: Config) -> RuleSet:
     for fn in registry.CONFIGURED_SYMBOLS:
         declared.update(fn(config))
     declared.update(ENGINE_SYMBOLS)
-    return load_rules(
+    overrides = _symbol_overrides(config)
+    rs = load_rules(
         config.paths("rules.files"),
         share_dir=config.share_dir,
         maps_dirs=[config.expand(p) for p in config["rules.maps_dirs"]],
-        overrides=_symbol_overrides(config),
+        overrides=overrides,
         group_caps=config["groups"],
         check_symbols=declared,
         redis=redis_configured(config),
     )
+    # Weight files (ruleset/weights.py): over the rule files, under the `symbols:` setting.
+    weights, errors = load_weights(config.paths("rules.weights"))
+    rs.errors.extend(errors)
+    for symbol, (weight, where) in weights.items():
+        rule = rs.rules.get(symbol)
+        if rule is None:
+            rs.errors.append(f"{where}: weight for {symbol}, which no rule declares")
+        elif "weight" not in overrides.get(symbol, {}):
+            rule.weight = weight
+    return rs
 
 
 def rule_for(engine: Engine, symbol: str) -> Rule | None:

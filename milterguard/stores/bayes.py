@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import redis
 
+from milterguard.learn.linear import token_hash
 from milterguard.learn.tokens import tokenize
 from milterguard.clients.redis_client import RedisStore, RedisUnavailable
 
@@ -96,11 +97,6 @@ return table.concat(out, ' ')
 
 _SHA_FETCH = hashlib.sha1(_FETCH.encode()).hexdigest()
 _SHA_LEARN = hashlib.sha1(_LEARN.encode()).hexdigest()
-
-
-def token_hash(token: str) -> int:
-    """The 64-bit hash a token is stored and hashed into features by."""
-    return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 def slots_blob(hashes: list[int]) -> bytes:

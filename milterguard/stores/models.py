@@ -34,23 +34,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from milterguard.stores.bayes import token_hash, unpack_sample
+from milterguard.learn.linear import DIM, SCALE, columns, token_hash
+from milterguard.stores.bayes import unpack_sample
 from milterguard.clients.redis_client import RedisStore, RedisUnavailable
 
 log = logging.getLogger("milterguard.learn")
 
-DIM = 1 << 20
 DEFAULT_ALPHA = 1e-4
 SEEDS = (1, 2, 3, 4, 5)  # the fits whose weights are averaged
-# The classifier's margin z becomes a probability 1 / (1 + exp(-SCALE * z)):
-# the modified Huber loss puts the two classes at z = -1 and z = +1, which
-# this maps to 0.12 and 0.88.
-SCALE = 2.0
-
-
-def columns(hashes: list[int]) -> np.ndarray:
-    """The feature columns of a message's token hashes (unique, sorted)."""
-    return np.unique(np.asarray([h & 0xFFFFFFFF for h in hashes], dtype=np.uint64) % DIM).astype(np.int64)
 
 
 @dataclass
