@@ -86,7 +86,8 @@ class RspamdInstance:
 
     def __init__(self, workdir: Path | str, *, milter_socket: str, proxy_count: int = 2,
                  normal_count: int = 1, hs_cache: Path | str | None = None,
-                 user: str = "_rspamd", nameserver: str | None = None, bayes_redis: str | None = None) -> None:
+                 user: str = "_rspamd", nameserver: str | None = None, bayes_redis: str | None = None,
+                 min_learns: int = 200) -> None:
         self.workdir = Path(workdir).resolve()
         self.milter_socket = milter_socket
         self.proxy_count = proxy_count
@@ -98,6 +99,7 @@ class RspamdInstance:
         # Redis at BAYES_REDIS (``HOST:PORT``), learned through a controller on a loopback port.
         self.nameserver = nameserver
         self.bayes_redis = bayes_redis
+        self.min_learns = min_learns
         self.controller_port = 0
         self.log_file = self.workdir / "log" / "rspamd.log"
         self.stdout_file = self.workdir / "rspamd.out"
@@ -229,7 +231,7 @@ from_enabled = false;
             (local / "classifier-bayes.conf").write_text(_conf(f'''
 backend = "redis";
 servers = "{self.bayes_redis}";
-min_learns = 200;
+min_learns = {self.min_learns};
 '''))
 
     # ------------------------------------------------------------------ lifecycle

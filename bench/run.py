@@ -63,6 +63,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(REPO))  # this tree's milterguard, not an installed one
 
 from support import SupportError, session_members, wait_until  # noqa: E402
 from support.milterguard_proc import MilterguardProcess, parse_verdicts  # noqa: E402
@@ -158,6 +159,15 @@ class System:
             return None
         return m.log_file
 
+    def aux_pids(self) -> list[int]:
+        """The filter's helpers: its nsd (c, f, g) and its Redis (f, g)."""
+        pids = []
+        for thing in (self.dns, self.redis):
+            proc = getattr(thing, "proc", None)
+            if proc is not None and proc.poll() is None:
+                pids += session_members(proc.pid) or [proc.pid]
+        return sorted(set(pids))
+
     def postfix_pids(self) -> list[int]:
         if self.postfix is None:
             return []
@@ -199,7 +209,7 @@ def milter_socket(workdir: Path, kind: str) -> str:
 def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rspamd_procs: int,
                  dns_domains: tuple[str, ...] = (), mg_sets: dict | None = None,
                  variant: dict | None = None, message: Path | None = None, sender: str = "",
-                 train: dict | None = None) -> System:
+                 train: dict | None = None, min_learns: int = 200) -> System:
     workdir = _open_dir(root / key)
     sink = SinkCounter(workdir / "sink").start()
     system = System(key, CONFIG_NAMES[key], workdir, sink)
@@ -212,7 +222,7 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
             _chmod_socket(system.socket)
         elif key in FULL:
             start_full(system, socket_kind, mg_workers=mg_workers, rspamd_procs=rspamd_procs,
-                       mg_sets=mg_sets, message=message, sender=sender, train=train)
+                       mg_sets=mg_sets, message=message, sender=sender, train=train, min_learns=min_learns)
         elif key in MILTERGUARD:
             system.socket = milter_socket(workdir, socket_kind)
             # DNS answered locally: an nsd authoritative for the sender's domain (no DMARC
@@ -252,7 +262,7 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
 
 
 def start_full(system: System, socket_kind: str, *, mg_workers: int, rspamd_procs: int, mg_sets: dict | None,
-               message: Path, sender: str, train: dict) -> None:
+               message: Path, sender: str, train: dict, min_learns: int) -> None:
     """f or g: nsd with the sender's records, a Redis, the filter learned from TRAIN, then started."""
     from support.redis import RedisServer
 
@@ -268,7 +278,7 @@ def start_full(system: System, socket_kind: str, *, mg_workers: int, rspamd_proc
                   "dns.nameservers": [system.dns.address], "redis.url": system.redis.url,
                   # The client is 127.0.0.1: judge it as a remote one (SPF, DMARC), as Rspamd's
                   # check_local does in g.
-                  "auth.skip_authenticated": "false", **(mg_sets or {})})
+                  "auth.skip_authenticated": "false", "bayes.min_learns": min_learns, **(mg_sets or {})})
         system.learning = full.learn_milterguard(system.milter, train)
         system.milter.start()
         _chmod_socket(system.socket)
@@ -277,7 +287,7 @@ def start_full(system: System, socket_kind: str, *, mg_workers: int, rspamd_proc
             raise SupportError("rspamd is not installed (apt-get install -y rspamd)")
         system.milter = RspamdInstance(workdir / "rspamd", milter_socket=system.socket, proxy_count=rspamd_procs,
                                        hs_cache=HS_CACHE, nameserver=system.dns.address,
-                                       bayes_redis=system.redis.address)
+                                       bayes_redis=system.redis.address, min_learns=min_learns)
         log(f"g: starting rspamd (log: {system.milter.log_file})")
         system.milter.start()
         system.learning = full.learn_rspamd(system.milter, system.redis.client(), train)
@@ -318,7 +328,7 @@ def own_cpu() -> float:
     t = os.times()
     total = t.user + t.system + t.children_user + t.children_system
     for system in LIVE:
-        total += group_cpu(system.postfix_pids()) + group_cpu(system.milter_pids())
+        total += group_cpu(system.postfix_pids()) + group_cpu(system.milter_pids()) + group_cpu(system.aux_pids())
         if system.sink.proc is not None:
             total += cpu_seconds(system.sink.proc.pid)
     return total
@@ -397,6 +407,8 @@ def send_round(system: System, message: Path, sender: str, *, messages: int, con
     cpu_before = sum(cpu_seconds(p) for p in pids_before)
     pf_before = system.postfix_pids()
     pf_cpu_before = group_cpu(pf_before)
+    aux_before = system.aux_pids()
+    aux_cpu_before = group_cpu(aux_before)
     own_before = own_cpu()
     sampler = MemSampler(system.milter_pids, interval=0.25, max_seconds=timeout + 30) \
         if sample_memory and system.milter is not None else None
@@ -413,6 +425,7 @@ def send_round(system: System, message: Path, sender: str, *, messages: int, con
     pf_after = system.postfix_pids()
     # Postfix children that exited were reaped by the master, whose cutime has them.
     pf_cpu_after = group_cpu(pf_after)
+    aux_cpu_after = group_cpu([p for p in aux_before if p in system.aux_pids()])
     if sampler:
         sampler.stop()
     pids_after = system.milter_pids()
@@ -436,6 +449,8 @@ def send_round(system: System, message: Path, sender: str, *, messages: int, con
         "cpu_busy_percent": round(100.0 * (busy1 - busy0) / max(1, total1 - total0), 1),
         "milter_cpu_ms_per_msg": round(1000.0 * (cpu_after - cpu_before) / messages, 3) if pids_before else None,
         "postfix_cpu_ms_per_msg": round(1000.0 * (pf_cpu_after - pf_cpu_before) / messages, 3),
+        # the filter's nsd and Redis (the Lua scripts of Bayes run there)
+        "aux_cpu_ms_per_msg": round(1000.0 * (aux_cpu_after - aux_cpu_before) / messages, 3) if aux_before else None,
         # CPU not charged to any process the benchmark started: kernel threads (I/O, softirq)
         # and other users of the machine (approximate: clock ticks),
         # in percent of one core over the round.
@@ -650,6 +665,8 @@ def summarise(rounds: list[dict], configs: list[str], concurrency: list[int]) ->
                    if r["config"] == key and r["concurrency"] == c and r.get("milter_cpu_ms_per_msg") is not None]
             busy = [r["cpu_busy_percent"] for r in rounds if r["config"] == key and r["concurrency"] == c]
             pf = [r["postfix_cpu_ms_per_msg"] for r in rounds if r["config"] == key and r["concurrency"] == c]
+            aux = [r["aux_cpu_ms_per_msg"] for r in rounds if r["config"] == key and r["concurrency"] == c
+                   and r.get("aux_cpu_ms_per_msg") is not None]
             own99 = [r["own_p99_ms"] for r in rounds if r["config"] == key and r["concurrency"] == c
                      and r.get("own_p99_ms") is not None]
             own50 = [r["own_p50_ms"] for r in rounds if r["config"] == key and r["concurrency"] == c
@@ -664,6 +681,7 @@ def summarise(rounds: list[dict], configs: list[str], concurrency: list[int]) ->
                 "milter_cpu_ms_per_msg": _r(statistics.median(cpu), 2) if cpu else None,
                 "cpu_busy_percent": _r(statistics.median(busy), 0) if busy else None,
                 "postfix_cpu_ms_per_msg": _r(statistics.median(pf), 2) if pf else None,
+                "aux_cpu_ms_per_msg": _r(statistics.median(aux), 2) if aux else None,
                 "unattributed_cpu_percent_max": max(unattr) if unattr else None,
                 "disturbed_rounds": sum(1 for f in unattr if f > DISTURBED),
                 "own_p50_ms": _r(statistics.median(own50), 2) if own50 else None,
@@ -722,12 +740,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {key}: {CONFIG_NAMES[key]} | {lat_s} | {own} | {rss} | {pss} | {procs} | {cpu} |")
     filters = [k for k in configs if k in s and k in FILTERS]
     if filters:
-        lines += ["", "| configuration | " + " | ".join(f"filter's own p50 / p99 (ms) at c={c}" for c in conc) + " |",
-                  "|---|" + "---|" * len(conc)]
+        lines += ["", "| configuration | " + " | ".join(f"filter's own p50 / p99 (ms) at c={c}" for c in conc)
+                  + " | its nsd + Redis CPU ms/msg (" + " / ".join(f"c={c}" for c in conc) + ") |",
+                  "|---|" + "---|" * (len(conc) + 1)]
         for key in filters:
             cells = [f"{s[key][str(c)]['own_p50_ms']:.1f} / {s[key][str(c)]['own_p99_ms']:.1f}"
                      if s[key][str(c)].get("own_p50_ms") is not None else "–" for c in conc]
-            lines.append(f"| {key}: {CONFIG_NAMES[key]} | " + " | ".join(cells) + " |")
+            aux = " / ".join(f"{s[key][str(c)]['aux_cpu_ms_per_msg']:.2f}"
+                             if s[key][str(c)].get("aux_cpu_ms_per_msg") is not None else "–" for c in conc)
+            lines.append(f"| {key}: {CONFIG_NAMES[key]} | " + " | ".join(cells) + f" | {aux} |")
     learned = result.get("learning", {})
     if learned:
         lines += ["", "| full configuration | learned spam / ham | Redis RSS after the run (MiB) |", "|---|---|---|"]
@@ -809,6 +830,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--e-workers", type=int, help="configuration e: this many workers")
     ap.add_argument("--mg-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra milterguard --set for c (repeatable), e.g. dns.enabled=false")
+    ap.add_argument("--train-limit", type=int, default=0,
+                    help="full configuration: learn only the first N spam and N ham of the train split (default all)")
+    ap.add_argument("--min-learns", type=int, default=200,
+                    help="full configuration: learned messages of each class before Bayes answers, both filters "
+                         "(default 200, the default of both)")
     ap.add_argument("--rspamd-procs", type=int, default=2, help="Rspamd proxy (self_scan) processes (default 2)")
     ap.add_argument("--profile", type=int, help="seconds of py-spy on milterguard's workers at c=8 (default 20; quick 0)")
     ap.add_argument("--profile-config", choices=("c", "e", "f"),
@@ -884,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
                      "configs": args.configs, "latency_messages": args.latency_messages,
                      "milterguard_workers": args.workers, "rspamd_proxy_processes": args.rspamd_procs,
                      "quick": args.quick, "postfix_main_cf": POSTFIX_BENCH_CF,
+                     "train_limit": args.train_limit, "min_learns": args.min_learns,
                      "milterguard_sets": {"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
                                           **mg_sets},
                      "variant_e": variant},
@@ -903,14 +930,16 @@ def main(argv: list[str] | None = None) -> int:
         result["settings"]["socket"] = kind
 
         # 2. Start every configuration.
-        train = full.train_files(exclude=args.message) if any(k in FULL for k in args.configs) else {}
+        train = full.train_files(exclude=args.message, limit=args.train_limit) \
+            if any(k in FULL for k in args.configs) else {}
         for key in args.configs:
             try:
                 log(f"{key}: starting {CONFIG_NAMES[key]}")
                 systems[key] = start_system(key, root, kind, mg_workers=args.workers,
                                             rspamd_procs=args.rspamd_procs,
                                             dns_domains=(sender.rpartition("@")[2],), mg_sets=mg_sets,
-                                            variant=variant, message=message, sender=sender, train=train)
+                                            variant=variant, message=message, sender=sender, train=train,
+                                            min_learns=args.min_learns)
                 if systems[key].learning:
                     result.setdefault("learning", {})[key] = systems[key].learning
             except Exception as e:  # noqa: BLE001 - report and go on with the others
@@ -996,6 +1025,14 @@ def main(argv: list[str] | None = None) -> int:
             prof_txt = out_path.with_suffix(".profile.txt")
             prof_txt.write_text(_profile_text(prof))
             log(f"profile written to {prof_txt}")
+
+        # 7b. milterguard's own time per check in the full configuration.
+        if "f" in systems and time.monotonic() < stop_after:
+            log("f: time per check, milterguard scan --json of the message 40 times")
+            timings = full.check_timings(systems["f"].milter, systems["f"].message, sender, RCPT)
+            result["check_timings"] = {"f": timings}
+            log(f"f: scan median {timings.get('elapsed_median_ms')} ms; top checks "
+                + ", ".join(f"{r['check']} {r['median_ms']}" for r in timings.get("checks", [])[:6]))
 
         # 8. Final checks: errors in the milters' logs; the full configurations still did the work
         #    and talked to nothing beyond loopback; their Redis's memory.
