@@ -18,6 +18,13 @@ a lookup a module still makes fails at once instead of waiting for a
 timeout.  Modules that need Redis (bayes, neural, ratelimit, greylist,
 reputation, history, replies, url_redirector, mx_check) stay off because no
 Redis server is configured.
+
+With *nameserver* and *bayes_redis* (the full configuration of
+bench/full.py) the resolver is that nsd, the spf, dkim, dmarc and arc
+modules are on (and check the loopback client), the Bayes classifier
+keeps its tokens in that Redis (given to the classifier alone), and a
+controller worker on a loopback port takes ``rspamc learn_spam`` and
+``learn_ham``.
 """
 
 from __future__ import annotations
