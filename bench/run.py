@@ -12,7 +12,9 @@ real ~4 KB spam from the shared corpus, one message per connection:
   a  Postfix alone (no milter)
   b  the no-op pymilter milter (tests/support/noop_milter.py)
   c  milterguard serve, default rules and workers, actions.mode=tag-only,
-     DNS answered by a local nsd authoritative for the sender's domain
+     DNS answered by a local nsd authoritative for the sender's domain (the
+     client is 127.0.0.1, for which auth.skip_authenticated skips SPF and
+     DMARC, and the message is unsigned: c asks its nsd next to nothing)
   d  Rspamd 3.4 (Debian), proxy worker in milter mode, self_scan, offline
   e  (only when asked for) milterguard as c with --e-set / --e-workers on top,
      to compare a change with c in the same interleaved rounds
@@ -226,8 +228,8 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
         elif key in MILTERGUARD:
             system.socket = milter_socket(workdir, socket_kind)
             # DNS answered locally: an nsd authoritative for the sender's domain (no DMARC
-            # or SPF record there, so answers are NXDOMAIN, cached for their negative TTL);
-            # nothing is asked beyond loopback.
+            # or SPF record there; and from the loopback client SPF and DMARC are not asked,
+            # see the full configuration f); nothing is asked beyond loopback.
             from support.dns import NsdServer, Zone
 
             zones = [Zone(d.rstrip(".") + ".") for d in dict.fromkeys(dns_domains)] or [Zone("bench.invalid.")]
