@@ -113,6 +113,8 @@ def train_files(exclude: Path | None = None, limit: int = 0) -> dict[str, list[s
     for label, subdirs in (("spam", LEARN_SPAM), ("ham", LEARN_HAM)):
         paths = sorted(p for sub in subdirs for p in (root / sub).glob("*.eml") if p.resolve() != skip)
         out[label] = select([str(p) for p in paths], "train")[:limit or None]
+        if not out[label]:
+            raise RuntimeError(f"no {label} to learn under {root} (set MILTERGUARD_CORPUS)")
     return out
 
 

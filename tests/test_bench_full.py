@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from support import corpus_dir
 from support.dns import nsd_available
 from support.postfix import postfix_available
 from support.redis import redis_available
@@ -26,6 +27,7 @@ import full  # noqa: E402
 
 SPAM = 12
 HAM = 12
+MESSAGE = "spamassassin/spam/00009.027bf6e0b0c4ab34db3ce0ea4bf2edab.eml"  # the benchmark's default
 
 
 def _skip_reason() -> str | None:
@@ -39,10 +41,14 @@ def test_full_configuration_runs_every_check(tmp_path):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
+    message = corpus_dir() / MESSAGE
+    if not message.exists():
+        pytest.skip(f"no corpus at {corpus_dir()} (set MILTERGUARD_CORPUS)")
     out = tmp_path / "result.json"
     cmd = [sys.executable, str(BENCH / "run.py"), "--configs", "f", "--rounds", "1", "--messages", "12",
            "--concurrency", "4", "--latency-messages", "4", "--profile", "0", "--socket", "unix",
-           "--train-limit", str(SPAM), "--min-learns", "5", "--max-minutes", "3", "--out", str(out)]
+           "--train-limit", str(SPAM), "--min-learns", "5", "--max-minutes", "3", "--message", str(message),
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
