@@ -18,6 +18,13 @@ a lookup a module still makes fails at once instead of waiting for a
 timeout.  Modules that need Redis (bayes, neural, ratelimit, greylist,
 reputation, history, replies, url_redirector, mx_check) stay off because no
 Redis server is configured.
+
+With *nameserver* and *bayes_redis* (the full configuration of
+bench/full.py) the resolver is that nsd, the spf, dkim, dmarc and arc
+modules are on (and check the loopback client), the Bayes classifier
+keeps its tokens in that Redis (given to the classifier alone), and a
+controller worker on a loopback port takes ``rspamc learn_spam`` and
+``learn_ham``.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ NETWORK_MODULES = (
     "p0f",
 )
 
+# Switched back on in the full configuration (bench/full.py), resolving through nsd.
+AUTH_MODULES = ("spf", "dkim", "dmarc", "arc")
+
 # Rspamd's log line per scanned message (Debian's log_format starts with "id: <").
 TASK_LINE = re.compile(r"rspamd_task_write_log|\(default: [TF] \(")
 
@@ -83,13 +93,21 @@ class RspamdInstance:
 
     def __init__(self, workdir: Path | str, *, milter_socket: str, proxy_count: int = 2,
                  normal_count: int = 1, hs_cache: Path | str | None = None,
-                 user: str = "_rspamd") -> None:
+                 user: str = "_rspamd", nameserver: str | None = None, bayes_redis: str | None = None,
+                 min_learns: int = 200) -> None:
         self.workdir = Path(workdir).resolve()
         self.milter_socket = milter_socket
         self.proxy_count = proxy_count
         self.normal_count = normal_count
         self.hs_cache = Path(hs_cache) if hs_cache else self.workdir / "db"
         self.user = user
+        # The full configuration (bench/full.py): DNS answered by NAMESERVER (``HOST:PORT``,
+        # an nsd on loopback) with the spf, dkim, dmarc and arc modules on, and Bayes in the
+        # Redis at BAYES_REDIS (``HOST:PORT``), learned through a controller on a loopback port.
+        self.nameserver = nameserver
+        self.bayes_redis = bayes_redis
+        self.min_learns = min_learns
+        self.controller_port = 0
         self.log_file = self.workdir / "log" / "rspamd.log"
         self.stdout_file = self.workdir / "rspamd.out"
         self.conf_file = self.workdir / "rspamd.conf"
@@ -128,6 +146,7 @@ class RspamdInstance:
                 os.chmod(parent, (st.st_mode & 0o7777) | 0o011)
         self.normal_port = free_port()
         self.dead_dns_port = free_port()  # nothing listens here: lookups fail at once
+        nameserver = self.nameserver or f"{LOOPBACK}:{self.dead_dns_port}"
         local = self.workdir / "local.d"
         override = self.workdir / "override.d"
         (self.conf_file).write_text(_conf('''
@@ -138,7 +157,7 @@ class RspamdInstance:
         (local / "options.inc").write_text(_conf(f'''
 hs_cache_dir = "{self.hs_cache}/";
 dns {{
-  nameserver = ["{LOOPBACK}:{self.dead_dns_port}"];
+  nameserver = ["{nameserver}"];
   timeout = 0.5s;
   retransmits = 1;
 }}
@@ -152,9 +171,18 @@ level = "info";
 bind_socket = "{LOOPBACK}:{self.normal_port}";
 count = {self.normal_count};
 '''))
-        (override / "worker-controller.inc").write_text(_conf(f'''
+        self.controller_port = free_port()
+        if self.bayes_redis:
+            # rspamc learn_spam/learn_ham come through here; no password from loopback.
+            (override / "worker-controller.inc").write_text(_conf(f'''
+bind_socket = "{LOOPBACK}:{self.controller_port}";
+count = 1;
+secure_ip = "{LOOPBACK}";
+'''))
+        else:
+            (override / "worker-controller.inc").write_text(_conf(f'''
 enabled = false;
-bind_socket = "{LOOPBACK}:{free_port()}";
+bind_socket = "{LOOPBACK}:{self.controller_port}";
 count = 0;
 '''))
         (override / "worker-proxy.inc").write_text(_conf(f'''
@@ -190,8 +218,28 @@ helo_enabled = false;
 hostname_enabled = false;
 from_enabled = false;
 '''))
+        full_on = AUTH_MODULES if self.nameserver else ()
         for module in NETWORK_MODULES:
-            (local / f"{module}.conf").write_text(_conf("enabled = false;"))
+            if module not in full_on:
+                (local / f"{module}.conf").write_text(_conf("enabled = false;"))
+        for module in full_on:
+            if module in ("spf", "dkim", "dmarc"):
+                # The benchmark's client is 127.0.0.1, which these modules skip by default;
+                # milterguard checks it, so Rspamd must too.
+                (local / f"{module}.conf").write_text(_conf("check_local = true;\ncheck_authed = true;"))
+        if self.nameserver:
+            # A client on loopback is "local", for which Rspamd would try to DKIM-sign (and
+            # look for a key file) as for outgoing mail; an inbound filter does not sign.
+            (local / "dkim_signing.conf").write_text(_conf("enabled = false;"))
+        if self.bayes_redis:
+            # Only the classifier gets Redis (no global redis section), so that the other
+            # modules that would use it (history, ratelimit, reputation, neural, greylist,
+            # replies, ...) stay off as before.
+            (local / "classifier-bayes.conf").write_text(_conf(f'''
+backend = "redis";
+servers = "{self.bayes_redis}";
+min_learns = {self.min_learns};
+'''))
 
     # ------------------------------------------------------------------ lifecycle
     def argv(self) -> list[str]:

@@ -12,17 +12,28 @@ real ~4 KB spam from the shared corpus, one message per connection:
   a  Postfix alone (no milter)
   b  the no-op pymilter milter (tests/support/noop_milter.py)
   c  milterguard serve, default rules and workers, actions.mode=tag-only,
-     DNS answered by a local nsd authoritative for the sender's domain
+     DNS answered by a local nsd authoritative for the sender's domain (the
+     client is 127.0.0.1, for which auth.skip_authenticated skips SPF and
+     DMARC, and the message is unsigned: c asks its nsd next to nothing)
   d  Rspamd 3.4 (Debian), proxy worker in milter mode, self_scan, offline
   e  (only when asked for) milterguard as c with --e-set / --e-workers on top,
      to compare a change with c in the same interleaved rounds
+  f  milterguard in the full configuration (bench/full.py): as c, plus Bayes,
+     the classifier and the fuzzy hashes in a local Redis learned from the
+     corpus's train split, and SPF, DKIM, DMARC and ARC records in its nsd for
+     a signed and ARC-sealed copy of the message
+  g  Rspamd in the same full configuration: its spf, dkim, dmarc and arc
+     modules on and resolving through its own such nsd, Bayes in its own
+     Redis, learned from the same messages with rspamc
 
-Rounds are interleaved (for each round, for each concurrency: a b c d) so
+``--configs`` takes letters or the groups ``today`` (c,d) and ``full`` (f,g).
+
+Rounds are interleaved (for each round, for each concurrency: a b c d f g) so
 that drift hits all alike.  A round runs from the moment smtp-source is
 started to the moment the sink counted the last message.  See
 docs/performance.md for the method and the results.  Needs root (Postfix),
-postfix (smtp-source, smtp-sink), pymilter, and for d ``apt-get install
-rspamd``; the profile needs ``pip install py-spy``.
+postfix (smtp-source, smtp-sink), pymilter, and for d and g ``apt-get install
+rspamd``, for f and g nsd and redis-server; the profile needs ``pip install py-spy``.
 
 This is not part of the test suite.  Every load loop is bounded in count
 and in time; everything listens on 127.0.0.1 only.
@@ -54,6 +65,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(REPO))  # this tree's milterguard, not an installed one
 
 from support import SupportError, session_members, wait_until  # noqa: E402
 from support.milterguard_proc import MilterguardProcess, parse_verdicts  # noqa: E402
@@ -64,20 +76,27 @@ from loadgen import SMTP_SINK, SMTP_SOURCE, SinkCounter, latency_probe, run_smtp
 from procmem import CLK_TCK, MemSampler, cpu_seconds, sample  # noqa: E402
 import pyspy  # noqa: E402
 from rspamd import RSPAMD, RspamdInstance  # noqa: E402
+import full  # noqa: E402
 
 CORPUS = Path(os.environ.get("MILTERGUARD_CORPUS", "/work/shared/corpus"))
 DEFAULT_MESSAGE = CORPUS / "spamassassin/spam/00009.027bf6e0b0c4ab34db3ce0ea4bf2edab.eml"
 RCPT = "user@example.net"
 HS_CACHE = Path("/var/tmp/milterguard-bench/rspamd-hs")
 
-MILTERGUARD = ("c", "e")  # e: milterguard with --e-set/--e-workers, to compare a change in one run
+MILTERGUARD = ("c", "e", "f")  # e: milterguard with --e-set/--e-workers, to compare a change in one run
+RSPAMD_KEYS = ("d", "g")
+FILTERS = MILTERGUARD + RSPAMD_KEYS
+FULL = ("f", "g")  # the full configuration (bench/full.py)
 CONFIG_NAMES = {
     "a": "Postfix alone",
     "b": "no-op pymilter",
     "c": "milterguard",
     "e": "milterguard, variant",
     "d": "Rspamd 3.4",
+    "f": "milterguard, full",
+    "g": "Rspamd 3.4, full",
 }
+CONFIG_GROUPS = {"today": ("c", "d"), "full": FULL}
 
 # Postfix settings for a load test (on top of tests/support/postfix.py's).
 POSTFIX_BENCH_CF = {
@@ -115,7 +134,10 @@ class System:
     sink: SinkCounter
     postfix: PostfixInstance | None = None
     milter: object | None = None  # NoopMilterProcess | MilterguardProcess | RspamdInstance
-    dns: object | None = None  # the local nsd milterguard asks (c)
+    dns: object | None = None  # the local nsd milterguard asks (c, f) or Rspamd asks (g)
+    redis: object | None = None  # the Redis of Bayes (f, g)
+    message: Path | None = None  # what this configuration is sent, when not the common message (f, g)
+    learning: dict = field(default_factory=dict)
     socket: str | None = None
     error: str | None = None
     failures: int = 0
@@ -139,6 +161,15 @@ class System:
             return None
         return m.log_file
 
+    def aux_pids(self) -> list[int]:
+        """The filter's helpers: its nsd (c, f, g) and its Redis (f, g)."""
+        pids = []
+        for thing in (self.dns, self.redis):
+            proc = getattr(thing, "proc", None)
+            if proc is not None and proc.poll() is None:
+                pids += session_members(proc.pid) or [proc.pid]
+        return sorted(set(pids))
+
     def postfix_pids(self) -> list[int]:
         if self.postfix is None:
             return []
@@ -147,7 +178,7 @@ class System:
     def stop(self) -> None:
         if self in LIVE:
             LIVE.remove(self)
-        for thing in (self.postfix, self.milter, self.sink, self.dns):
+        for thing in (self.postfix, self.milter, self.sink, self.dns, self.redis):
             if thing is None:
                 continue
             try:
@@ -179,7 +210,8 @@ def milter_socket(workdir: Path, kind: str) -> str:
 
 def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rspamd_procs: int,
                  dns_domains: tuple[str, ...] = (), mg_sets: dict | None = None,
-                 variant: dict | None = None) -> System:
+                 variant: dict | None = None, message: Path | None = None, sender: str = "",
+                 train: dict | None = None, min_learns: int = 200) -> System:
     workdir = _open_dir(root / key)
     sink = SinkCounter(workdir / "sink").start()
     system = System(key, CONFIG_NAMES[key], workdir, sink)
@@ -190,11 +222,14 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
             system.milter = NoopMilterProcess(workdir / "noop", socket=system.socket, verbose=False)
             system.milter.start()
             _chmod_socket(system.socket)
+        elif key in FULL:
+            start_full(system, socket_kind, mg_workers=mg_workers, rspamd_procs=rspamd_procs,
+                       mg_sets=mg_sets, message=message, sender=sender, train=train, min_learns=min_learns)
         elif key in MILTERGUARD:
             system.socket = milter_socket(workdir, socket_kind)
             # DNS answered locally: an nsd authoritative for the sender's domain (no DMARC
-            # or SPF record there, so answers are NXDOMAIN, cached for their negative TTL);
-            # nothing is asked beyond loopback.
+            # or SPF record there; and from the loopback client SPF and DMARC are not asked,
+            # see the full configuration f); nothing is asked beyond loopback.
             from support.dns import NsdServer, Zone
 
             zones = [Zone(d.rstrip(".") + ".") for d in dict.fromkeys(dns_domains)] or [Zone("bench.invalid.")]
@@ -228,6 +263,49 @@ def start_system(key: str, root: Path, socket_kind: str, *, mg_workers: int, rsp
     return system
 
 
+def start_full(system: System, socket_kind: str, *, mg_workers: int, rspamd_procs: int, mg_sets: dict | None,
+               message: Path, sender: str, train: dict, min_learns: int) -> None:
+    """f or g: nsd with the sender's records, a Redis, the filter learned from TRAIN, then started."""
+    from support.redis import RedisServer
+
+    workdir = system.workdir
+    system.message = workdir / "signed.eml"
+    system.dns = full.start_auth_dns(workdir / "nsd", message, sender, system.message)
+    system.redis = RedisServer.start(_open_dir(workdir / "redis"))
+    system.socket = milter_socket(workdir, socket_kind)
+    if system.key == "f":
+        system.milter = MilterguardProcess(
+            workdir / "mg", socket=system.socket, workers=mg_workers,
+            sets={"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
+                  "dns.nameservers": [system.dns.address], "redis.url": system.redis.url,
+                  # The client is 127.0.0.1: judge it as a remote one (SPF, DMARC), as Rspamd's
+                  # check_local does in g.
+                  "auth.skip_authenticated": "false", "bayes.min_learns": min_learns, **(mg_sets or {})})
+        system.learning = full.learn_milterguard(system.milter, train)
+        system.milter.start()
+        _chmod_socket(system.socket)
+    else:
+        if not os.path.exists(RSPAMD):
+            raise SupportError("rspamd is not installed (apt-get install -y rspamd)")
+        system.milter = RspamdInstance(workdir / "rspamd", milter_socket=system.socket, proxy_count=rspamd_procs,
+                                       hs_cache=HS_CACHE, nameserver=system.dns.address,
+                                       bayes_redis=system.redis.address, min_learns=min_learns)
+        log(f"g: starting rspamd (log: {system.milter.log_file})")
+        system.milter.start()
+        system.learning = full.learn_rspamd(system.milter, system.redis.client(), train)
+
+
+def last_symbols(system: System) -> list[str]:
+    """The symbols of the last message the filter of *system* logged."""
+    text = system.milter.log_text() if isinstance(system.milter, RspamdInstance) else \
+        system.milter_log().read_text(errors="replace")
+    if system.key in RSPAMD_KEYS:
+        scans = full.rspamd_symbols(text)
+        return scans[-1] if scans else []
+    verdicts = parse_verdicts(text)
+    return verdicts[-1].symbols if verdicts else []
+
+
 # ---------------------------------------------------------------------------
 # measurements
 # ---------------------------------------------------------------------------
@@ -252,7 +330,7 @@ def own_cpu() -> float:
     t = os.times()
     total = t.user + t.system + t.children_user + t.children_system
     for system in LIVE:
-        total += group_cpu(system.postfix_pids()) + group_cpu(system.milter_pids())
+        total += group_cpu(system.postfix_pids()) + group_cpu(system.milter_pids()) + group_cpu(system.aux_pids())
         if system.sink.proc is not None:
             total += cpu_seconds(system.sink.proc.pid)
     return total
@@ -275,7 +353,7 @@ def scanned_count(system: System) -> int | None:
     """How many messages the milter says it scanned (None: no such log)."""
     if system.key in MILTERGUARD:
         return count_in_file(system.milter_log(), b" verdict {")[0]
-    if system.key == "d":
+    if system.key in RSPAMD_KEYS:
         return system.milter.task_count()
     return None
 
@@ -288,7 +366,7 @@ def own_times(system: System, offset: int) -> list[float]:
     each task line (the scan of the whole message).
     """
     path = system.milter_log()
-    if path is None or system.key not in ("c", "d", "e"):
+    if path is None or system.key not in FILTERS:
         return []
     try:
         with open(path, "rb") as fh:
@@ -331,13 +409,16 @@ def send_round(system: System, message: Path, sender: str, *, messages: int, con
     cpu_before = sum(cpu_seconds(p) for p in pids_before)
     pf_before = system.postfix_pids()
     pf_cpu_before = group_cpu(pf_before)
+    aux_before = system.aux_pids()
+    aux_cpu_before = group_cpu(aux_before)
     own_before = own_cpu()
     sampler = MemSampler(system.milter_pids, interval=0.25, max_seconds=timeout + 30) \
         if sample_memory and system.milter is not None else None
     if sampler:
         sampler.start()
     busy0, total0 = cpu_times()
-    src = run_smtp_source(system.postfix.smtpd_port, message, messages=messages, sessions=concurrency,
+    src = run_smtp_source(system.postfix.smtpd_port, system.message or message, messages=messages,
+                          sessions=concurrency,
                           sender=sender, rcpt=RCPT, timeout=timeout)
     remaining = max(1.0, timeout - (src.finished - src.started))
     reached, counter, last = system.sink.wait_for(base + messages, remaining)
@@ -346,6 +427,7 @@ def send_round(system: System, message: Path, sender: str, *, messages: int, con
     pf_after = system.postfix_pids()
     # Postfix children that exited were reaped by the master, whose cutime has them.
     pf_cpu_after = group_cpu(pf_after)
+    aux_cpu_after = group_cpu([p for p in aux_before if p in system.aux_pids()])
     if sampler:
         sampler.stop()
     pids_after = system.milter_pids()
@@ -369,6 +451,8 @@ def send_round(system: System, message: Path, sender: str, *, messages: int, con
         "cpu_busy_percent": round(100.0 * (busy1 - busy0) / max(1, total1 - total0), 1),
         "milter_cpu_ms_per_msg": round(1000.0 * (cpu_after - cpu_before) / messages, 3) if pids_before else None,
         "postfix_cpu_ms_per_msg": round(1000.0 * (pf_cpu_after - pf_cpu_before) / messages, 3),
+        # the filter's nsd and Redis (the Lua scripts of Bayes run there)
+        "aux_cpu_ms_per_msg": round(1000.0 * (aux_cpu_after - aux_cpu_before) / messages, 3) if aux_before else None,
         # CPU not charged to any process the benchmark started: kernel threads (I/O, softirq)
         # and other users of the machine (approximate: clock ticks),
         # in percent of one core over the round.
@@ -407,6 +491,8 @@ def latency_phase(system: System, data: bytes, sender: str, count: int) -> dict:
     wait_queue_empty(system)
     log_path = system.milter_log()
     offset = log_path.stat().st_size if log_path and log_path.exists() else 0
+    if system.message is not None:
+        data = system.message.read_bytes().replace(b"\n", b"\r\n")
     res = latency_probe(system.postfix, data, count=count, sender=sender, rcpt=RCPT,
                         deadline_s=max(30.0, count * 0.5))
     t = res.times_ms
@@ -417,7 +503,7 @@ def latency_phase(system: System, data: bytes, sender: str, count: int) -> dict:
         "mean_ms": _r(statistics.fmean(t) if t else None),
     }
     own: list[float] = []
-    if system.key in ("c", "d", "e"):
+    if system.key in FILTERS:
         time.sleep(0.3)  # the verdict is logged right after the reply
         own = own_times(system, offset)
         out["own_source"] = ("milterguard verdict elapsed_ms (MAIL FROM to end of message)" if system.key in MILTERGUARD
@@ -448,7 +534,8 @@ def profile_phase(system: System, message: Path, sender: str, seconds: int, rate
     result: dict = {}
 
     def load() -> None:
-        result["source"] = run_smtp_source(system.postfix.smtpd_port, message, messages=count, sessions=8,
+        result["source"] = run_smtp_source(system.postfix.smtpd_port, system.message or message, messages=count,
+                                           sessions=8,
                                            sender=sender, rcpt=RCPT, timeout=seconds * 4 + 60)
 
     t = threading.Thread(target=load, name="profile-load", daemon=True)
@@ -580,6 +667,8 @@ def summarise(rounds: list[dict], configs: list[str], concurrency: list[int]) ->
                    if r["config"] == key and r["concurrency"] == c and r.get("milter_cpu_ms_per_msg") is not None]
             busy = [r["cpu_busy_percent"] for r in rounds if r["config"] == key and r["concurrency"] == c]
             pf = [r["postfix_cpu_ms_per_msg"] for r in rounds if r["config"] == key and r["concurrency"] == c]
+            aux = [r["aux_cpu_ms_per_msg"] for r in rounds if r["config"] == key and r["concurrency"] == c
+                   and r.get("aux_cpu_ms_per_msg") is not None]
             own99 = [r["own_p99_ms"] for r in rounds if r["config"] == key and r["concurrency"] == c
                      and r.get("own_p99_ms") is not None]
             own50 = [r["own_p50_ms"] for r in rounds if r["config"] == key and r["concurrency"] == c
@@ -594,6 +683,7 @@ def summarise(rounds: list[dict], configs: list[str], concurrency: list[int]) ->
                 "milter_cpu_ms_per_msg": _r(statistics.median(cpu), 2) if cpu else None,
                 "cpu_busy_percent": _r(statistics.median(busy), 0) if busy else None,
                 "postfix_cpu_ms_per_msg": _r(statistics.median(pf), 2) if pf else None,
+                "aux_cpu_ms_per_msg": _r(statistics.median(aux), 2) if aux else None,
                 "unattributed_cpu_percent_max": max(unattr) if unattr else None,
                 "disturbed_rounds": sum(1 for f in unattr if f > DISTURBED),
                 "own_p50_ms": _r(statistics.median(own50), 2) if own50 else None,
@@ -650,6 +740,25 @@ def markdown(result: dict) -> str:
             f"{s[key][str(c)]['milter_cpu_ms_per_msg']:.2f}" if s[key][str(c)]["milter_cpu_ms_per_msg"] is not None
             else "–" for c in conc)
         lines.append(f"| {key}: {CONFIG_NAMES[key]} | {lat_s} | {own} | {rss} | {pss} | {procs} | {cpu} |")
+    filters = [k for k in configs if k in s and k in FILTERS]
+    if filters:
+        lines += ["", "| configuration | " + " | ".join(f"filter's own p50 / p99 (ms) at c={c}" for c in conc)
+                  + " | its nsd + Redis CPU ms/msg (" + " / ".join(f"c={c}" for c in conc) + ") |",
+                  "|---|" + "---|" * (len(conc) + 1)]
+        for key in filters:
+            cells = [f"{s[key][str(c)]['own_p50_ms']:.1f} / {s[key][str(c)]['own_p99_ms']:.1f}"
+                     if s[key][str(c)].get("own_p50_ms") is not None else "–" for c in conc]
+            aux = " / ".join(f"{s[key][str(c)]['aux_cpu_ms_per_msg']:.2f}"
+                             if s[key][str(c)].get("aux_cpu_ms_per_msg") is not None else "–" for c in conc)
+            lines.append(f"| {key}: {CONFIG_NAMES[key]} | " + " | ".join(cells) + f" | {aux} |")
+    learned = result.get("learning", {})
+    if learned:
+        lines += ["", "| full configuration | learned spam / ham | Redis RSS after the run (MiB) |", "|---|---|---|"]
+        for key in (k for k in configs if k in learned):
+            facts = learned[key]
+            red = result.get("redis_memory", {}).get(key, {})
+            lines.append(f"| {key}: {CONFIG_NAMES[key]} | {facts.get('learned_spam')} / {facts.get('learned_ham')} "
+                         f"| {red.get('rss_mib', '–')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -711,7 +820,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 7; quick 3)")
     ap.add_argument("--messages", type=int, help="messages per round (default 1000; quick 200)")
     ap.add_argument("--concurrency", default="1,8,32", help="smtp-source sessions, comma separated")
-    ap.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d (and e)")
+    ap.add_argument("--configs", default="a,b,c,d,f,g",
+                    help="which of a,b,c,d,f,g (and e); 'today' is c,d and 'full' f,g")
     ap.add_argument("--latency-messages", type=int, help="messages one at a time per config (default 200; quick 50)")
     ap.add_argument("--socket", choices=("auto", "unix", "inet"), default="auto",
                     help="milter socket for b, c, d; auto measures both with the no-op milter first")
@@ -722,8 +832,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--e-workers", type=int, help="configuration e: this many workers")
     ap.add_argument("--mg-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra milterguard --set for c (repeatable), e.g. dns.enabled=false")
+    ap.add_argument("--train-limit", type=int, default=0,
+                    help="full configuration: learn only the first N spam and N ham of the train split (default all)")
+    ap.add_argument("--min-learns", type=int, default=200,
+                    help="full configuration: learned messages of each class before Bayes answers, both filters "
+                         "(default 200, the default of both)")
     ap.add_argument("--rspamd-procs", type=int, default=2, help="Rspamd proxy (self_scan) processes (default 2)")
     ap.add_argument("--profile", type=int, help="seconds of py-spy on milterguard's workers at c=8 (default 20; quick 0)")
+    ap.add_argument("--profile-config", choices=("c", "e", "f"),
+                    help="which milterguard to profile (default f when it runs, else c)")
     ap.add_argument("--message", type=Path, default=DEFAULT_MESSAGE, help="the message to send")
     ap.add_argument("--out", type=Path, help="JSON results (default bench/results/<date>.json)")
     ap.add_argument("--update-doc", action="store_true", help="rewrite the results block of docs/performance.md")
@@ -736,10 +853,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.latency_messages = args.latency_messages if args.latency_messages is not None else (50 if quick else 200)
     args.profile = args.profile if args.profile is not None else (0 if quick else 20)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    args.configs = [x.strip() for x in args.configs.split(",") if x.strip()]
+    args.configs = list(dict.fromkeys(k for x in args.configs.split(",") if x.strip()
+                                      for k in CONFIG_GROUPS.get(x.strip(), (x.strip(),))))
     bad = [c for c in args.configs if c not in CONFIG_NAMES]
     if bad:
-        ap.error(f"unknown configs {bad}; choose from a,b,c,d")
+        ap.error(f"unknown configs {bad}; choose from {','.join(CONFIG_NAMES)}, today, full")
     if not 1 <= args.messages <= 20000 or not 1 <= args.rounds <= 50:
         ap.error("--messages must be 1..20000 and --rounds 1..50")
     if any(not 1 <= c <= 128 for c in args.concurrency):
@@ -794,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
                      "configs": args.configs, "latency_messages": args.latency_messages,
                      "milterguard_workers": args.workers, "rspamd_proxy_processes": args.rspamd_procs,
                      "quick": args.quick, "postfix_main_cf": POSTFIX_BENCH_CF,
+                     "train_limit": args.train_limit, "min_learns": args.min_learns,
                      "milterguard_sets": {"actions.mode": "tag-only", "milter.unix_socket_mode": "0666",
                                           **mg_sets},
                      "variant_e": variant},
@@ -813,13 +932,18 @@ def main(argv: list[str] | None = None) -> int:
         result["settings"]["socket"] = kind
 
         # 2. Start every configuration.
+        train = full.train_files(exclude=args.message, limit=args.train_limit) \
+            if any(k in FULL for k in args.configs) else {}
         for key in args.configs:
             try:
                 log(f"{key}: starting {CONFIG_NAMES[key]}")
                 systems[key] = start_system(key, root, kind, mg_workers=args.workers,
                                             rspamd_procs=args.rspamd_procs,
                                             dns_domains=(sender.rpartition("@")[2],), mg_sets=mg_sets,
-                                            variant=variant)
+                                            variant=variant, message=message, sender=sender, train=train,
+                                            min_learns=args.min_learns)
+                if systems[key].learning:
+                    result.setdefault("learning", {})[key] = systems[key].learning
             except Exception as e:  # noqa: BLE001 - report and go on with the others
                 msg = f"{key} ({CONFIG_NAMES[key]}) did not start: {e}"
                 log(msg)
@@ -837,8 +961,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["problems"].append(msg)
                 system.stop()
                 del systems[key]
-            elif key in ("c", "d", "e") and rec.get("scanned") != 40:
+            elif key in FILTERS and rec.get("scanned") != 40:
                 result["problems"].append(f"{key}: warm-up: 40 delivered but {rec.get('scanned')} scans logged")
+            if key in FULL and key in systems:
+                check_full(system, result)
         result["memory_idle"] = {}
         for key, system in systems.items():
             if system.milter is not None:
@@ -891,18 +1017,34 @@ def main(argv: list[str] | None = None) -> int:
                     result["latency"][key] = latency_phase(systems[key], data, sender, args.latency_messages)
 
         # 7. Profile milterguard's workers under load.
-        if args.profile and "c" in systems and time.monotonic() < stop_after:
-            rate = result["summary"].get("c", {}).get("8", {}).get("median")
-            log(f"profile: py-spy on milterguard's workers for {args.profile}s at c=8")
-            prof = profile_phase(systems["c"], message, sender, args.profile, rate, root)
+        target = args.profile_config or ("f" if "f" in systems else "c")
+        if args.profile and target in systems and time.monotonic() < stop_after:
+            rate = result["summary"].get(target, {}).get("8", {}).get("median")
+            log(f"profile: py-spy on milterguard's workers ({target}) for {args.profile}s at c=8")
+            prof = profile_phase(systems[target], message, sender, args.profile, rate, root)
+            prof["config"] = target
             result["profile"] = prof
             prof_txt = out_path.with_suffix(".profile.txt")
             prof_txt.write_text(_profile_text(prof))
             log(f"profile written to {prof_txt}")
 
-        # 8. Final checks: errors in the milters' logs.
+        # 7b. milterguard's own time per check in the full configuration.
+        if "f" in systems and time.monotonic() < stop_after:
+            log("f: time per check, milterguard scan --json of the message 40 times")
+            timings = full.check_timings(systems["f"].milter, systems["f"].message, sender, RCPT)
+            result["check_timings"] = {"f": timings}
+            log(f"f: scan median {timings.get('elapsed_median_ms')} ms; top checks "
+                + ", ".join(f"{r['check']} {r['median_ms']}" for r in timings.get("checks", [])[:6]))
+
+        # 8. Final checks: errors in the milters' logs; the full configurations still did the work
+        #    and talked to nothing beyond loopback; their Redis's memory.
         for key, system in systems.items():
             result.setdefault("log_checks", {})[key] = _log_checks(system)
+            if key in FULL:
+                check_full(system, result)
+                s = sample([system.redis.proc.pid])
+                result.setdefault("redis_memory", {})[key] = {"rss_mib": _r(s.rss_kib / 1024, 1),
+                                                              "pss_mib": _r(s.pss_kib / 1024, 1)}
     except KeyboardInterrupt as e:
         result["problems"].append(f"interrupted {e}".strip())
     except Exception:  # noqa: BLE001 - still write what we have
@@ -933,6 +1075,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
     return 0 if not result["problems"] else 1
+
+
+def check_full(system: System, result: dict) -> None:
+    """The last scan of a full configuration shows SPF, DKIM, DMARC, ARC and Bayes at work;
+    none of its filter's sockets (nor its Redis's) leads beyond loopback."""
+    symbols = last_symbols(system)
+    missing = full.check_auth(symbols)
+    foreign = full.foreign_peers(system.milter_pids() + [system.redis.proc.pid])
+    checks = result.setdefault("full_checks", {}).setdefault(system.key, [])
+    checks.append({"symbols": symbols, "missing": missing, "foreign_sockets": foreign})
+    if missing:
+        result["problems"].append(f"{system.key}: the last scan lacks {missing} (symbols: {symbols})")
+    if foreign:
+        result["problems"].append(f"{system.key}: sockets beyond loopback: {foreign}")
 
 
 def _milter_tail(system: System, n: int = 15) -> str:
