@@ -13,9 +13,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 BACKOFF_START = 0.5
 BACKOFF_CAP = 4.0
+
+# Every Outage of this process, for the health report of the web console (stores/history.py).
+_WATCHED: "weakref.WeakSet[Outage]" = weakref.WeakSet()
+
+
+def watched() -> list["Outage"]:
+    """The dependencies this process watches, by name."""
+    return sorted(list(_WATCHED), key=lambda o: o.name)
 
 
 class Outage:
@@ -32,6 +41,7 @@ class Outage:
         self.failures = 0  # failed or skipped calls since it went away
         self._attempts = 0
         self._lock = threading.Lock()
+        _WATCHED.add(self)
 
     @property
     def down(self) -> bool:
