@@ -131,7 +131,7 @@ async def test_message(request: Request):
                                                 rcpts, upload.filename or "upload.eml")
     except CliError as exc:
         raise HTTPException(500, str(exc)) from None
-    return page(request, "test.html", user, result=text, verdict=verdict, name=upload.filename)
+    return page(request, "test.html", user, result=text, verdict=verdict, file=upload.filename)
 
 
 # ---------------------------------------------------------------- lists
