@@ -488,7 +488,7 @@ def _recorder(config):
     with _STORES_LOCK:
         found = _RECORDERS.get(key)
         if found is None:
-            found = _RECORDERS[key] = Recorder(config, node_name(config))
+            found = _RECORDERS[key] = Recorder(config, node_name(config), lambda: _quarantine(config).engine)
     return found
 
 

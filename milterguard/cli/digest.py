@@ -11,6 +11,7 @@ bypasses the filter.
 
 from __future__ import annotations
 
+import json
 import smtplib
 import time
 from email.message import EmailMessage
@@ -24,7 +25,7 @@ from milterguard.settings import node_name
 
 def pending(store, rcpt: str = "", since: float | None = None) -> dict[str, list[dict]]:
     """Per recipient (lower case): the held messages not released to them, newest first."""
-    from milterguard.stores.quarantine import messages, recipients
+    from milterguard.stores.quarantine import events, messages, recipients
 
     stmt = (select(recipients.c.address, messages.c.id, messages.c.received_at, messages.c.sender,
                    messages.c.from_header, messages.c.subject, messages.c.score)
@@ -35,9 +36,24 @@ def pending(store, rcpt: str = "", since: float | None = None) -> dict[str, list
         stmt = stmt.where(recipients.c.address_key == rcpt.lower())
     if since is not None:
         stmt = stmt.where(messages.c.received_at >= since)
+    # A recipient who deleted a message from their digest while others still wait for it
+    # dismissed it: it is not listed to them again.
+    dismissed = select(events.c.message_id, events.c.detail).where(events.c.kind == "dismiss")
     found: dict[str, list[dict]] = {}
-    for row in store._run(lambda conn: conn.execute(stmt).mappings().all()):
-        found.setdefault(row["address"].lower(), []).append(dict(row))
+
+    def work(conn):
+        gone = set()
+        for message_id, detail in conn.execute(dismissed):
+            try:
+                gone.add((message_id, json.loads(detail)["rcpt"].lower()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return gone, conn.execute(stmt).mappings().all()
+
+    gone, rows = store._run(work)
+    for row in rows:
+        if (row["id"], row["address"].lower()) not in gone:
+            found.setdefault(row["address"].lower(), []).append(dict(row))
     return found
 
 

@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, delete, func, insert, select)
 from sqlalchemy.engine import Engine
@@ -205,9 +205,9 @@ class History:
     # ------------------------------------------------------------ reading
 
     def search(self, text: str = "", action: str = "", symbol: str = "", limit: int = 50,
-               before_id: int | None = None) -> list[dict]:
+               before: float | None = None) -> list[dict]:
         """The newest rows matching: TEXT in sender, recipients, Subject, queue id or client;
-        ACTION; SYMBOL.  BEFORE_ID pages back."""
+        ACTION; SYMBOL.  BEFORE (the time of the last row of a page) pages back."""
         stmt = select(history.c.id, history.c.at, history.c.node, history.c.queue_id, history.c.client_ip,
                       history.c.client_name, history.c.sender, history.c.rcpts, history.c.subject,
                       history.c.score, history.c.action, history.c.symbols)
@@ -218,9 +218,9 @@ class History:
             stmt = stmt.where(history.c.action == action)
         if text:
             stmt = stmt.where(history.c.search.contains(text.lower(), autoescape=True))
-        if before_id is not None:
-            stmt = stmt.where(history.c.id < before_id)
         order = history_symbols.c.at if symbol else history.c.at
+        if before is not None:
+            stmt = stmt.where(order < before)
         stmt = stmt.order_by(order.desc(), history.c.id.desc()).limit(limit)
         return self._run(lambda conn: [_decoded(dict(r)) for r in conn.execute(stmt).mappings()])
 
@@ -302,8 +302,9 @@ class Recorder:
 
     Made after the fork (one per process); nothing here ever raises into the mail path."""
 
-    def __init__(self, config, node: str) -> None:
+    def __init__(self, config, node: str, engine: Callable[[], Engine] | None = None) -> None:
         self.config = config
+        self.engine = engine  # the process's engine of the quarantine's database, else one of its own
         self.node = node
         self.pid = os.getpid()
         self.queue: queue.Queue = queue.Queue(QUEUE_MAX)
@@ -338,7 +339,7 @@ class Recorder:
             return
         try:
             if self._store is None:
-                self._store = History.open(self.config)
+                self._store = History(self.engine()) if self.engine else History.open(self.config)
             self._store.add_many(rows)
             if status:
                 self._store.report_status(self.node, self.pid, health(), self.dropped)

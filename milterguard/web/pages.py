@@ -59,7 +59,7 @@ async def history_list(request: Request):
     user = need_user(request)
     params = request.query_params
     try:
-        before = int(params["before"]) if params.get("before") else None
+        before = float(params["before"]) if params.get("before") else None
         rows = _history(request).search(params.get("q", "").strip(), params.get("action", "").strip(),
                                         params.get("symbol", "").strip(), 50, before)
     except ValueError:
@@ -67,7 +67,7 @@ async def history_list(request: Request):
     except HistoryError as exc:
         raise HTTPException(503, f"the history: {exc}") from None
     return page(request, "history.html", user, rows=rows, params=params,
-                more=rows[-1]["id"] if len(rows) == 50 else None)
+                more=repr(rows[-1]["at"]) if len(rows) == 50 else None)
 
 
 async def history_one(request: Request):
