@@ -30,23 +30,31 @@ def a_row(at: float, action: str = "accept", symbols=("BAYES_HAM",), subject: st
 
 
 def exercise(history: History) -> None:
+    history.add_many([a_row(NOW - 8 * 86400, "accept", ("OLD",), queue_id="Q0")])
     history.add_many([a_row(NOW - 30, "reject", ("RBL_X", "SUBJ_SHOUTING"), subject="FINAL NOTICE", queue_id="Q1"),
                       a_row(NOW - 20, "accept", ("BAYES_HAM",), sender="bob@example.org", queue_id="Q2"),
-                      a_row(NOW - 10, "review", ("SUBJ_SHOUTING",), subject="Notes 100%_off", queue_id="Q3"),
-                      a_row(NOW - 8 * 86400, "accept", ("OLD",), queue_id="Q0")])
+                      a_row(NOW - 10, "review", ("SUBJ_SHOUTING",), subject="Notes 100%_off", queue_id="Q3")])
     assert [r["queue_id"] for r in history.search()] == ["Q3", "Q2", "Q1", "Q0"]
     assert [r["queue_id"] for r in history.search("final")] == ["Q1"]
     assert [r["queue_id"] for r in history.search("100%_")] == ["Q3"]  # LIKE's wildcards are plain text
     assert [r["queue_id"] for r in history.search("%")] == ["Q3"]
     assert [r["queue_id"] for r in history.search(symbol="subj_shouting")] == ["Q3", "Q1"]
+    assert [r["queue_id"] for r in history.search("notes", symbol="SUBJ_SHOUTING", action="review")] == ["Q3"]
+    assert history.search("notes", action="reject") == []
+    assert [r["queue_id"] for r in history.search(symbol="SUBJ_SHOUTING", action="reject")] == ["Q1"]
     assert [r["queue_id"] for r in history.search(action="accept", text="BOB@example.ORG")] == ["Q2"]
     first = history.search(limit=2)
-    assert [r["queue_id"] for r in history.search(before=first[-1]["at"], limit=2)] == ["Q1", "Q0"]
+    assert [r["queue_id"] for r in history.search(before=first[-1]["id"], limit=2)] == ["Q1", "Q0"]
     one = history.get(first[0]["id"])
     assert one["explain"] == "SYMBOLS ... total" and one["rcpts"] == RCPTS and one["symbols"][0]["name"] == "SUBJ_SHOUTING"
     series = history.action_series(NOW - 3600, BUCKET, NOW)
     assert {a: sum(v) for a, v in series["actions"].items()} == {"reject": 1, "accept": 1, "review": 1}
     assert len(series["starts"]) == len(series["actions"]["accept"]) == 13
+    day = history.action_series(NOW - 86400, 3600, NOW)  # read from the hourly counts
+    assert {a: sum(v) for a, v in day["actions"].items()} == {"reject": 1, "accept": 1, "review": 1}
+    assert day["actions"]["review"][-1] == 1 and len(day["starts"]) == 25
+    week = history.action_series(NOW - 9 * 86400, 6 * 3600, NOW)
+    assert sum(week["actions"]["accept"]) == 2
     assert history.count_since(NOW - 3600) == 3 and history.count_since(0) == 4
     assert history.top_symbols(NOW - 3600) == [("SUBJ_SHOUTING", 2), ("BAYES_HAM", 1), ("RBL_X", 1)]
     assert dict(history.top_symbols())["OLD"] == 1
@@ -59,7 +67,7 @@ def exercise(history: History) -> None:
     assert node["dependencies"] == [{"name": "clamd at 127.0.0.1:3310", "up": False, "since": NOW - 5}]
     assert history.expire(7, now=NOW) == 1
     assert [r["queue_id"] for r in history.search()] == ["Q3", "Q2", "Q1"]
-    assert "OLD" not in dict(history.top_symbols())
+    assert history.search("q0") == [] and "OLD" not in dict(history.top_symbols())
 
 
 def test_history_on_sqlite(tmp_path):

@@ -77,7 +77,18 @@ def log_in(browser, console, who) -> None:
     browser.get(console.url + "/login")
     browser.find_element(By.ID, "name").send_keys(who[0])
     browser.find_element(By.ID, "password").send_keys(who[1])
-    browser.find_element(By.ID, "login").click()
+    submit(browser, "login")
+
+
+def submit(browser, button: str) -> None:
+    """Click BUTTON and wait for the page it posts to (never the element of the page before)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = browser.find_element(By.TAG_NAME, "html")
+    browser.find_element(By.ID, button).click()
+    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(before))
 
 
 def http_session(console, who):
@@ -113,7 +124,7 @@ def test_admin_logs_in_sees_held_mail_and_releases_it(postfix, milterguard, sink
     assert browser.find_element(By.ID, "subject").text == "held for review"
     assert "CANARY_REVIEW" in browser.find_element(By.CSS_SELECTOR, "pre.explain").text
     screenshot(browser, "message", tmp_path)
-    browser.find_element(By.ID, "release").click()
+    submit(browser, "release")
     assert "released to bob@example.net, carol@example.org" in browser.find_element(By.ID, "notice").text
     got = sink.wait_for_message_id(msgid)
     assert sorted(got.rcpt_tos) == RCPTS and got.header("X-Milterguard-Released").startswith(f"by {ADMIN[0]} at")
@@ -244,7 +255,7 @@ def test_the_digest_link_releases_to_its_recipient(postfix, milterguard, sink, c
     browser.get(release)  # no account: the link alone, and a confirmation
     time.sleep(0.5)
     assert not any(m.message_id == msgid for m in sink.messages)  # opening the link releases nothing
-    browser.find_element(By.ID, "confirm").click()
+    submit(browser, "confirm")
     assert "released" in browser.find_element(By.ID, "said").text
     got = sink.wait_for_message_id(msgid)
     assert got.rcpt_tos == ["carol@example.org"]  # to that recipient only
@@ -288,7 +299,7 @@ def test_overview_history_symbols_test_and_lists(postfix, milterguard, cli, cons
     eml.write_bytes(message("MILTERGUARD-CANARY-REVIEW", subject="uploaded")[0])
     browser.get(console.url + "/test")
     browser.find_element(By.ID, "message").send_keys(str(eml))
-    browser.find_element(By.ID, "scan").click()
+    submit(browser, "scan")
     result = browser.find_element(By.ID, "result").text
     scan = subprocess.run([sys.executable, "-m", "milterguard", "scan", "--explain", str(eml),
                            *cli_argv(milterguard.etc_dir, sets)], capture_output=True, text=True, timeout=120)
@@ -299,7 +310,7 @@ def test_overview_history_symbols_test_and_lists(postfix, milterguard, cli, cons
     browser.get(console.url + "/lists")
     browser.find_element(By.ID, "entries").send_keys("192.0.2.7 spammer@example.net")
     browser.find_element(By.ID, "domain").send_keys("example.org")
-    browser.find_element(By.ID, "apply").click()
+    submit(browser, "apply")
     assert "added to the block list example.org" in browser.find_element(By.ID, "notice").text
     assert (tmp_path / "lists" / "example.org" / "block.map").read_text().split() == ["192.0.2.7",
                                                                                       "spammer@example.net"]

@@ -55,10 +55,20 @@ history = Table(
     Column("action", String(16), nullable=False, default=""),
     Column("symbols", Text, nullable=False, default="[]"),  # JSON: [{name, weight, options}]
     Column("explain", Text, nullable=False, default=""),
-    Column("search", Text, nullable=False, default=""),  # lower case: sender, recipients, Subject, queue id, client
 )
+# Rows are numbered as they are written, so the newest first is the id's order, read from
+# the primary key; an action or a symbol reads its own index in that order.
 Index("history_at", history.c.at)
-Index("history_action_at", history.c.action, history.c.at)
+Index("history_action_id", history.c.action, history.c.id)
+
+# What a text search reads, apart from the wide rows (explanations): a scan of this table
+# from the newest row stops at the first page of matches.
+history_text = Table(
+    "history_text", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # the row's id in history
+    Column("action", String(16), nullable=False),
+    Column("text", Text, nullable=False),  # lower case: sender, recipients, Subject, queue id, client
+)
 
 history_symbols = Table(
     "history_symbols", metadata,
@@ -66,12 +76,19 @@ history_symbols = Table(
     Column("symbol", String(128), nullable=False),
     Column("at", Float, nullable=False),
 )
-Index("history_symbols_symbol", history_symbols.c.symbol, history_symbols.c.at)
+Index("history_symbols_symbol", history_symbols.c.symbol, history_symbols.c.history_id)
 Index("history_symbols_id", history_symbols.c.history_id)
 
 action_counts = Table(
     "history_action_counts", metadata,
     Column("bucket", Integer, primary_key=True),  # at // BUCKET
+    Column("action", String(16), primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
+action_hours = Table(  # the same per hour: the day and the week read 24 or 168 rows an action
+    "history_action_hours", metadata,
+    Column("bucket", Integer, primary_key=True),  # at // 3600
     Column("action", String(16), primary_key=True),
     Column("count", Integer, nullable=False),
 )
@@ -94,7 +111,7 @@ node_status = Table(
 
 
 def _upgrade_to_1(conn) -> None:
-    for table in (history, history_symbols, action_counts, symbol_counts, node_status):
+    for table in (history, history_text, history_symbols, action_counts, action_hours, symbol_counts, node_status):
         table.create(conn, checkfirst=True)
     for index in (*history.indexes, *history_symbols.indexes):
         index.create(conn, checkfirst=True)
@@ -112,11 +129,14 @@ def row(*, at: float, node: str, queue_id: str, client_ip: str, client_name: str
         rcpts: Iterable[str], subject: str, score: float, action: str, symbols: list[dict], explain: str) -> dict:
     """One message's row, as the filter records it."""
     rcpts = list(rcpts)
-    search = " ".join((sender, *rcpts, subject, queue_id, client_ip, client_name)).lower()
     return {"at": at, "node": node, "queue_id": queue_id, "client_ip": client_ip, "client_name": client_name,
             "sender": sender, "rcpts": ",".join(rcpts), "subject": subject, "score": round(score, 3),
-            "action": action, "symbols": json.dumps(symbols, ensure_ascii=False), "explain": explain,
-            "search": search}
+            "action": action, "symbols": json.dumps(symbols, ensure_ascii=False), "explain": explain}
+
+
+def _text(r: dict) -> str:
+    return " ".join((r["sender"], r["rcpts"].replace(",", " "), r["subject"], r["queue_id"], r["client_ip"],
+                     r["client_name"])).lower()
 
 
 def _upsert(conn, table, keys: tuple[str, ...], counts: dict[tuple, int]) -> None:
@@ -159,22 +179,29 @@ class History:
         if not rows:
             return
         per_action: dict[tuple, int] = {}
+        per_hour: dict[tuple, int] = {}
         per_symbol: dict[tuple, int] = {}
         for r in rows:
             key = (int(r["at"] // BUCKET), r["action"])
             per_action[key] = per_action.get(key, 0) + 1
+            key = (int(r["at"] // 3600), r["action"])
+            per_hour[key] = per_hour.get(key, 0) + 1
             for name in {s["name"] for s in json.loads(r["symbols"])}:
                 key = (int(r["at"] // 3600), name)
                 per_symbol[key] = per_symbol.get(key, 0) + 1
 
         def work(conn) -> None:
-            for r in rows:
-                ident = conn.execute(insert(history).values(r)).inserted_primary_key[0]
-                names = sorted({s["name"] for s in json.loads(r["symbols"])})
-                if names:
-                    conn.execute(insert(history_symbols),
-                                 [{"history_id": ident, "symbol": name, "at": r["at"]} for name in names])
+            # One statement for the batch; the ids come back in the order of the rows.
+            ids = conn.execute(insert(history).returning(history.c.id, sort_by_parameter_order=True),
+                               rows).scalars().all()
+            conn.execute(insert(history_text), [{"id": ident, "action": r["action"], "text": _text(r)}
+                                                for ident, r in zip(ids, rows)])
+            marks = [{"history_id": ident, "symbol": name, "at": r["at"]} for ident, r in zip(ids, rows)
+                     for name in sorted({s["name"] for s in json.loads(r["symbols"])})]
+            if marks:
+                conn.execute(insert(history_symbols), marks)
             _upsert(conn, action_counts, ("bucket", "action"), per_action)
+            _upsert(conn, action_hours, ("bucket", "action"), per_hour)
             _upsert(conn, symbol_counts, ("hour", "symbol"), per_symbol)
 
         self._run(work)
@@ -193,9 +220,12 @@ class History:
         cutoff = now - retention_days * 86400.0
 
         def work(conn) -> int:
+            conn.execute(delete(history_text).where(history_text.c.id.in_(
+                select(history.c.id).where(history.c.at < cutoff))))
             gone = conn.execute(delete(history).where(history.c.at < cutoff)).rowcount
             conn.execute(delete(history_symbols).where(history_symbols.c.at < cutoff))
             conn.execute(delete(action_counts).where(action_counts.c.bucket < int(cutoff // BUCKET)))
+            conn.execute(delete(action_hours).where(action_hours.c.bucket < int(cutoff // 3600)))
             conn.execute(delete(symbol_counts).where(symbol_counts.c.hour < int(cutoff // 3600)))
             conn.execute(delete(node_status).where(node_status.c.updated_at < now - 86400))
             return gone
@@ -205,24 +235,44 @@ class History:
     # ------------------------------------------------------------ reading
 
     def search(self, text: str = "", action: str = "", symbol: str = "", limit: int = 50,
-               before: float | None = None) -> list[dict]:
+               before: int | None = None) -> list[dict]:
         """The newest rows matching: TEXT in sender, recipients, Subject, queue id or client;
-        ACTION; SYMBOL.  BEFORE (the time of the last row of a page) pages back."""
-        stmt = select(history.c.id, history.c.at, history.c.node, history.c.queue_id, history.c.client_ip,
-                      history.c.client_name, history.c.sender, history.c.rcpts, history.c.subject,
-                      history.c.score, history.c.action, history.c.symbols)
-        if symbol:
-            stmt = stmt.join(history_symbols, history_symbols.c.history_id == history.c.id).where(
-                history_symbols.c.symbol == symbol.upper())
-        if action:
-            stmt = stmt.where(history.c.action == action)
+        ACTION; SYMBOL.  BEFORE (the id of the last row of a page) pages back."""
+        cols = (history.c.id, history.c.at, history.c.node, history.c.queue_id, history.c.client_ip,
+                history.c.client_name, history.c.sender, history.c.rcpts, history.c.subject,
+                history.c.score, history.c.action, history.c.symbols)
+        has_symbol = history_symbols.c.symbol == symbol.upper()
         if text:
-            stmt = stmt.where(history.c.search.contains(text.lower(), autoescape=True))
-        order = history_symbols.c.at if symbol else history.c.at
+            # The narrow table drives, newest first; the wide rows are read for one page only.
+            key = history_text.c.id
+            ids = select(key).where(history_text.c.text.contains(text.lower(), autoescape=True))
+            if action:
+                ids = ids.where(history_text.c.action == action)
+            if symbol:
+                ids = ids.where(select(history_symbols.c.history_id).where(
+                    history_symbols.c.history_id == key, has_symbol).exists())
+        elif symbol:
+            key = history_symbols.c.history_id
+            ids = select(key).where(has_symbol)
+            if action:
+                ids = ids.join(history, history.c.id == key).where(history.c.action == action)
+        else:
+            key = history.c.id
+            ids = select(key)
+            if action:
+                ids = ids.where(history.c.action == action)
         if before is not None:
-            stmt = stmt.where(order < before)
-        stmt = stmt.order_by(order.desc(), history.c.id.desc()).limit(limit)
-        return self._run(lambda conn: [_decoded(dict(r)) for r in conn.execute(stmt).mappings()])
+            ids = ids.where(key < before)
+        ids = ids.order_by(key.desc()).limit(limit)
+
+        def work(conn) -> list[dict]:
+            wanted = conn.execute(ids).scalars().all()
+            if not wanted:
+                return []
+            stmt = select(*cols).where(history.c.id.in_(wanted)).order_by(history.c.id.desc())
+            return [_decoded(dict(r)) for r in conn.execute(stmt).mappings()]
+
+        return self._run(work)
 
     def get(self, ident: int) -> dict | None:
         def work(conn):
@@ -231,39 +281,63 @@ class History:
 
         return self._run(work)
 
-    def action_series(self, since: float, step: int, now: float | None = None) -> dict:
-        """Messages per action in buckets of STEP seconds (a multiple of BUCKET) since SINCE:
+    def action_series(self, since: float, step: int, now: float | None = None, conn=None) -> dict:
+        """Messages per action in buckets of STEP seconds (a multiple of BUCKET; of an hour, read from the
+        hourly counts) since SINCE:
         {"starts": [...], "actions": {action: [count, ...]}}."""
         now = now or time.time()
         first = int(since // step) * step
         starts = list(range(first, int(now) + 1, step))
-        stmt = (select(action_counts.c.bucket, action_counts.c.action, action_counts.c.count)
-                .where(action_counts.c.bucket >= int(first // BUCKET)))
+        table, width = (action_hours, 3600) if step % 3600 == 0 else (action_counts, BUCKET)
+        per = max(1, step // width)
+        slot = (table.c.bucket - int(first // width)) / per
+        if self.engine.dialect.name != "sqlite":
+            slot = func.floor(slot)
+        slot = slot.label("slot")
+        stmt = (select(slot, table.c.action, func.sum(table.c.count))
+                .where(table.c.bucket >= int(first // width))
+                .group_by(slot, table.c.action))
         series: dict[str, list[int]] = {}
-        for bucket, action, count in self._run(lambda conn: conn.execute(stmt).all()):
-            at = int((bucket * BUCKET - first) // step)
+        rows = conn.execute(stmt).all() if conn is not None else self._run(lambda c: c.execute(stmt).all())
+        for at, action, count in rows:
+            at = int(at)
             if 0 <= at < len(starts):
-                series.setdefault(action, [0] * len(starts))[at] += count
+                series.setdefault(action, [0] * len(starts))[at] += int(count)
         return {"starts": starts, "actions": series}
 
-    def top_symbols(self, since: float = 0.0, limit: int = 0) -> list[tuple[str, int]]:
+    def top_symbols(self, since: float = 0.0, limit: int = 0, conn=None) -> list[tuple[str, int]]:
         """(symbol, messages) since SINCE, most frequent first (LIMIT 0: all)."""
         total = func.sum(symbol_counts.c.count)
         stmt = (select(symbol_counts.c.symbol, total).where(symbol_counts.c.hour >= int(since // 3600))
                 .group_by(symbol_counts.c.symbol).order_by(total.desc(), symbol_counts.c.symbol))
         if limit:
             stmt = stmt.limit(limit)
-        return self._run(lambda conn: [(name, int(n)) for name, n in conn.execute(stmt).all()])
+        rows = conn.execute(stmt).all() if conn is not None else self._run(lambda c: c.execute(stmt).all())
+        return [(name, int(n)) for name, n in rows]
 
-    def count_since(self, since: float) -> int:
+    def count_since(self, since: float, conn=None) -> int:
         stmt = select(func.coalesce(func.sum(action_counts.c.count), 0)).where(
             action_counts.c.bucket >= int(since // BUCKET))
-        return int(self._run(lambda conn: conn.execute(stmt).scalar()))
+        return int(conn.execute(stmt).scalar() if conn is not None else self._run(lambda c: c.execute(stmt).scalar()))
 
-    def nodes(self, fresh: float = 60.0) -> list[dict]:
+    def overview(self, seconds: int, step: int, now: float | None = None) -> dict:
+        """What the overview shows, read in one transaction."""
+        now = now or time.time()
+
+        def work(conn) -> dict:
+            return {"series": self.action_series(now - seconds, step, now, conn),
+                    "top": self.top_symbols(now - seconds, 15, conn),
+                    "last_hour": self.count_since(now - 3600, conn),
+                    "nodes": self.nodes(conn=conn)}
+
+        return self._run(work)
+
+    def nodes(self, fresh: float = 60.0, conn=None) -> list[dict]:
         """Per node: its processes that reported within FRESH seconds and each dependency's health
         (down when any of them says so), and the history rows they could not write."""
-        rows = self._run(lambda conn: conn.execute(select(node_status).order_by(node_status.c.node)).mappings().all())
+        stmt = select(node_status).order_by(node_status.c.node)
+        rows = conn.execute(stmt).mappings().all() if conn is not None else \
+            self._run(lambda c: c.execute(stmt).mappings().all())
         now = time.time()
         nodes: dict[str, dict] = {}
         for r in rows:

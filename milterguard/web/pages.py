@@ -16,6 +16,7 @@ from starlette.routing import Route
 from milterguard.cli.common import CliError
 from milterguard.explain import explain_text
 from milterguard.stores.history import HistoryError
+from milterguard.stores.quarantine import QuarantineError
 from milterguard.web.app import client, console, need_user, page, posted
 from milterguard.web.charts import stacked
 
@@ -27,6 +28,14 @@ def when(value: float | None) -> str:
     if not value:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+
+
+def _held_count(store) -> int:
+    from sqlalchemy import func, select
+
+    from milterguard.stores.quarantine import messages
+
+    return store._run(lambda conn: conn.execute(select(func.count()).select_from(messages)).scalar())
 
 
 def _history(request: Request):
@@ -42,13 +51,11 @@ async def overview(request: Request):
     history = _history(request)
     now = time.time()
     try:
-        series = history.action_series(now - seconds, step, now)
-        top = history.top_symbols(now - seconds, 15)
-        last_hour = history.count_since(now - 3600)
-        nodes = history.nodes()
-        held = console(request).quarantine.stats()
-    except HistoryError as exc:
-        raise HTTPException(503, f"the history: {exc}") from None
+        seen = history.overview(seconds, step, now)
+        series, top, last_hour, nodes = seen["series"], seen["top"], seen["last_hour"], seen["nodes"]
+        held = _held_count(console(request).quarantine)
+    except (HistoryError, QuarantineError) as exc:
+        raise HTTPException(503, f"the database: {exc}") from None
     chart = stacked(series, step)
     totals = {a: sum(v) for a, v in series["actions"].items()}
     return page(request, "overview.html", user, chart=chart, span=span, ranges=list(RANGES), top=top,
@@ -59,7 +66,7 @@ async def history_list(request: Request):
     user = need_user(request)
     params = request.query_params
     try:
-        before = float(params["before"]) if params.get("before") else None
+        before = int(params["before"]) if params.get("before") else None
         rows = _history(request).search(params.get("q", "").strip(), params.get("action", "").strip(),
                                         params.get("symbol", "").strip(), 50, before)
     except ValueError:
@@ -67,7 +74,7 @@ async def history_list(request: Request):
     except HistoryError as exc:
         raise HTTPException(503, f"the history: {exc}") from None
     return page(request, "history.html", user, rows=rows, params=params,
-                more=repr(rows[-1]["at"]) if len(rows) == 50 else None)
+                more=rows[-1]["id"] if len(rows) == 50 else None)
 
 
 async def history_one(request: Request):
