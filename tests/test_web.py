@@ -183,6 +183,31 @@ def test_a_wrong_password_and_a_missing_csrf_token_are_refused(postfix, miltergu
     assert "login-throttled" in client.get("/audit").text
 
 
+def test_cookies_are_httponly_strict_and_secure_behind_tls(console):
+    import httpx
+
+    def log_in_as_admin(headers: dict) -> str:
+        with httpx.Client(base_url=console.url, timeout=30, headers=headers) as client:
+            page = client.get("/login")
+            assert ("Secure" in page.headers["set-cookie"]) == bool(headers)
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            # As a browser on HTTPS would send it (httpx keeps Secure cookies off plain http).
+            done = client.post("/login", data={"name": ADMIN[0], "password": ADMIN[1], "csrf": token},
+                               headers={"Cookie": f"mg_login={token}"})
+            assert done.status_code == 303
+            return done.headers["set-cookie"]
+
+    plain = log_in_as_admin({})
+    assert "mg_session=" in plain and "HttpOnly" in plain and "SameSite=strict" in plain and "Secure" not in plain
+    # The reverse proxy on loopback (web.trusted_proxies) says the client came over HTTPS.
+    behind = log_in_as_admin({"X-Forwarded-Proto": "https"})
+    assert "mg_session=" in behind and "HttpOnly" in behind and "Secure" in behind
+    page = httpx.get(console.url + "/login")
+    assert "script-src" not in page.headers["content-security-policy"]  # default-src 'none' covers scripts
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+
+
 HOSTILE_HTML = """<html><head><script>document.title='pwned-head'</script></head><body>
 <p>MILTERGUARD-CANARY-REVIEW</p>
 <script>document.title='pwned'; alert(1)</script>

@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from milterguard.cli.common import CliError, load_engine
+from milterguard.cli.common import load_engine
 from milterguard.stores.history import History, HistoryError
 from milterguard.stores.quarantine import Quarantine, QuarantineError
 from milterguard.stores.users import Users, UsersError
@@ -222,5 +222,3 @@ def create_app(config, args=None) -> Starlette:
     app.state.console = state
     return app
 
-
-__all__ = ["CliError", "ConsoleError", "create_app"]

@@ -40,6 +40,6 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("milterguard").info("web console on http://%s:%d/", host, port)
     uvicorn.run(app, host=host, port=port, proxy_headers=True,
-                forwarded_allow_ips=",".join(config["web.trusted_proxies"]) or None,
+                forwarded_allow_ips=",".join(config["web.trusted_proxies"]),
                 server_header=False, log_level="info")
     return 0
