@@ -263,21 +263,38 @@ def test_a_hostile_message_shows_inert(postfix, milterguard, cli, console, brows
     assert not [e for e in browser.get_log("browser") if "pwned" in e.get("message", "")]
 
 
-def test_the_digest_link_releases_to_its_recipient(postfix, milterguard, sink, cli, console, sets, browser):
+def test_the_digest_links_release_and_dismiss_for_their_recipient(postfix, milterguard, sink, cli, console, sets,
+                                                                    browser):
     from selenium.webdriver.common.by import By
 
     record, msgid = held_message(postfix, milterguard, cli)
-    status = subprocess.run([sys.executable, "-m", "milterguard", "quarantine", "digest", "--json",
-                             *cli_argv(milterguard.etc_dir, dict(sets, **{"web.url": console.url}))],
-                            capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0, status.stderr
-    sent = [json.loads(line) for line in status.stdout.splitlines()]
-    assert sorted(s["rcpt"] for s in sent) == RCPTS and all(s["messages"] == 1 for s in sent)
-    [digest] = sink.wait_for(lambda m: m.header("To") == "carol@example.org" and "Held mail" in (m.header("Subject") or ""))
-    text = digest.message.get_content()
-    release = re.search(r"Release: (\S+)", text).group(1)
-    assert release.startswith(console.url + "/d/")
-    browser.get(release)  # no account: the link alone, and a confirmation
+
+    def digest() -> list[dict]:
+        done = subprocess.run([sys.executable, "-m", "milterguard", "quarantine", "digest", "--json",
+                               *cli_argv(milterguard.etc_dir, dict(sets, **{"web.url": console.url}))],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    def links(rcpt: str, count: int) -> dict[str, str]:
+        """The links of the COUNTth digest RCPT got."""
+        mails = wait_until(lambda: (got := [m for m in sink.messages if m.header("To") == rcpt
+                                            and "Held mail" in (m.header("Subject") or "")]) and len(got) >= count
+                           and got, 10, what=f"digest {count} to {rcpt}")
+        text = mails[count - 1].message.get_content()
+        return {action: re.search(rf"{action}: +(\S+)", text).group(1) for action in ("Release", "Delete")}
+
+    assert sorted((s["rcpt"], s["messages"]) for s in digest()) == [(r, 1) for r in RCPTS]
+    bob, carol = links("bob@example.net", 1), links("carol@example.org", 1)
+    assert carol["Release"].startswith(console.url + "/d/")
+    # Bob deletes it from his digest: Carol still waits for it, so it stays for her.
+    browser.get(bob["Delete"])
+    submit(browser, "confirm")
+    assert "removed from your digest" in browser.find_element(By.ID, "said").text
+    assert [r["id"] for r in listed(cli)] == [record["id"]]
+    assert [s["rcpt"] for s in digest()] == ["carol@example.org"]  # not listed to Bob again
+    carol = links("carol@example.org", 2)
+    browser.get(carol["Release"])  # no account: the link alone, and a confirmation
     time.sleep(0.5)
     assert not any(m.message_id == msgid for m in sink.messages)  # opening the link releases nothing
     submit(browser, "confirm")
@@ -285,7 +302,7 @@ def test_the_digest_link_releases_to_its_recipient(postfix, milterguard, sink, c
     got = sink.wait_for_message_id(msgid)
     assert got.rcpt_tos == ["carol@example.org"]  # to that recipient only
     # A link changed by a single character is refused.
-    tampered = release[:-2] + ("A" if release[-2] != "A" else "B") + release[-1]
+    tampered = carol["Release"][:-2] + ("A" if carol["Release"][-2] != "A" else "B") + carol["Release"][-1]
     browser.get(tampered)
     assert "not valid" in browser.find_element(By.ID, "error").text
 
@@ -351,3 +368,35 @@ def _symbol_lines(text: str) -> list[str]:
     return sorted(line.split("  ")[0] + line.split()[1] for line in text.splitlines()
                   if re.match(r"^[A-Z][A-Z0-9_]+\s+[+-]\d", line)) + \
         [line for line in text.splitlines() if line.startswith("total ")]
+
+
+def test_bulk_actions_and_learning_without_redis(postfix, milterguard, sink, cli, console, browser):
+    from selenium.webdriver.common.by import By
+
+    first, msgid1 = held_message(postfix, milterguard, cli, raw_msgid=message("MILTERGUARD-CANARY-REVIEW", "one"))
+    second, msgid2 = held_message(postfix, milterguard, cli, raw_msgid=message("MILTERGUARD-CANARY-REVIEW", "two"))
+    log_in(browser, console, ADMIN)
+    browser.get(console.url + "/quarantine")
+
+    def choose_all_and(action: str) -> None:
+        for box in browser.find_elements(By.CSS_SELECTOR, "input[name=id]"):
+            box.click()
+        before = browser.find_element(By.TAG_NAME, "html")
+        browser.find_element(By.CSS_SELECTOR, f"button[name=action][value={action}]").click()
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 30).until(expected_conditions.staleness_of(before))
+
+    # No Redis in this configuration: learning says so, and nothing is released.
+    choose_all_and("release-ham")
+    problem = browser.find_element(By.ID, "problem").text
+    assert "Redis is not configured" in problem and first["id"] in problem and second["id"] in problem
+    assert all(r["released"] == {} for r in listed(cli))
+    choose_all_and("delete")
+    assert "delete: 2 of 2 done" in browser.find_element(By.ID, "notice").text
+    assert listed(cli) == []
+    assert not any(m.message_id in (msgid1, msgid2) for m in sink.messages)
+    browser.get(console.url + "/audit")
+    audit = browser.find_element(By.ID, "audit").text
+    assert f"{ADMIN[0]} delete {first['id']}" in audit and f"{ADMIN[0]} delete {second['id']}" in audit

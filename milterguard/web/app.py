@@ -15,6 +15,7 @@ Security model (docs/web.md):
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import secrets
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logging.getLogger("milterguard.web")
 HERE = Path(__file__).resolve().parent
 COOKIE = "mg_session"
 LOGIN_COOKIE = "mg_login"
+FLASH = "mg_said"
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-src 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 # The preview of a held message: its own document, in a sandboxed frame, that may load nothing.
@@ -145,7 +147,36 @@ def render(request: Request, name: str, context: dict, status: int = 200) -> HTM
 
 
 def page(request: Request, name: str, user: dict, **context) -> HTMLResponse:
-    return render(request, name, dict(context, user=user, csrf=user["csrf"]))
+    """A page of a logged-in user, with what the last action said (`back`), once."""
+    said = _flash(request)
+    for key, field in (("notice", "done"), ("problem", "failed")):
+        if said.get(field) and not context.get(key):
+            context[key] = said[field]
+    response = render(request, name, dict(context, user=user, csrf=user["csrf"]))
+    if said:
+        response.delete_cookie(FLASH, path="/", httponly=True, samesite="strict")
+    return response
+
+
+def _flash(request: Request) -> dict:
+    try:
+        said = json.loads(request.cookies.get(FLASH, "") or "{}")
+    except ValueError:
+        return {}
+    return {k: str(v) for k, v in said.items() if k in ("done", "failed")} if isinstance(said, dict) else {}
+
+
+def back(request: Request, path: str, **said: str) -> RedirectResponse:
+    """A redirect to PATH after a POST; what it did or what failed is shown by the next page.
+
+    Carried in a cookie of the console, not in the address, so that nobody can make
+    the console show a message of theirs with a link."""
+    response = RedirectResponse(path, status_code=303)
+    said = {k: v[:1000] for k, v in said.items() if v}
+    if said:
+        response.set_cookie(FLASH, json.dumps(said), max_age=60, path="/", httponly=True, samesite="strict",
+                            secure=secure(request))
+    return response
 
 
 # ---------------------------------------------------------------- login

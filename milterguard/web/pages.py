@@ -17,7 +17,7 @@ from milterguard.cli.common import CliError
 from milterguard.explain import explain_text
 from milterguard.stores.history import HistoryError
 from milterguard.stores.quarantine import QuarantineError
-from milterguard.web.app import client, console, need_user, page, posted
+from milterguard.web.app import back, client, console, need_user, page, posted
 from milterguard.web.charts import stacked
 
 RANGES = {"hour": (3600, 300), "day": (86400, 3600), "week": (7 * 86400, 6 * 3600)}
@@ -183,11 +183,10 @@ async def lists(request: Request):
 
     try:
         backend, found = await run_in_threadpool(read_lists, console(request).config)
-        problem = request.query_params.get("failed", "")
+        problem = ""
     except (CliError, RedisUnavailable) as exc:
         backend, found, problem = "", {}, str(exc)
-    return page(request, "lists.html", user, backend=backend, lists=found, problem=problem,
-                notice=request.query_params.get("done", ""))
+    return page(request, "lists.html", user, backend=backend, lists=found, problem=problem)
 
 
 async def lists_edit(request: Request):
@@ -195,24 +194,23 @@ async def lists_edit(request: Request):
     form = await posted(request, user)
     from milterguard.clients.redis_client import RedisUnavailable
     from milterguard.stores.lists import KINDS
-    from milterguard.web.quarantine import _back
     from milterguard.yamlsrc import SourceError
 
     change, kind = str(form.get("change", "")), str(form.get("kind", ""))
     domain = str(form.get("domain", "")).strip().lower().strip(".")
     entries = [e.strip() for e in str(form.get("entries", "")).replace(",", " ").split() if e.strip()]
     if change not in ("add", "del") or kind not in KINDS or not entries:
-        return _back("/lists", failed="choose add or delete, allow or block, and at least one entry")
+        return back(request, "/lists", failed="choose add or delete, allow or block, and at least one entry")
     if domain and ("/" in domain or domain.startswith(".") or ".." in domain):
-        return _back("/lists", failed=f"bad domain {domain!r}")
+        return back(request, "/lists", failed=f"bad domain {domain!r}")
     try:
         done = await run_in_threadpool(edit_list, console(request).config, change, kind, domain, entries)
     except (CliError, RedisUnavailable, SourceError) as exc:
-        return _back("/lists", failed=str(exc))
+        return back(request, "/lists", failed=str(exc))
     console(request).users.note(user["name"], f"list-{change}", f"{kind} {domain or '(global)'}", {"entries": done},
                                 client(request))
     verb = "added to" if change == "add" else "removed from"
-    return _back("/lists", done=f"{', '.join(done) or 'nothing'} {verb} the {kind} list {domain or '(global)'}")
+    return back(request, "/lists", done=f"{', '.join(done) or 'nothing'} {verb} the {kind} list {domain or '(global)'}")
 
 
 async def audit(request: Request):

@@ -13,14 +13,14 @@ import time
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from milterguard.cli.common import CliError
 from milterguard.cli.quarantine import open_teacher, parse_age, reinject, teach
 from milterguard.stores.quarantine import AlreadyReleased, NotFound, Query, QuarantineError
 from milterguard.stores.users import check_link
-from milterguard.web.app import client, console, need_user, page, posted, render
+from milterguard.web.app import back, client, console, need_user, page, posted, render
 from milterguard.web.preview import header_list, preview_document
 
 # form action -> (release?, delete?, learn as)
@@ -48,8 +48,7 @@ async def listing(request: Request):
         found = await run_in_threadpool(store.list, _query(params))
     except QuarantineError as exc:
         raise HTTPException(503, f"the quarantine store: {exc}") from None
-    return page(request, "quarantine.html", user, messages=found, params=params,
-                notice=params.get("done", ""), problem=params.get("failed", ""))
+    return page(request, "quarantine.html", user, messages=found, params=params)
 
 
 async def message(request: Request):
@@ -64,8 +63,7 @@ async def message(request: Request):
         raise HTTPException(404, f"no message {ident} in the quarantine") from None
     except QuarantineError as exc:
         raise HTTPException(503, f"the quarantine store: {exc}") from None
-    return page(request, "message.html", user, held=held, headers=header_list(raw), events=events,
-                notice=request.query_params.get("done", ""), problem=request.query_params.get("failed", ""))
+    return page(request, "message.html", user, held=held, headers=header_list(raw), events=events)
 
 
 async def preview(request: Request):
@@ -124,10 +122,10 @@ async def action(request: Request):
     except NotFound:
         raise HTTPException(404, f"no message {ident} in the quarantine") from None
     except AlreadyReleased as exc:
-        return _back(f"/quarantine/{ident}", failed=str(exc))
+        return back(request, f"/quarantine/{ident}", failed=str(exc))
     except (CliError, QuarantineError) as exc:
-        return _back(f"/quarantine/{ident}", failed=str(exc))
-    return _back("/quarantine" if ACTIONS[what][1] else f"/quarantine/{ident}", done=said)
+        return back(request, f"/quarantine/{ident}", failed=str(exc))
+    return back(request, "/quarantine" if ACTIONS[what][1] else f"/quarantine/{ident}", done=said)
 
 
 async def bulk(request: Request):
@@ -138,7 +136,7 @@ async def bulk(request: Request):
         raise HTTPException(400, f"unknown action {what!r}")
     idents = [str(i) for i in form.getlist("id")][:MAX_BULK]
     if not idents:
-        return _back("/quarantine", failed="no message chosen")
+        return back(request, "/quarantine", failed="no message chosen")
     done, failed = [], []
     for ident in idents:
         try:
@@ -146,15 +144,8 @@ async def bulk(request: Request):
             done.append(ident)
         except (CliError, QuarantineError) as exc:
             failed.append(f"{ident}: {exc}")
-    return _back("/quarantine", done=f"{what}: {len(done)} of {len(idents)} done" if done else "",
+    return back(request, "/quarantine", done=f"{what}: {len(done)} of {len(idents)} done" if done else "",
                  failed="; ".join(failed))
-
-
-def _back(path: str, **said: str) -> RedirectResponse:
-    from urllib.parse import urlencode
-
-    query = urlencode({k: v[:500] for k, v in said.items() if v})
-    return RedirectResponse(path + (f"?{query}" if query else ""), status_code=303)
 
 
 # ---------------------------------------------------------------- the digest's links
