@@ -35,6 +35,7 @@ SCHEMA_VERSION = 1
 BUCKET = 300  # seconds per row of action_counts
 QUEUE_MAX = 10000  # rows waiting to be written in one process; past it they are dropped
 BATCH_MAX = 500
+GATHER = 1.0  # seconds a batch waits for more rows after its first
 STATUS_EVERY = 10.0  # seconds between two health reports of a process
 
 metadata = MetaData()
@@ -396,13 +397,17 @@ class Recorder:
             self.dropped += 1
 
     def _batch(self, timeout: float) -> list[dict]:
+        """The rows queued within GATHER seconds of the first (at most BATCH_MAX): one transaction
+        for many messages, not one each."""
         try:
             rows = [self.queue.get(timeout=timeout)]
         except queue.Empty:
             return []
+        until = time.monotonic() + GATHER
         while len(rows) < BATCH_MAX:
+            left = until - time.monotonic()
             try:
-                rows.append(self.queue.get_nowait())
+                rows.append(self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait())
             except queue.Empty:
                 break
         return rows
