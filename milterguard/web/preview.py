@@ -60,7 +60,10 @@ def clean_html(text: str) -> str:
 
 
 def preview_document(raw: bytes) -> str:
-    kind, text = _body(raw)
+    try:
+        kind, text = _body(raw)
+    except Exception:  # noqa: BLE001 - a message the email package cannot walk: its body as text
+        kind, text = "plain", split_message(raw)[1][:MAX_PREVIEW_CHARS].decode("utf-8", "replace")
     if kind == "html":
         body = clean_html(text)
     else:
