@@ -16,6 +16,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import traceback
 
 import Milter
@@ -206,6 +207,26 @@ class MilterguardMilter(Milter.Base):
                 mode=verdict.mode,
             ),
         )
+        if self.engine.config["history.enabled"]:
+            self._record(verdict)
+
+    def _record(self, verdict: Verdict) -> None:
+        """One row of the history for this verdict, queued for the process's writer thread."""
+        try:
+            from milterguard.stores.history import row
+
+            conn, txn = self.conn, self.txn
+            header = {name.lower(): value for name, value in reversed(txn.headers)} if txn else {}
+            _recorder(self.engine.config).record(row(
+                at=time.time(), node=node_name(self.engine.config), queue_id=txn.queue_id if txn else "",
+                client_ip=conn.client_ip or "", client_name=conn.client_name, sender=txn.mail_from if txn else "",
+                rcpts=txn.rcpts if txn else [], subject=header.get("subject", ""), score=verdict.score,
+                action=verdict.applied.label,
+                symbols=[{"name": h.symbol, "weight": round(h.weight, 3), "options": list(h.options)}
+                         for h in verdict.hits],
+                explain=explain_text(verdict)))
+        except Exception:  # noqa: BLE001 - the history never costs a message its answer
+            log.exception("history: the verdict of %s was not recorded", self._ref())
 
     def _reset(self) -> None:
         if self.spool is not None:
@@ -464,6 +485,21 @@ def _quarantine(config):
         if store is None:
             store = _STORES[key] = open_quarantine(config)
     return store
+
+
+_RECORDERS: dict = {}
+
+
+def _recorder(config):
+    """This process's history writer (stores/history.py), made at first use, after the fork."""
+    from milterguard.stores.history import Recorder
+
+    key = (os.getpid(), config["quarantine.url"], config["node.name"])
+    with _STORES_LOCK:
+        found = _RECORDERS.get(key)
+        if found is None:
+            found = _RECORDERS[key] = Recorder(config, node_name(config), lambda: _quarantine(config).engine)
+    return found
 
 
 # Macros asked of the MTA at each stage (Sendmail honours the list; Postfix sends

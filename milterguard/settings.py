@@ -177,6 +177,35 @@ SETTINGS: list[Setting] = [
             "`milterguard quarantine expire` removes messages stored longer ago than this.", since="0.3"),
     Setting("quarantine.max_size", Size(), 10 * 1024**3,
             "Past this total size `quarantine expire` removes the oldest messages too; 0 for no cap.", since="0.3"),
+    # --- history and web console (docs/web.md)
+    Setting("history.enabled", Bool(), True,
+            "Record one row per judged message (time, client, envelope, Subject, score, action, symbols; no body) "
+            "in the quarantine's database (`quarantine.url`), for the web console. Written by a thread of each "
+            "process; a database that is down drops rows (logged once) and never delays mail.", since="0.4"),
+    Setting("history.retention_days", Int(minimum=1), 30,
+            "`milterguard quarantine expire` removes history rows older than this.", since="0.4"),
+    Setting("web.listen", Str(), "127.0.0.1:11380",
+            "`HOST:PORT` where `milterguard web` serves the console; keep it on loopback behind a TLS "
+            "reverse proxy.", since="0.4"),
+    Setting("web.url", Str(), "",
+            "The console's address as users reach it (`https://mail.example.org/console`), for the links "
+            "`quarantine digest` mails; required by the digest.", since="0.4"),
+    Setting("web.trusted_proxies", ListOf(Str()), ["127.0.0.1", "::1"],
+            "Addresses whose X-Forwarded-Proto and X-Forwarded-For the console believes (the reverse proxy).",
+            since="0.4"),
+    Setting("web.secure_cookies", Choice("auto", "always", "never"), "auto",
+            "Mark the session cookie Secure: `auto` when the request came over HTTPS (directly or as a trusted "
+            "proxy says), `always`, or `never`.", since="0.4"),
+    Setting("web.session_hours", Int(minimum=1, maximum=720), 8,
+            "A console login lasts this long.", since="0.4"),
+    Setting("web.login_failures", Int(minimum=1, maximum=1000), 5,
+            "Failed logins of one name, or from one address, within 15 minutes, after which logins are refused "
+            "for 15 minutes.", since="0.4"),
+    Setting("web.digest_from", Str(), "postmaster",
+            "The sender of `quarantine digest` mail; a name without `@` gets `@` and `node.name` (or the host "
+            "name) added.", since="0.4"),
+    Setting("web.digest_link_days", Int(minimum=1, maximum=90), 7,
+            "How long the release and delete links of a quarantine digest work.", since="0.4"),
     # --- message
     Setting("message.spool_bytes", Size(), 1024 * 1024,
             "Bodies larger than this are spooled to a temporary file instead of memory."),

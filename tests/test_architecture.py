@@ -24,6 +24,8 @@ LAYERS = {
     "engine": 5, "explain": 5, "metrics": 5,
     # the faces
     "milter": 6, "server": 7, "cli": 8, "__main__": 9, "__init__": 0,
+    # the web console: a face over the CLI's operations (it releases and learns through them)
+    "web": 9,
 }
 MAX_LINES = 600
 

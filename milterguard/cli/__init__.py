@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "map": ("milterguard.cli.map", "show and edit the maps of rules kept in Redis"),
     "fuzzy": ("milterguard.cli.fuzzy", "report spam by its content hashes, forget it, or check files"),
     "quarantine": ("milterguard.cli.quarantine", "list, show, release, delete and expire quarantined messages"),
+    "user": ("milterguard.cli.user", "add, delete and list the web console's users"),
+    # The console is the face above this one (it releases and learns through cli/quarantine.py):
+    # its command lives in its package, named here by module as every command is.
+    "web": ("milterguard.web.command", "run the web console"),
 }
 
 

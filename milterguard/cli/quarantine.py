@@ -7,12 +7,15 @@
     milterguard quarantine learn ID --learn-ham|--learn-spam
     milterguard quarantine expire
     milterguard quarantine stats
+    milterguard quarantine digest [--rcpt ADDR] [--since AGE]
 
 Every subcommand takes --json (list: one object per line per message).
 Release sends the stored bytes with the original envelope to quarantine.reinject,
 with an X-Milterguard-Released header; see docs/quarantine.md.
 --learn-ham and --learn-spam teach Bayes, the classifier's samples and the
 hash store what the message was, as `learn` and `fuzzy` do.
+Digest mails each recipient the list of their held mail, with signed links
+to the console (web.url) to release or delete each; see docs/web.md.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from email.utils import formatdate
 
 from milterguard.cli.common import CliError, load, report
 
-ACTIONS = ("list", "show", "release", "delete", "learn", "expire", "stats")
+ACTIONS = ("list", "show", "release", "delete", "learn", "expire", "stats", "digest")
 # Which of --learn-ham and --learn-spam each action takes.
 LEARNING = {"release": ("ham",), "delete": ("spam",), "learn": ("ham", "spam")}
 RELEASED_HEADER = "X-Milterguard-Released"
@@ -41,10 +44,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("ident", nargs="?", metavar="ID", help="the message (show, release, delete, learn)")
     parser.add_argument("--json", action="store_true", help="print JSON (list: one object per line)")
     parser.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
-                        help="list: messages to ADDR; release: to ADDR only (repeatable; default all recipients)")
+                        help="list, digest: messages to ADDR; release: to ADDR only (repeatable; default all recipients)")
     parser.add_argument("--from", dest="sender", default="", metavar="ADDR",
                         help="list: messages from ADDR (envelope sender or From header)")
-    parser.add_argument("--since", default="", metavar="AGE", help="list: stored within AGE (30m, 12h, 2d, 1w)")
+    parser.add_argument("--since", default="", metavar="AGE", help="list, digest: stored within AGE (30m, 12h, 2d, 1w)")
     parser.add_argument("--symbol", default="", metavar="NAME", help="list: messages with this symbol")
     parser.add_argument("--min-score", type=float, default=None, metavar="N", help="list: score at least N")
     parser.add_argument("--limit", type=int, default=100, metavar="N", help="list: at most N messages, newest first")
@@ -261,21 +264,25 @@ def _learn(args, config, store) -> int:
 
 
 def _teach(args, config, store, teacher, who: str) -> dict:
-    """Learn the stored message as args.learn: Bayes and the classifier's samples, as `learn`
-    does, and its hashes added to the fuzzy store (spam, as `fuzzy add`) or taken out of it
-    (ham, as `fuzzy del`).  Raises RedisUnavailable."""
+    return teach(config, store, args.ident, args.learn, teacher, who)
+
+
+def teach(config, store, ident: str, label: str, teacher, who: str) -> dict:
+    """Learn the stored message IDENT as LABEL (ham, spam): Bayes and the classifier's samples, as
+    `learn` does, and its hashes added to the fuzzy store (spam, as `fuzzy add`) or taken out of
+    it (ham, as `fuzzy del`).  The console learns through here too.  Raises RedisUnavailable."""
     from milterguard.cli.fuzzy import apply
     from milterguard.cli.learn import learn_messages, summary
     from milterguard.stores.quarantine import as_received
 
     bayes, fuzzy = teacher
-    raw = as_received(store.get(args.ident), store.raw(args.ident))
-    counts = learn_messages(bayes, config, [(args.ident, raw)], args.learn)
-    bayes_line = summary(bayes, config, args.learn, counts)
-    hashes, _status = apply(fuzzy, config, "add" if args.learn == "spam" else "del", raw)
+    raw = as_received(store.get(ident), store.raw(ident))
+    counts = learn_messages(bayes, config, [(ident, raw)], label)
+    bayes_line = summary(bayes, config, label, counts)
+    hashes, _status = apply(fuzzy, config, "add" if label == "spam" else "del", raw)
     outcome = next((name for name, count in counts.items() if count), "known")
-    store.note(args.ident, "learn", who, json.dumps({"as": args.learn, "bayes": outcome}))
-    return {"id": args.ident, "as": args.learn, "bayes": outcome, "summary": bayes_line,
+    store.note(ident, "learn", who, json.dumps({"as": label, "bayes": outcome}))
+    return {"id": ident, "as": label, "bayes": outcome, "summary": bayes_line,
             "hashes": hashes.replace("\t", " ")}
 
 
@@ -289,23 +296,37 @@ def _teacher(args, config):
     is not configured or this node may not write to it (nothing is released or deleted then)."""
     if not args.learn:
         return None
+    return open_teacher(config, args.learn)
+
+
+def open_teacher(config, label: str):
+    """(Bayes, fuzzy store) for learning as LABEL; CliError when Redis is not configured or this
+    node may not write to it."""
     from milterguard.cli.fuzzy import open_fuzzy
     from milterguard.cli.learn import open_bayes
 
     try:
         return open_bayes(config), open_fuzzy(config)
     except CliError as exc:
-        raise CliError(f"--learn-{args.learn}: {exc}; nothing was done") from None
+        raise CliError(f"--learn-{label}: {exc}; nothing was done") from None
 
 
 def _expire(args, config, store) -> int:
+    from milterguard.stores.history import History, HistoryError
+
     days, cap = config["quarantine.retention_days"], config["quarantine.max_size"]
     count, size = store.expire(days, cap)
+    try:
+        history = History(store.engine).expire(config["history.retention_days"])
+    except HistoryError as exc:
+        raise CliError(f"history: {exc}") from None
     if args.json:
-        _print_json({"removed": count, "bytes": size, "retention_days": days, "max_size": cap})
+        _print_json({"removed": count, "bytes": size, "retention_days": days, "max_size": cap,
+                     "history_removed": history, "history_retention_days": config["history.retention_days"]})
     else:
         print(f"removed {count} messages ({size} bytes): older than {days} days"
               + (f" or past the {cap} byte cap" if cap else ""))
+        print(f"removed {history} history rows: older than {config['history.retention_days']} days")
     return 0
 
 
@@ -320,4 +341,21 @@ def _stats(args, config, store) -> int:
         elif isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
         print(f"{key + ':':<16}{value}")
+    return 0
+
+
+def _digest(args, config, store) -> int:
+    from milterguard.cli.digest import send_digests
+
+    if len(args.rcpt) > 1:
+        raise CliError("quarantine digest takes one --rcpt")
+    sent = send_digests(config, store, args.rcpt[0] if args.rcpt else "",
+                        time.time() - parse_age(args.since) if args.since else None)
+    for address, count in sent:
+        if args.json:
+            _print_json({"rcpt": address, "messages": count})
+        else:
+            print(f"digest of {count} message{'s' if count != 1 else ''} sent to {address}")
+    if not sent and not args.json:
+        print("nothing held: no digest sent")
     return 0

@@ -220,7 +220,7 @@ def _private_sqlite_file(path: str) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # another thread may make it at the same time
         os.chmod(directory, 0o700)  # whatever the umask
     try:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # new: nobody has it open
