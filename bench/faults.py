@@ -350,7 +350,17 @@ def update_doc(text: str, begin: str = BEGIN, end: str = END) -> None:
     DOC.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (a kill, a session's end) unwinds like Ctrl-C, so that the `finally` of a run
+    stops every server it started and removes its work directory."""
+    def unwind(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200, help="messages per fault (default 200)")
     parser.add_argument("--concurrency", type=int, default=8, help="SMTP sessions at once (default 8)")

@@ -53,7 +53,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-from faults import Rig, corpus_files, update_doc  # noqa: E402  (also puts tests/ on sys.path)
+from faults import Rig, corpus_files, stop_cleanly_on_sigterm, update_doc  # noqa: E402  (also puts tests/ on sys.path)
 from procmem import _rollup  # noqa: E402
 from support import LOOPBACK, SupportError, corpus_dir, free_port, port_accepts, stop_process, wait_until  # noqa: E402
 from support.clamd import clamd_available  # noqa: E402
@@ -347,6 +347,7 @@ def table(soak: Soak, accepted: int, delivered: int, held: int, lost: int) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200000, help="messages to send (default 200000)")
     parser.add_argument("--every", type=int, default=10000, help="sample memory every this many messages")
