@@ -1,7 +1,10 @@
 """The learned classifiers at end of message: Bayes and the trained model.
 
 Both read Redis (a replica when one is configured) and never write to it
-while classifying.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
+while classifying.  The Bayes look-up starts as soon as the message is
+complete, before the other end-of-message checks (a starter at EOM): the
+message is tokenized once, and the token counts are fetched in the
+background while those checks run; the Bayes check collects them.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
 and the message goes on; the first failure of an outage is logged once by
 milterguard.clients.redis_client.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from milterguard.checks.registry import check, on_verdict, preparer
+from milterguard.checks.registry import check, on_verdict, preparer, starter
 from milterguard.model import Hits, Learned, Stage
 from milterguard.learn.tokens import tokenize
 from milterguard.settings import redis_configured
@@ -76,8 +79,27 @@ def _emit(hits: Hits, prefix: str, prob: float, spam_at: float, ham_at: float, d
         hits.add(f"{prefix}_HAM", option, where="learned", text=detail, factor=(0.5 - prob) / 0.5)
 
 
-@check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60,
-       active=lambda config: config["bayes.enabled"] and redis_configured(config))
+def _bayes_active(config) -> bool:
+    return config["bayes.enabled"] and redis_configured(config)
+
+
+@starter("bayes", Stage.EOM, priority=10)  # the longest wait: started first
+def start_bayes(scan) -> None:
+    """Tokenize the complete message and start fetching its token counts in the background."""
+    from milterguard.clients.redis_client import get_store
+
+    config = scan.config
+    if scan.message is None or not config["bayes.enabled"]:
+        return
+    store = get_store(config)
+    if store is None:
+        return
+    tokens_of(scan)
+    facts = scan.txn.facts
+    facts.scratch["bayes"] = store.submit(bayes_for(store, config).fetch_values, facts.token_hashes)
+
+
+@check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60, active=_bayes_active)
 def bayes(scan, hits: Hits) -> None:
     """Bayes probability from the token counts learned in Redis."""
     from milterguard.clients.redis_client import RedisUnavailable, get_store
@@ -89,11 +111,15 @@ def bayes(scan, hits: Hits) -> None:
     if store is None:
         return
     tokens_of(scan)
+    started = scan.txn.facts.scratch.pop("bayes", None)
+    db = bayes_for(store, config)
     try:
-        prob, used, n_spam, n_ham = bayes_for(store, config).classify_hashes(scan.txn.facts.token_hashes)
+        # The same look-up either way: started by start_bayes, or now when it was not.
+        fetched = store.collect(started) if started is not None else db.fetch_values(scan.txn.facts.token_hashes)
     except RedisUnavailable as exc:
         hits.add("BAYES_TEMPFAIL", where="Redis", text=str(exc)[:200])
         return
+    prob, used, n_spam, n_ham = db.classify_values(*fetched)
     scan.txn.facts.bayes = Learned(prob, {"tokens": used, "spam": n_spam, "ham": n_ham})
     minimum = config["bayes.min_learns"]
     if n_spam < minimum or n_ham < minimum:

@@ -79,15 +79,21 @@ def check(stage: Stage, emits: tuple[str, ...], after: tuple[str, ...] = (), pri
     return register
 
 
-def starter(check_name: str, stage: Stage):
+_STARTER_PRIORITY: dict[Callable, int] = {}
+
+
+def starter(check_name: str, stage: Stage, priority: int = 50):
     """Register `fn(scan)` to run at STAGE, before that stage's checks, for the check
-    CHECK_NAME of a later stage (when that check is enabled): it starts lookups
-    whose answers the check collects."""
+    CHECK_NAME of that stage or a later one (when that check is enabled): it starts
+    lookups whose answers the check collects.  Lower PRIORITY starts earlier: the
+    longest wait first."""
 
     def register(fn: Callable) -> Callable:
         entries = STARTERS.setdefault(stage, [])
         if (check_name, fn) not in entries:
             entries.append((check_name, fn))
+            _STARTER_PRIORITY[fn] = priority
+            entries.sort(key=lambda entry: _STARTER_PRIORITY[entry[1]])  # stable: registration order within a priority
         return fn
 
     return register

@@ -36,11 +36,19 @@ when one answers again, with the count of calls failed in between; a
 server down while others answer is one line, and its return another.  The
 lines carry the exception's class and text, never the client objects that
 redis-py puts in some of its messages (a Sentinel's).
+
+`store.submit(fn, *args)` runs a look-up in a small per-process thread
+pool and returns a future at once, so that a check can start its Redis
+round trip when the message is complete and collect the answer after the
+other checks of the stage have run (`store.collect(future)`): the wait on
+the server overlaps with work in the calling thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import re
 import threading
 import time
@@ -61,6 +69,7 @@ log = logging.getLogger("milterguard.redis")
 _DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError, MasterNotFoundError, SlaveNotFoundError)
 
 BACKOFF_START = 1.0
+BACKGROUND_THREADS = 4  # look-ups of concurrent sessions of one worker in flight at once
 # The repr of a redis-py object (`<redis.client.Redis(<...ConnectionPool(...)>)>`),
 # which a Sentinel's MasterNotFoundError carries for each sentinel: 1.9 KB of settings.
 _OBJECT_REPR = re.compile(r"<[^<>]*>")
@@ -298,6 +307,9 @@ class RedisStore:
         # process two lines whatever uses Redis (learning, hashes, lists).
         self.outage = Outage(f"Redis {self.describe}", log, start=BACKOFF_START, cap=retry_max,
                              meanwhile="its checks report *_TEMPFAIL and lists and maps in Redis keep their last copy")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
 
     # ------------------------------------------------------------ construction
 
@@ -343,6 +355,27 @@ class RedisStore:
             raise RedisReadOnly(f"this node has no Redis master to write to ({self.describe})")
         assert self.master is not None
         return GuardedClient([self.master])
+
+    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        """Run `fn(*args)` (calls to this store) in the background; a future of its result."""
+        with self._pool_lock:
+            # A pre-forked worker must not inherit its parent's pool: threads do not survive fork.
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = concurrent.futures.ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="redis")
+                self._pool_pid = os.getpid()
+            return self._pool.submit(fn, *args)
+
+    def collect(self, future: concurrent.futures.Future) -> Any:
+        """The result of a submitted call: what it returned, or what it raised.
+
+        Each call is bounded by `redis.timeout` (twice, with the retry, per
+        server asked); a future not done well after that raises
+        RedisUnavailable rather than holding the message."""
+        servers = len(self.replicas) + (1 if self.master else 0)
+        try:
+            return future.result(timeout=2 * self.timeout * max(servers, 1) + 1.0)
+        except concurrent.futures.TimeoutError:
+            raise RedisUnavailable(f"Redis ({self.describe}) did not answer in time") from None
 
     def ping(self) -> bool:
         """True when some server answers; logs the start-up line otherwise."""

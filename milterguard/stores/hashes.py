@@ -48,10 +48,13 @@ def normalise(text: str) -> str:
     return " ".join(_DIGITS.sub("#", text.lower()).split())
 
 
-def digest(text: str) -> Digest:
-    """The exact hash and the SimHash of TEXT."""
+def digest(text: str, min_words: int = 0) -> Digest | None:
+    """The exact hash and the SimHash of TEXT; None for fewer than MIN_WORDS words
+    (nothing is hashed then)."""
     norm = normalise(text)
     words = _WORD.findall(norm)
+    if len(words) < min_words:
+        return None
     exact = hashlib.sha256(norm.encode("utf-8", "surrogatepass")).hexdigest()
     return Digest(exact, simhash(words), len(words))
 

@@ -50,7 +50,8 @@ SCALE = 2.0
 
 def columns(hashes: list[int]) -> np.ndarray:
     """The feature columns of a message's token hashes (unique, sorted)."""
-    return np.unique(np.asarray([h & 0xFFFFFFFF for h in hashes], dtype=np.uint64) % DIM).astype(np.int64)
+    low = np.asarray(hashes, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+    return np.unique(low % np.uint64(DIM)).astype(np.int64)
 
 
 @dataclass
