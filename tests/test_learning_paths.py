@@ -124,3 +124,27 @@ def test_lookups_started_at_end_of_message_give_the_sequential_verdict(tmp_path,
         learned += any(h.symbol.startswith(("BAYES_", "ML_")) for h in a.hits)
     assert learned > len(tests) // 2  # the learned checks said something on most of them
     assert "HASH_DENIED" in {h.symbol for h in _scan(started, tests[0]).hits}
+
+
+@needs_redis
+def test_a_command_sent_now_and_read_later(master):
+    from milterguard.clients.redis_client import RedisUnavailable
+
+    master.client().mset({"k": "v", "other": "x"})
+    store = RedisStore(url=master.url, timeout=0.5, retry_max=0.1)
+    reader = store.reader()
+    assert reader.send("GET", "k").result() == b"v"
+    # A reply never read must not reach the next command on that connection.
+    abandoned = reader.send("GET", "other")
+    del abandoned
+    assert reader.get("k") == b"v"
+    late = reader.send("GET", "other")
+    assert reader.get("k") == b"v"  # another connection meanwhile
+    assert late.result() == b"x"
+    # The server goes away while the command is out: the reply is asked for again, and none comes.
+    waiting = reader.send("BLPOP", "nothing", "5")
+    master.kill()
+    with pytest.raises(RedisUnavailable):
+        waiting.result()
+    with pytest.raises(RedisUnavailable):
+        reader.send("GET", "k").result()

@@ -1,7 +1,7 @@
 """Reported spam and its mutated resends: exact and SimHash content hashes in Redis.
 
-The look-up starts as soon as the message is complete (a starter at EOM,
-one Redis round trip in the background), and the check runs first among
+The look-up is sent as soon as the message is complete (a starter at EOM,
+one Redis round trip whose reply the check reads), and the check runs first among
 the end-of-message checks, so that a known spam is decided before the
 costly checks (DNS, clamd) of the stage.  A text of fewer than
 `fuzzy.min_words` words is neither hashed nor looked up.
@@ -21,7 +21,7 @@ log = logging.getLogger("milterguard.fuzzy")
 
 
 def _lookup(scan):
-    """(digest, the store's look-up started in the background), or None for a text too short."""
+    """(digest, store, its look-up sent), or None without Redis or for a text too short."""
     from milterguard.clients.redis_client import get_store
 
     config = scan.config
@@ -31,7 +31,8 @@ def _lookup(scan):
     d = digest(scan.message.text, min_words=config["fuzzy.min_words"])
     if d is None:
         return None
-    return d, store.submit(FuzzyStore(store, config["fuzzy.ttl"]).lookup, d, config["fuzzy.max_distance"])
+    fuzzy_store = FuzzyStore(store, config["fuzzy.ttl"])
+    return d, fuzzy_store, fuzzy_store.send_lookup(d)
 
 
 @starter("fuzzy", Stage.EOM, priority=20)
@@ -49,16 +50,16 @@ def fuzzy(scan, hits: Hits) -> None:
     if not config["fuzzy.enabled"]:
         return
     # Imported here: the Redis client library is only needed when fuzzy hashing is on.
-    from milterguard.clients.redis_client import RedisUnavailable, get_store
+    from milterguard.clients.redis_client import RedisUnavailable
 
     scratch = scan.txn.facts.scratch
     started = scratch.pop("fuzzy") if "fuzzy" in scratch else _lookup(scan)
     if started is None:
         return  # no Redis, or too short a text
-    d, future = started
+    d, fuzzy_store, sent = started
     max_distance = config["fuzzy.max_distance"]
     try:
-        match = get_store(config).collect(future)
+        match = fuzzy_store.lookup(d, max_distance, sent)
     except RedisUnavailable as exc:
         # The Redis client logs the outage once; a line per message would flood the log.
         log.debug("fuzzy look-up failed for %s: %s", scan.txn.queue_id or scan.conn.ident, exc)

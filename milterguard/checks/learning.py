@@ -3,8 +3,9 @@
 Both read Redis (a replica when one is configured) and never write to it
 while classifying.  The Bayes look-up starts as soon as the message is
 complete, before the other end-of-message checks (a starter at EOM): the
-message is tokenized once, and the token counts are fetched in the
-background while those checks run; the Bayes check collects them.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
+message is tokenized once, and the look-up of its token counts is sent to
+Redis, which works on it while those checks run; the Bayes check reads the
+answer.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
 and the message goes on; the first failure of an outage is logged once by
 milterguard.clients.redis_client.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
@@ -96,7 +97,7 @@ def start_bayes(scan) -> None:
         return
     tokens_of(scan)
     facts = scan.txn.facts
-    facts.scratch["bayes"] = store.submit(bayes_for(store, config).fetch_values, facts.token_hashes)
+    facts.scratch["bayes"] = bayes_for(store, config).send_fetch(facts.token_hashes)
 
 
 @check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60, active=_bayes_active)
@@ -111,11 +112,11 @@ def bayes(scan, hits: Hits) -> None:
     if store is None:
         return
     tokens_of(scan)
-    started = scan.txn.facts.scratch.pop("bayes", None)
+    sent = scan.txn.facts.scratch.pop("bayes", None)
     db = bayes_for(store, config)
     try:
-        # The same look-up either way: started by start_bayes, or now when it was not.
-        fetched = store.collect(started) if started is not None else db.fetch_values(scan.txn.facts.token_hashes)
+        # The same look-up either way: sent by start_bayes, or now when it was not.
+        fetched = db.fetch_values(scan.txn.facts.token_hashes, sent)
     except RedisUnavailable as exc:
         hits.add("BAYES_TEMPFAIL", where="Redis", text=str(exc)[:200])
         return

@@ -37,18 +37,20 @@ server down while others answer is one line, and its return another.  The
 lines carry the exception's class and text, never the client objects that
 redis-py puts in some of its messages (a Sentinel's).
 
-`store.submit(fn, *args)` runs a look-up in a small per-process thread
-pool and returns a future at once, so that a check can start its Redis
-round trip when the message is complete and collect the answer after the
-other checks of the stage have run (`store.collect(future)`): the wait on
-the server overlaps with work in the calling thread.
+`store.reader().send(*command)` sends one command now and returns a
+`Pending` whose `result()` reads the reply later: a check sends its
+look-up as soon as the message is complete and reads the answer after the
+other checks of the stage have run, so that the server works while they
+do.  The command is sent from the calling thread (a thread pool would not
+do: a thread waits for the interpreter lock while the caller computes).
+A reply that cannot be read is asked for again through the usual path
+(the next server, back-off, the outage lines), so `result()` answers or
+raises RedisUnavailable as any call does.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import os
 import re
 import threading
 import time
@@ -69,7 +71,6 @@ log = logging.getLogger("milterguard.redis")
 _DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError, MasterNotFoundError, SlaveNotFoundError)
 
 BACKOFF_START = 1.0
-BACKGROUND_THREADS = 4  # look-ups of concurrent sessions of one worker in flight at once
 # The repr of a redis-py object (`<redis.client.Redis(<...ConnectionPool(...)>)>`),
 # which a Sentinel's MasterNotFoundError carries for each sentinel: 1.9 KB of settings.
 _OBJECT_REPR = re.compile(r"<[^<>]*>")
@@ -216,6 +217,50 @@ class GuardedPipeline:
         self._queue = []
 
 
+class Pending:
+    """A command sent to a server, its reply not read yet (GuardedClient.send)."""
+
+    def __init__(self, nodes: list[_Node], args: tuple, node: _Node | None = None, conn: Any = None) -> None:
+        self._nodes = nodes
+        self._args = args
+        self._node = node
+        self._conn = conn
+
+    def _release(self, clean: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._node is not None:
+            if not clean:
+                conn.disconnect()  # an unread or half-read reply must not reach the next user
+            self._node.client.connection_pool.release(conn)
+
+    def result(self) -> Any:
+        """The reply (raw, as execute_command gives it); RedisUnavailable when no server answers."""
+        conn, node = self._conn, self._node
+        if conn is not None and node is not None:
+            try:
+                reply = conn.read_response()
+            except _DOWN_ERRORS as exc:
+                self._release(clean=False)
+                node.failed(exc)  # asked again below, through the usual path
+            except BaseException:
+                self._release(clean=True)  # an error reply (no such script) was read whole
+                raise
+            else:
+                self._release(clean=True)
+                node.succeeded()
+                node.store.outage.succeeded()
+                return reply
+        args = self._args
+        return _run(self._nodes, lambda client: client.execute_command(*args))
+
+    def cancel(self) -> None:
+        """The reply will not be read: drop the connection it would arrive on."""
+        self._release(clean=False)
+
+    def __del__(self) -> None:
+        self._release(clean=False)
+
+
 class GuardedClient:
     """A redis-py client for one role whose calls raise RedisUnavailable, never connection errors."""
 
@@ -230,6 +275,27 @@ class GuardedClient:
 
     def pipeline(self, transaction: bool = False) -> GuardedPipeline:
         return GuardedPipeline(self._nodes, transaction)
+
+    def send(self, *args: Any) -> Pending:
+        """Send the command ARGS now to the first server that takes it; read the reply later
+        with `result()` (see the module docstring)."""
+        now = time.monotonic()
+        for node in self._nodes:
+            if not node.usable(now):
+                continue
+            pool = node.client.connection_pool
+            try:
+                conn = pool.get_connection()
+            except _DOWN_ERRORS:
+                break  # result() asks through the usual path, which reports the failure
+            try:
+                conn.send_command(*args)
+            except _DOWN_ERRORS:
+                conn.disconnect()
+                pool.release(conn)
+                break
+            return Pending(self._nodes, args, node, conn)
+        return Pending(self._nodes, args)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -307,9 +373,6 @@ class RedisStore:
         # process two lines whatever uses Redis (learning, hashes, lists).
         self.outage = Outage(f"Redis {self.describe}", log, start=BACKOFF_START, cap=retry_max,
                              meanwhile="its checks report *_TEMPFAIL and lists and maps in Redis keep their last copy")
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pool_pid = 0
-        self._pool_lock = threading.Lock()
 
     # ------------------------------------------------------------ construction
 
@@ -355,27 +418,6 @@ class RedisStore:
             raise RedisReadOnly(f"this node has no Redis master to write to ({self.describe})")
         assert self.master is not None
         return GuardedClient([self.master])
-
-    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
-        """Run `fn(*args)` (calls to this store) in the background; a future of its result."""
-        with self._pool_lock:
-            # A pre-forked worker must not inherit its parent's pool: threads do not survive fork.
-            if self._pool is None or self._pool_pid != os.getpid():
-                self._pool = concurrent.futures.ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="redis")
-                self._pool_pid = os.getpid()
-            return self._pool.submit(fn, *args)
-
-    def collect(self, future: concurrent.futures.Future) -> Any:
-        """The result of a submitted call: what it returned, or what it raised.
-
-        Each call is bounded by `redis.timeout` (twice, with the retry, per
-        server asked); a future not done well after that raises
-        RedisUnavailable rather than holding the message."""
-        servers = len(self.replicas) + (1 if self.master else 0)
-        try:
-            return future.result(timeout=2 * self.timeout * max(servers, 1) + 1.0)
-        except concurrent.futures.TimeoutError:
-            raise RedisUnavailable(f"Redis ({self.describe}) did not answer in time") from None
 
     def ping(self) -> bool:
         """True when some server answers; logs the start-up line otherwise."""

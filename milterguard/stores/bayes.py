@@ -37,7 +37,7 @@ import numpy as np
 import redis
 
 from milterguard.learn.tokens import tokenize
-from milterguard.clients.redis_client import RedisStore, RedisUnavailable
+from milterguard.clients.redis_client import Pending, RedisStore, RedisUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from milterguard.mail.message import Message
@@ -204,14 +204,21 @@ class Bayes:
         n_spam, n_ham, values = self.fetch_values(hashes)
         return n_spam, n_ham, list(zip((values >> 32).tolist(), (values & (SPAM_UNIT - 1)).tolist()))
 
-    def fetch_values(self, hashes) -> tuple[int, int, np.ndarray]:
+    def send_fetch(self, hashes) -> "Pending":
+        """Send the look-up of these token hashes now; fetch_values(hashes, pending) reads it."""
+        return self.store.reader().send("EVALSHA_RO", _SHA_FETCH, 1, self.totals_key, self.token_prefix,
+                                        slots_blob(hashes))
+
+    def fetch_values(self, hashes, pending: "Pending | None" = None) -> tuple[int, int, np.ndarray]:
         """(spam learned, ham learned, each token's value `spam * 2**32 + ham` as int64)."""
-        args = (self.token_prefix, slots_blob(hashes))
         reader = self.store.reader()
         try:
-            reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, *args)
+            if pending is None:
+                reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, self.token_prefix, slots_blob(hashes))
+            else:
+                reply = pending.result()
         except redis.exceptions.NoScriptError:
-            reply = reader.eval_ro(_FETCH, 1, self.totals_key, *args)
+            reply = reader.eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, slots_blob(hashes))
         values = np.array(reply.split(), dtype=np.int64)
         return int(values[0]), int(values[1]), values[2:]
 

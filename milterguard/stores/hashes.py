@@ -16,7 +16,9 @@ Keys (under redis.prefix)::
 
 Each SimHash is filed under its eight 8-bit bands: two hashes at most 7 bits
 apart share at least one band whole (pigeonhole), so a look-up reads eight
-small sets in one round trip and compares only the hashes found there.
+small sets in one round trip (one read-only script: the exact hash, else the
+unexpired members of the bands) and compares only the hashes found there.
+A look-up can be sent first and its reply read later (`send_lookup`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
+
+import redis
 
 BANDS = 8
 BAND_BITS = 64 // BANDS
@@ -88,6 +92,21 @@ def bands(value: int) -> list[str]:
     return [f"{i}:{(value >> (i * BAND_BITS)) & ((1 << BAND_BITS) - 1):02x}" for i in range(BANDS)]
 
 
+# KEYS: the exact hash's key, then the bands'; ARGV[1]: now.  {1, simhash} for an exact
+# match, else {0, members of the bands not expired...}.
+_LOOKUP = """
+local exact = redis.call('GET', KEYS[1])
+if exact then return {1, exact} end
+local out, n = {0}, 1
+for i = 2, #KEYS do
+  local members = redis.call('ZRANGEBYSCORE', KEYS[i], ARGV[1], '+inf')
+  for j = 1, #members do n = n + 1; out[n] = members[j] end
+end
+return out
+"""
+_SHA_LOOKUP = hashlib.sha1(_LOOKUP.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Match:
     kind: str  # "exact" or "fuzzy"
@@ -128,27 +147,34 @@ class FuzzyStore:
             results = pipe.execute()
         return bool(results[0]) or any(results[1:])
 
-    def lookup(self, d: Digest, max_distance: int) -> Match | None:
+    def send_lookup(self, d: Digest):
+        """Send the look-up of D now; lookup(d, max_distance, pending) reads it."""
+        exact_key, band_keys = self._keys(d)
+        return self.store.reader().send("EVALSHA_RO", _SHA_LOOKUP, 1 + len(band_keys), exact_key, *band_keys,
+                                        repr(time.time()))
+
+    def lookup(self, d: Digest, max_distance: int, pending=None) -> Match | None:
         """The closest entry within MAX_DISTANCE bits, exact first. Raises RedisUnavailable."""
         exact_key, band_keys = self._keys(d)
-        now = time.time()
-        with self.store.reader().pipeline() as pipe:
-            pipe.get(exact_key)
-            for key in band_keys:
-                pipe.zrangebyscore(key, now, "+inf")
-            results = pipe.execute()
-        if results[0] is not None:
-            return Match("exact", 0, _text(results[0]))
+        reader = self.store.reader()
+        try:
+            if pending is None:
+                reply = reader.evalsha_ro(_SHA_LOOKUP, 1 + len(band_keys), exact_key, *band_keys, repr(time.time()))
+            else:
+                reply = pending.result()
+        except redis.exceptions.NoScriptError:
+            reply = reader.eval_ro(_LOOKUP, 1 + len(band_keys), exact_key, *band_keys, repr(time.time()))
+        if int(reply[0]) == 1:
+            return Match("exact", 0, _text(reply[1]))
         best: Match | None = None
-        for members in results[1:]:
-            for member in members or ():
-                text = _text(member)
-                try:
-                    dist = distance(int(text, 16), d.simhash)
-                except ValueError:
-                    continue
-                if dist <= max_distance and (best is None or dist < best.distance):
-                    best = Match("fuzzy", dist, text)
+        for member in reply[1:]:
+            text = _text(member)
+            try:
+                dist = distance(int(text, 16), d.simhash)
+            except ValueError:
+                continue
+            if dist <= max_distance and (best is None or dist < best.distance):
+                best = Match("fuzzy", dist, text)
         return best
 
 
