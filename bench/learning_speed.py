@@ -15,8 +15,12 @@ configuration runs in a process of its own (the engine of `milterguard
 bench`, one message at a time); the driver has them scan the same message
 one after the other, in a shuffled order, message by message, so that
 load from other work on the machine falls on all of them alike.  Printed:
-messages per second of engine time, p50 and p99 per message, and what each
-configuration adds to the median and p99 of "no Redis".
+messages per second of engine time, p50 and p99 per message, what each
+configuration adds to the median and p99 of "no Redis", and the mean CPU
+time per message of the filter's process and of the Redis server (its main
+thread, read from INFO before and after each message; INFO's own cost is
+in the "no Redis" row too): CPU times hold better than wall times on a
+machine shared with other work.
 
 With `--checkout NAME=DIR` (repeatable) the same is done for other source
 trees (each learns under a Redis key prefix of its own), interleaved with
@@ -103,10 +107,11 @@ def worker(args) -> int:
     print("ready", flush=True)
     for line in sys.stdin:
         i = int(line)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         conn, txn = build(_Env, raws[i], i)
         engine.evaluate(conn, txn)
-        print(f"{time.perf_counter() - t0:.9f}", flush=True)
+        print(f"{time.perf_counter() - t0:.9f} {time.process_time() - c0:.9f}", flush=True)
     return 0
 
 
@@ -145,8 +150,19 @@ def drive(args) -> int:
                 if proc.stdout.readline().strip() != "ready":
                     raise SystemExit(f"worker {name} {config} did not start")
                 procs[(name, config)] = proc
+        import redis
+
+        server = redis.Redis.from_url(url)
+
+        def redis_cpu() -> float:
+            info = server.info("cpu")
+            return float(info.get("used_cpu_user_main_thread", info["used_cpu_user"])) + float(
+                info.get("used_cpu_sys_main_thread", info["used_cpu_sys"]))
+
         try:
             times: dict[tuple[str, str], list[float]] = {key: [] for key in procs}
+            cpu: dict[tuple[str, str], list[float]] = {key: [] for key in procs}
+            server_cpu: dict[tuple[str, str], list[float]] = {key: [] for key in procs}
             order = list(procs)
             rng = random.Random(0)
             for round_ in range(args.rounds + 1):  # round 0 warms up (imports, caches, the model)
@@ -154,11 +170,14 @@ def drive(args) -> int:
                     rng.shuffle(order)
                     for key in order:
                         proc = procs[key]
+                        before = redis_cpu()
                         proc.stdin.write(f"{i}\n")
                         proc.stdin.flush()
-                        elapsed = float(proc.stdout.readline())
+                        elapsed, used = (float(v) for v in proc.stdout.readline().split())
                         if round_:
                             times[key].append(elapsed)
+                            cpu[key].append(used)
+                            server_cpu[key].append(redis_cpu() - before)
         finally:
             for proc in procs.values():
                 proc.stdin.close()
@@ -174,16 +193,19 @@ def drive(args) -> int:
                 "p50_ms": round(1000 * _pct(t, 0.5), 2), "p99_ms": round(1000 * _pct(t, 0.99), 2),
                 "added_p50_ms": round(1000 * (_pct(t, 0.5) - _pct(base, 0.5)), 2),
                 "added_p99_ms": round(1000 * (_pct(t, 0.99) - _pct(base, 0.99)), 2),
+                "cpu_ms": round(1000 * sum(cpu[(name, config)]) / len(t), 2),
+                "redis_cpu_ms": round(1000 * sum(server_cpu[(name, config)]) / len(t), 2),
             })
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{len(messages)} held-out spam x {args.rounds} rounds, DNS off, one message at a time\n")
-    print("| checkout | configuration | messages/s | p50 | p99 | added p50 | added p99 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| checkout | configuration | messages/s | p50 | p99 | added p50 | added p99 | CPU/msg | Redis CPU/msg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['checkout']} | {r['configuration']} | {r['per_second']:.0f} | {r['p50_ms']:.2f} ms | "
-              f"{r['p99_ms']:.1f} ms | {r['added_p50_ms']:+.2f} ms | {r['added_p99_ms']:+.1f} ms |")
+              f"{r['p99_ms']:.1f} ms | {r['added_p50_ms']:+.2f} ms | {r['added_p99_ms']:+.1f} ms | "
+              f"{r['cpu_ms']:.2f} ms | {r['redis_cpu_ms']:.2f} ms |")
     return 0
 
 
