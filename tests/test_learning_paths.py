@@ -163,7 +163,7 @@ def test_bayes_upgrade_moves_counts_of_the_old_layout_without_learning_again(tmp
     probe = [token_hash(t) for t in tokenize(Message.from_bytes(make_message("spam", 99)))]
     learned = bayes.classify_hashes(probe)
     assert learned[1] > 0  # tokens known
-    # The same counts as the layout before 0.4 kept them: 65536 hashes, 2 bytes of key and 5 of field.
+    # The same counts as the earlier layout kept them: 65536 hashes, 2 bytes of key and 5 of field.
     client = master.client()
     for bucket in range(256):
         key = bayes.bucket_key(bucket)

@@ -59,7 +59,7 @@ def bayes_for(store, config) -> "Bayes":
 @preparer("bayes")
 def connect_at_load(config) -> None:
     """Ask Redis once when the engine loads, so that a Redis down at start is logged then
-    (and Bayes counts left in the layout before 0.4), and load the classifier's model before
+    (and Bayes counts left in the earlier layout), and load the classifier's model before
     the workers fork (they share it)."""
     from milterguard.clients.redis_client import RedisUnavailable, get_store
     from milterguard.stores.models import model_cache
@@ -69,7 +69,7 @@ def connect_at_load(config) -> None:
         return
     try:
         if bayes_for(store, config).has_old_layout():
-            log.warning("Bayes counts learned before 0.4 are in Redis and are not read: "
+            log.warning("Bayes counts in the earlier layout (bayes:t:) are in Redis and are not read: "
                         "run `milterguard bayes upgrade` once, on a node that knows the master")
         if config["ml.enabled"]:
             model_cache(store, config["ml.poll_interval"]).current()

@@ -1,5 +1,5 @@
 """Bayes database: `stats` shows what was learned, `expire` drops rare tokens down to bayes.max_tokens,
-`upgrade` moves token counts of the layout before 0.4 into the current one."""
+`upgrade` moves token counts of the earlier layout (`bayes:t:`) into the current one."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from milterguard.clients.redis_client import RedisUnavailable
 def add_arguments(parser) -> None:
     parser.add_argument("action", choices=("stats", "expire", "upgrade"),
                         help="stats: counts and memory; expire: drop rare tokens; "
-                             "upgrade: move counts learned before 0.4 into the current layout")
+                             "upgrade: move counts of the earlier layout (bayes:t:) into the current one")
     parser.add_argument("--max-tokens", type=int, default=None, help="with expire: keep this many (default bayes.max_tokens)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -51,7 +51,7 @@ def run(args) -> int:
               f"({'active' if result['active'] else 'inactive until %d of each' % result['min_learns']})")
         print(f"tokens:   {result['tokens']}")
         if result["old_layout"]:
-            print("layout:   counts learned before 0.4 are left and not read: run `milterguard bayes upgrade`")
+            print("layout:   counts in the earlier layout (bayes:t:) are left and not read: run `milterguard bayes upgrade`")
         print(f"samples:  {result['samples']} kept for training; model version {result['model_version'] or 'none'}")
         print(f"memory:   {result['used_memory'] / 1048576:.1f} MB used by Redis ({result['server']})")
     return 0

@@ -24,7 +24,7 @@ script on a replica (one round trip, one HMGET per key the tokens fall
 in); a message's tokens go to either script as one string of 7 bytes per
 token, which costs the client far less than an argument each.
 
-Before version 0.4 the counts were in 65536 small hashes, `bayes:t:BB`
+The earlier layout kept the counts in 65536 small hashes, `bayes:t:BB`
 (two bytes of key, five of field: the same 56 bits of each token).
 Reading one message cost a script call per token, twice the server time.
 `milterguard bayes upgrade` moves such counts into the layout above
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SPAM_UNIT = 1 << 32  # a spam count is worth this much in a token's value
 BUCKETS = 1 << 8  # hashes of token counts, named by the first byte of the token
-OLD_BUCKETS = 1 << 16  # those of the layout before 0.4
+OLD_BUCKETS = 1 << 16  # those of the earlier layout (`bayes:t:` + 2 bytes)
 ROBINSON_S, ROBINSON_X = 1.0, 0.5  # strength and prior of an unknown token (Robinson)
 MIN_STRENGTH = 0.1  # tokens closer than this to 0.5 are left out
 MAX_SIGNIFICANT = 150  # the most telling tokens that are combined (as SpamAssassin does)
@@ -252,7 +252,7 @@ class Bayes:
         return self.token_prefix + bytes((bucket,))
 
     def old_key(self, bucket: int) -> bytes:
-        """The name of hash number `bucket` (0..65535) of the layout before 0.4."""
+        """The name of hash number `bucket` (0..65535) of the earlier layout."""
         return self.old_prefix + bucket.to_bytes(2, "big")
 
     # ------------------------------------------------------------ reading
@@ -355,12 +355,12 @@ class Bayes:
         }
 
     def has_old_layout(self) -> bool:
-        """Whether counts of the layout before 0.4 are left (a sample of 64 of its keys is asked)."""
+        """Whether counts of the earlier layout are left (a sample of 64 of its keys is asked)."""
         reader = self.store.reader()
         return bool(reader.exists(*(self.old_key(b) for b in range(0, OLD_BUCKETS, OLD_BUCKETS // 64))))
 
     def upgrade(self) -> dict:
-        """Move the counts of the layout before 0.4 into the current one, one old hash at a
+        """Move the counts of the earlier layout into the current one, one old hash at a
         time (atomic each: added here, deleted there), so that an interrupted run goes on
         where it stopped and mail learned meanwhile adds up."""
         writer = self.store.writer()
