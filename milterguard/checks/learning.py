@@ -38,12 +38,12 @@ _BAYES: dict[int, "Bayes"] = {}
 
 def tokens_of(scan) -> list[str]:
     """The message's tokens, computed once per message for both classifiers."""
-    from milterguard.stores.bayes import token_hash
+    from milterguard.stores.bayes import token_hashes
 
     facts = scan.txn.facts
     if facts.tokens is None:
         facts.tokens = tokenize(scan.message)
-        facts.token_hashes = [token_hash(t) for t in facts.tokens]
+        facts.token_hashes = token_hashes(facts.tokens)
     return facts.tokens
 
 

@@ -94,21 +94,22 @@ if prev then return 2 end
 return 1
 """
 
-# ARGV[2]: the tokens grouped by key: per key its byte, the count (2 bytes) and the fields.
+# ARGV[2]: per key its byte and the count of its tokens (3 bytes); ARGV[3]: their 6-byte
+# fields, key after key (grouped_blob).
 _FETCH = """
 local totals = redis.call('HMGET', KEYS[1], 'spam', 'ham')
 local out = {totals[1] or '0', totals[2] or '0'}
 local n = 2
-local blob, prefix, sub, byte, call, unpack = ARGV[2], ARGV[1], string.sub, string.byte, redis.call, unpack
-local i, len = 1, #blob
-while i <= len do
-  local key = prefix .. sub(blob, i, i)
-  local count = byte(blob, i + 1) * 256 + byte(blob, i + 2)
-  i = i + 3
+local groups, blob, prefix = ARGV[2], ARGV[3], ARGV[1]
+local sub, byte, call, unpack, min = string.sub, string.byte, redis.call, unpack, math.min
+local i = 1
+for g = 1, #groups, 3 do
+  local key = prefix .. sub(groups, g, g)
+  local count = byte(groups, g + 1) * 256 + byte(groups, g + 2)
   local fields = {}
   for k = 1, count do fields[k] = sub(blob, i, i + 5); i = i + 6 end
   for first = 1, count, 1000 do
-    local last = math.min(first + 999, count)
+    local last = min(first + 999, count)
     local values = call('HMGET', key, unpack(fields, first, last))
     for k = 1, last - first + 1 do n = n + 1; out[n] = values[k] or '0' end
   end
@@ -138,6 +139,12 @@ def token_hash(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
+def token_hashes(tokens: list[str]) -> list[int]:
+    """token_hash() of each token, without a Python call per token (the same values)."""
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    return [from_bytes(blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for t in tokens]
+
+
 def slots_blob(hashes) -> bytes:
     """Tokens as the scripts read them: 7 bytes each, 2 of hash key number and 5 of field
     (the hash's top 56 bits, big-endian)."""
@@ -145,23 +152,27 @@ def slots_blob(hashes) -> bytes:
     return top.view(np.uint8).reshape(-1, 8)[:, 1:].tobytes()
 
 
-def grouped_blob(hashes) -> tuple[bytes, np.ndarray]:
-    """(the fetch script's argument, the order the values come back in).
+_GROUP = np.dtype([("key", "u1"), ("count", ">u2")])
+
+
+def grouped_blob(hashes) -> tuple[bytes, bytes, np.ndarray]:
+    """(the groups, the fields, the order the values come back in): the fetch script's arguments.
 
     Tokens as slots_blob() cuts them, grouped by their first byte (the key):
-    per key its byte, the count of its tokens (2 bytes) and their 6-byte
-    fields.  The values come back in the order of the grouped tokens: the
-    second item, indices into HASHES, puts them back in the caller's order."""
+    the groups are 3 bytes each, the key's byte and the count of its tokens;
+    the fields are the 6 other bytes of each token, group after group.  The
+    values come back in that order: the third item, indices into HASHES,
+    puts them back in the caller's order."""
     top = (np.asarray(hashes, dtype=np.uint64) >> np.uint64(8)).astype(">u8")
     slots = top.view(np.uint8).reshape(-1, 8)[:, 1:]
     order = np.argsort(slots[:, 0], kind="stable")
+    counts = np.bincount(slots[:, 0], minlength=BUCKETS)
+    keys = np.flatnonzero(counts)
+    counts = counts[keys]
     slots = slots[order]
-    keys, starts, counts = np.unique(slots[:, 0], return_index=True, return_counts=True)
-    parts = []
-    for key, start, count in zip(keys.tolist(), starts.tolist(), counts.tolist()):
-        parts.append(bytes((key, count >> 8, count & 0xFF)))
-        parts.append(slots[start:start + count, 1:].tobytes())
-    return b"".join(parts), order
+    groups = np.empty(len(keys), dtype=_GROUP)
+    groups["key"], groups["count"] = keys, counts
+    return groups.tobytes(), slots[:, 1:].tobytes(), order
 
 
 def message_digest(msg: "Message") -> str:
@@ -264,8 +275,10 @@ class Bayes:
 
     def send_fetch(self, hashes) -> tuple["Pending", np.ndarray]:
         """Send the look-up of these token hashes now; fetch_values(hashes, sent) reads it."""
-        blob, order = grouped_blob(hashes)
-        return self.store.reader().send("EVALSHA_RO", _SHA_FETCH, 1, self.totals_key, self.token_prefix, blob), order
+        groups, fields, order = grouped_blob(hashes)
+        pending = self.store.reader().send("EVALSHA_RO", _SHA_FETCH, 1, self.totals_key, self.token_prefix,
+                                           groups, fields)
+        return pending, order
 
     def fetch_values(self, hashes, sent: tuple["Pending", np.ndarray] | None = None) -> tuple[int, int, np.ndarray]:
         """(spam learned, ham learned, each token's value `spam * 2**32 + ham` as int64), in one
@@ -273,14 +286,14 @@ class Bayes:
         reader = self.store.reader()
         try:
             if sent is None:
-                blob, order = grouped_blob(hashes)
-                reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, self.token_prefix, blob)
+                groups, fields, order = grouped_blob(hashes)
+                reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, self.token_prefix, groups, fields)
             else:
                 pending, order = sent
                 reply = pending.result()
         except redis.exceptions.NoScriptError:
-            blob, order = grouped_blob(hashes)
-            reply = reader.eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, blob)
+            groups, fields, order = grouped_blob(hashes)
+            reply = reader.eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, groups, fields)
         values = np.array(reply.split(), dtype=np.int64)
         counts = np.empty(len(order), dtype=np.int64)
         counts[order] = values[2:]  # back in the order of HASHES
@@ -292,7 +305,7 @@ class Bayes:
 
     def classify(self, tokens: list[str]) -> tuple[float, int, int, int]:
         """(spam probability, tokens used, spam learned, ham learned)."""
-        return self.classify_hashes([token_hash(t) for t in tokens])
+        return self.classify_hashes(token_hashes(tokens))
 
     def classify_hashes(self, hashes) -> tuple[float, int, int, int]:
         """classify() for token hashes already computed."""
@@ -316,7 +329,7 @@ class Bayes:
         """
         if label not in ("spam", "ham", ""):
             raise ValueError(f"label must be spam, ham or empty, got {label!r}")
-        hashes = [token_hash(t) for t in tokens]
+        hashes = token_hashes(tokens)
         packed = pack_sample(hashes) if sample and label else b""
         args = (digest, label, self.token_prefix, packed, self.max_samples, slots_blob(hashes),
                 "1" if only_new else "0")
@@ -415,5 +428,5 @@ class Bayes:
         return {"tokens_before": total, "removed": removed, "tokens": total - removed}
 
 
-__all__ = ["Bayes", "Learned", "RedisUnavailable", "combine", "combine_arrays", "grouped_blob", "message_digest", "token_hash", "slots_blob",
+__all__ = ["Bayes", "Learned", "RedisUnavailable", "combine", "combine_arrays", "grouped_blob", "message_digest", "token_hash", "token_hashes", "slots_blob",
            "pack_sample", "unpack_sample"]
