@@ -269,7 +269,7 @@ SETTINGS: list[Setting] = [
     Setting("bayes.ham_probability", Float(minimum=0.0), 0.4,
             "Spam probability at or below which BAYES_HAM is added.", since="0.2"),
     Setting("bayes.max_tokens", Int(minimum=1000), 5_000_000,
-            "Tokens kept in Redis (about 50 bytes each); past this, learning drops the rarest tokens "
+            "Tokens kept in Redis (about 30 bytes each); past this, learning drops the rarest tokens "
             "(`milterguard bayes expire` does it on demand).", since="0.2"),
     Setting("bayes.autolearn", Bool(), False,
             "Learn scanned mail on its own: spam at or above `bayes.autolearn_spam`, ham at or below "

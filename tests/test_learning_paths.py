@@ -148,38 +148,3 @@ def test_a_command_sent_now_and_read_later(master):
         waiting.result()
     with pytest.raises(RedisUnavailable):
         reader.send("GET", "k").result()
-
-
-@needs_redis
-def test_bayes_upgrade_moves_counts_of_the_old_layout_without_learning_again(tmp_path, master, capsys, caplog):
-    from milterguard.cli import main as cli_main
-    from support.mailgen import make_message
-
-    store = RedisStore(url=master.url)
-    bayes = Bayes(store)
-    for i in range(8):
-        for label in ("spam", "ham"):
-            bayes.learn_message(Message.from_bytes(make_message(label, i)), label)
-    probe = [token_hash(t) for t in tokenize(Message.from_bytes(make_message("spam", 99)))]
-    learned = bayes.classify_hashes(probe)
-    assert learned[1] > 0  # tokens known
-    # The same counts as the earlier layout kept them: 65536 hashes, 2 bytes of key and 5 of field.
-    client = master.client()
-    for bucket in range(256):
-        key = bayes.bucket_key(bucket)
-        for field, value in client.hgetall(key).items():
-            slot = bytes((bucket,)) + field
-            client.hset(bayes.old_key(int.from_bytes(slot[:2], "big")), slot[2:], value)
-        client.delete(key)
-    assert bayes.has_old_layout()
-    assert bayes.classify_hashes(probe)[1] == 0  # not read where they are
-    caplog.set_level("WARNING", logger="milterguard.learn")
-    Engine.load(load_config(etc_dir=tmp_path, sets=[f"redis.url={master.url}", "dns.enabled=false"]))
-    assert "bayes upgrade" in caplog.text
-    for _ in range(2):  # a second run finds nothing left to move
-        assert cli_main(["bayes", "upgrade", "--etc-dir", str(tmp_path), "--set", f"redis.url={master.url}"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith("0 tokens moved") and not out[0].startswith("0 ")
-    assert not bayes.has_old_layout()
-    assert not client.keys(b"mg:bayes:t:*")
-    assert bayes.classify_hashes(probe) == learned

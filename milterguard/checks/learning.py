@@ -58,21 +58,16 @@ def bayes_for(store, config) -> "Bayes":
 
 @preparer("bayes")
 def connect_at_load(config) -> None:
-    """Ask Redis once when the engine loads, so that a Redis down at start is logged then
-    (and Bayes counts left in the earlier layout), and load the classifier's model before
-    the workers fork (they share it)."""
+    """Ask Redis once when the engine loads, so that a Redis down at start is logged then,
+    and load the classifier's model before the workers fork (they share it)."""
     from milterguard.clients.redis_client import RedisUnavailable, get_store
     from milterguard.stores.models import model_cache
 
     store = get_store(config)
-    if store is None:
+    if store is None or not config["ml.enabled"]:
         return
     try:
-        if bayes_for(store, config).has_old_layout():
-            log.warning("Bayes counts in the earlier layout (bayes:t:) are in Redis and are not read: "
-                        "run `milterguard bayes upgrade` once, on a node that knows the master")
-        if config["ml.enabled"]:
-            model_cache(store, config["ml.poll_interval"]).current()
+        model_cache(store, config["ml.poll_interval"]).current()
     except RedisUnavailable:
         pass  # logged by the store; the workers ask again
 

@@ -1,5 +1,4 @@
-"""Bayes database: `stats` shows what was learned, `expire` drops rare tokens down to bayes.max_tokens,
-`upgrade` moves token counts of the earlier layout (`bayes:t:`) into the current one."""
+"""Bayes database: `stats` shows what was learned, `expire` drops rare tokens down to bayes.max_tokens."""
 
 from __future__ import annotations
 
@@ -12,9 +11,7 @@ from milterguard.clients.redis_client import RedisUnavailable
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("action", choices=("stats", "expire", "upgrade"),
-                        help="stats: counts and memory; expire: drop rare tokens; "
-                             "upgrade: move counts of the earlier layout (bayes:t:) into the current one")
+    parser.add_argument("action", choices=("stats", "expire"), help="stats: counts and memory; expire: drop rare tokens")
     parser.add_argument("--max-tokens", type=int, default=None, help="with expire: keep this many (default bayes.max_tokens)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -26,10 +23,6 @@ def run(args) -> int:
         bayes = Bayes(store)
         if args.action == "expire":
             result = bayes.expire(args.max_tokens or config["bayes.max_tokens"])
-        elif args.action == "upgrade":
-            if not store.can_write:
-                raise CliError("upgrade writes: run it on a node that knows the Redis master")
-            result = bayes.upgrade()
         else:
             result = bayes.stats()
             version = store.reader().get(store.key("ml", "version"))
@@ -44,14 +37,10 @@ def run(args) -> int:
         print(json.dumps(result))
     elif args.action == "expire":
         print(f"{result['removed']} tokens removed, {result['tokens']} kept")
-    elif args.action == "upgrade":
-        print(f"{result['tokens']} tokens moved into the current layout ({result['keys']} hashes of the old one)")
     else:
         print(f"learned:  {result['spam']} spam, {result['ham']} ham "
               f"({'active' if result['active'] else 'inactive until %d of each' % result['min_learns']})")
         print(f"tokens:   {result['tokens']}")
-        if result["old_layout"]:
-            print("layout:   counts in the earlier layout (bayes:t:) are left and not read: run `milterguard bayes upgrade`")
         print(f"samples:  {result['samples']} kept for training; model version {result['model_version'] or 'none'}")
         print(f"memory:   {result['used_memory'] / 1048576:.1f} MB used by Redis ({result['server']})")
     return 0

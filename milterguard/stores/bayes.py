@@ -2,14 +2,14 @@
 
 Redis layout (all keys under `redis.prefix`):
 
-- `bayes:g:B`, where B is one raw byte (256 keys): a hash whose fields are
+- `bayes:t:BB`, where BB is two bytes (65536 keys): a hash whose fields are
   tokens and whose values are both counts in one integer,
   `spam * 2**32 + ham`.  A token is the 64-bit BLAKE2b hash of its text:
-  its first byte is the B of its hash key, the next 6 bytes are the field.
-  Few, large hashes, so that the tokens of one message fall into few keys
-  and are read with one HMGET per key (about 50 bytes a token in Redis,
-  against some 90 for a key per token); one HINCRBY moves a token's count
-  for either class.
+  its first 2 bytes are the BB of its hash key (raw bytes: building the key
+  name costs the scripts half as much as a decimal number would), the next
+  5 bytes are the field.  Small hashes are stored by Redis
+  as compact listpacks (about 20 bytes a token, against some 90 for a key
+  per token), and one HINCRBY moves a token's count for either class.
 - `bayes:totals`: hash `spam`, `ham`: messages learned of each class.
 - `bayes:digests`: hash message digest -> `spam` / `ham`: what was learned,
   cluster-wide, so learning a message twice counts once, and relearning it
@@ -20,22 +20,14 @@ Redis layout (all keys under `redis.prefix`):
 
 Learning a message is one Lua script on the master (atomic, one round
 trip); classifying reads all of a message's tokens with one read-only
-script on a replica (one round trip, one HMGET per key the tokens fall
-in); a message's tokens go to either script as one string of 7 bytes per
-token, which costs the client far less than an argument each.
-
-The earlier layout kept the counts in 65536 small hashes, `bayes:t:BB`
-(two bytes of key, five of field: the same 56 bits of each token).
-Reading one message cost a script call per token, twice the server time.
-`milterguard bayes upgrade` moves such counts into the layout above
-(`Bayes.upgrade`), without learning anything again.
+script on a replica (one round trip); a message's tokens go to either script as one string of
+7 bytes per token, which costs the client far less than an argument each.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -51,8 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from milterguard.mail.message import Message
 
 SPAM_UNIT = 1 << 32  # a spam count is worth this much in a token's value
-BUCKETS = 1 << 8  # hashes of token counts, named by the first byte of the token
-OLD_BUCKETS = 1 << 16  # those of the earlier layout (`bayes:t:` + 2 bytes)
+BUCKETS = 1 << 16
 ROBINSON_S, ROBINSON_X = 1.0, 0.5  # strength and prior of an unknown token (Robinson)
 MIN_STRENGTH = 0.1  # tokens closer than this to 0.5 are left out
 MAX_SIGNIFICANT = 150  # the most telling tokens that are combined (as SpamAssassin does)
@@ -87,51 +78,25 @@ end
 local d = string.format('%d', delta)
 local blob, prefix, sub, call = ARGV[6], ARGV[3], string.sub, redis.call
 for i = 1, #blob, 7 do
-  local key, field = prefix .. sub(blob, i, i), sub(blob, i + 1, i + 6)
+  local key, field = prefix .. sub(blob, i, i + 1), sub(blob, i + 2, i + 6)
   if call('HINCRBY', key, field, d) <= 0 then call('HDEL', key, field) end
 end
 if prev then return 2 end
 return 1
 """
 
-# ARGV[2]: per key its byte and the count of its tokens (3 bytes); ARGV[3]: their 6-byte
-# fields, key after key (grouped_blob).
 _FETCH = """
 local totals = redis.call('HMGET', KEYS[1], 'spam', 'ham')
 local out = {totals[1] or '0', totals[2] or '0'}
-local n = 2
-local groups, blob, prefix = ARGV[2], ARGV[3], ARGV[1]
-local sub, byte, call, unpack, min = string.sub, string.byte, redis.call, unpack, math.min
-local i = 1
-for g = 1, #groups, 3 do
-  local key = prefix .. sub(groups, g, g)
-  local count = byte(groups, g + 1) * 256 + byte(groups, g + 2)
-  local fields = {}
-  for k = 1, count do fields[k] = sub(blob, i, i + 5); i = i + 6 end
-  for first = 1, count, 1000 do
-    local last = min(first + 999, count)
-    local values = call('HMGET', key, unpack(fields, first, last))
-    for k = 1, last - first + 1 do n = n + 1; out[n] = values[k] or '0' end
-  end
+local blob, prefix, sub, call = ARGV[2], ARGV[1], string.sub, redis.call
+for i = 1, #blob, 7 do
+  out[#out + 1] = call('HGET', prefix .. sub(blob, i, i + 1), sub(blob, i + 2, i + 6)) or '0'
 end
 return table.concat(out, ' ')
 """
 
-# Moves one hash of the old layout (KEYS[1]) into the new one: adds its counts, deletes it.
-_UPGRADE = """
-local pairs = redis.call('HGETALL', KEYS[1])
-local prefix, old, sub = ARGV[1], KEYS[1], string.sub
-for i = 1, #pairs, 2 do
-  local slot = sub(old, #old - 1, #old) .. pairs[i]
-  redis.call('HINCRBY', prefix .. sub(slot, 1, 1), sub(slot, 2, 7), pairs[i + 1])
-end
-redis.call('DEL', old)
-return #pairs / 2
-"""
-
 _SHA_FETCH = hashlib.sha1(_FETCH.encode()).hexdigest()
 _SHA_LEARN = hashlib.sha1(_LEARN.encode()).hexdigest()
-_SHA_UPGRADE = hashlib.sha1(_UPGRADE.encode()).hexdigest()
 
 
 def token_hash(token: str) -> int:
@@ -150,29 +115,6 @@ def slots_blob(hashes) -> bytes:
     (the hash's top 56 bits, big-endian)."""
     top = (np.asarray(hashes, dtype=np.uint64) >> np.uint64(8)).astype(">u8")
     return top.view(np.uint8).reshape(-1, 8)[:, 1:].tobytes()
-
-
-_GROUP = np.dtype([("key", "u1"), ("count", ">u2")])
-
-
-def grouped_blob(hashes) -> tuple[bytes, bytes, np.ndarray]:
-    """(the groups, the fields, the order the values come back in): the fetch script's arguments.
-
-    Tokens as slots_blob() cuts them, grouped by their first byte (the key):
-    the groups are 3 bytes each, the key's byte and the count of its tokens;
-    the fields are the 6 other bytes of each token, group after group.  The
-    values come back in that order: the third item, indices into HASHES,
-    puts them back in the caller's order."""
-    top = (np.asarray(hashes, dtype=np.uint64) >> np.uint64(8)).astype(">u8")
-    slots = top.view(np.uint8).reshape(-1, 8)[:, 1:]
-    order = np.argsort(slots[:, 0], kind="stable")
-    counts = np.bincount(slots[:, 0], minlength=BUCKETS)
-    keys = np.flatnonzero(counts)
-    counts = counts[keys]
-    slots = slots[order]
-    groups = np.empty(len(keys), dtype=_GROUP)
-    groups["key"], groups["count"] = keys, counts
-    return groups.tobytes(), slots[:, 1:].tobytes(), order
 
 
 def message_digest(msg: "Message") -> str:
@@ -253,18 +195,13 @@ class Bayes:
         self.max_samples = max_samples
         self.totals_key = store.key("bayes", "totals")
         self.digests_key = store.key("bayes", "digests")
-        self.token_prefix = store.key("bayes", "g", "").encode()
-        self.old_prefix = store.key("bayes", "t", "").encode()
+        self.token_prefix = store.key("bayes", "t", "").encode()
         self.samples_key = store.key("ml", "samples")
         self.order_key = store.key("ml", "order")
 
     def bucket_key(self, bucket: int) -> bytes:
-        """The name of token hash number `bucket` (0..255)."""
-        return self.token_prefix + bytes((bucket,))
-
-    def old_key(self, bucket: int) -> bytes:
-        """The name of hash number `bucket` (0..65535) of the earlier layout."""
-        return self.old_prefix + bucket.to_bytes(2, "big")
+        """The name of token hash number `bucket` (0..65535)."""
+        return self.token_prefix + bucket.to_bytes(2, "big")
 
     # ------------------------------------------------------------ reading
 
@@ -273,31 +210,23 @@ class Bayes:
         n_spam, n_ham, values = self.fetch_values(hashes)
         return n_spam, n_ham, list(zip((values >> 32).tolist(), (values & (SPAM_UNIT - 1)).tolist()))
 
-    def send_fetch(self, hashes) -> tuple["Pending", np.ndarray]:
-        """Send the look-up of these token hashes now; fetch_values(hashes, sent) reads it."""
-        groups, fields, order = grouped_blob(hashes)
-        pending = self.store.reader().send("EVALSHA_RO", _SHA_FETCH, 1, self.totals_key, self.token_prefix,
-                                           groups, fields)
-        return pending, order
+    def send_fetch(self, hashes) -> "Pending":
+        """Send the look-up of these token hashes now; fetch_values(hashes, pending) reads it."""
+        return self.store.reader().send("EVALSHA_RO", _SHA_FETCH, 1, self.totals_key, self.token_prefix,
+                                        slots_blob(hashes))
 
-    def fetch_values(self, hashes, sent: tuple["Pending", np.ndarray] | None = None) -> tuple[int, int, np.ndarray]:
-        """(spam learned, ham learned, each token's value `spam * 2**32 + ham` as int64), in one
-        round trip to a reader: the one send_fetch() began when SENT is given."""
+    def fetch_values(self, hashes, pending: "Pending | None" = None) -> tuple[int, int, np.ndarray]:
+        """(spam learned, ham learned, each token's value `spam * 2**32 + ham` as int64)."""
         reader = self.store.reader()
         try:
-            if sent is None:
-                groups, fields, order = grouped_blob(hashes)
-                reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, self.token_prefix, groups, fields)
+            if pending is None:
+                reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, self.token_prefix, slots_blob(hashes))
             else:
-                pending, order = sent
                 reply = pending.result()
         except redis.exceptions.NoScriptError:
-            groups, fields, order = grouped_blob(hashes)
-            reply = reader.eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, groups, fields)
+            reply = reader.eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, slots_blob(hashes))
         values = np.array(reply.split(), dtype=np.int64)
-        counts = np.empty(len(order), dtype=np.int64)
-        counts[order] = values[2:]  # back in the order of HASHES
-        return int(values[0]), int(values[1]), counts
+        return int(values[0]), int(values[1]), values[2:]
 
     def totals(self) -> tuple[int, int]:
         values = self.store.reader().hmget(self.totals_key, "spam", "ham")
@@ -362,39 +291,12 @@ class Bayes:
         tokens = sum(pipe.execute())
         info = reader.info("memory")
         return {
-            "spam": n_spam, "ham": n_ham, "tokens": tokens, "old_layout": self.has_old_layout(),
+            "spam": n_spam, "ham": n_ham, "tokens": tokens,
             "digests": reader.hlen(self.digests_key), "samples": reader.hlen(self.samples_key),
             "used_memory": info.get("used_memory", 0), "server": reader.name,
         }
 
-    def has_old_layout(self) -> bool:
-        """Whether counts of the earlier layout are left (a sample of 64 of its keys is asked)."""
-        reader = self.store.reader()
-        return bool(reader.exists(*(self.old_key(b) for b in range(0, OLD_BUCKETS, OLD_BUCKETS // 64))))
-
-    def upgrade(self) -> dict:
-        """Move the counts of the earlier layout into the current one, one old hash at a
-        time (atomic each: added here, deleted there), so that an interrupted run goes on
-        where it stopped and mail learned meanwhile adds up."""
-        writer = self.store.writer()
-        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self.old_prefix) + b"*"
-        keys = moved = 0
-        cursor = 0
-        while True:
-            cursor, found = writer.scan(cursor, match=pattern, count=1000)
-            for key in found:
-                if len(key) != len(self.old_prefix) + 2:
-                    continue
-                try:
-                    moved += int(writer.evalsha(_SHA_UPGRADE, 1, key, self.token_prefix))
-                except redis.exceptions.NoScriptError:
-                    moved += int(writer.eval(_UPGRADE, 1, key, self.token_prefix))
-                keys += 1
-            if cursor == 0:
-                break
-        return {"keys": keys, "tokens": moved}
-
-    def expire(self, max_tokens: int, batch: int = 8) -> dict:
+    def expire(self, max_tokens: int, batch: int = 512) -> dict:
         """Keep at most `max_tokens` tokens: drop the rarest ones first.
 
         Tokens seen once are dropped first, then twice, and so on, until the
@@ -428,5 +330,5 @@ class Bayes:
         return {"tokens_before": total, "removed": removed, "tokens": total - removed}
 
 
-__all__ = ["Bayes", "Learned", "RedisUnavailable", "combine", "combine_arrays", "grouped_blob", "message_digest", "token_hash", "token_hashes", "slots_blob",
+__all__ = ["Bayes", "Learned", "RedisUnavailable", "combine", "combine_arrays", "message_digest", "token_hash", "token_hashes", "slots_blob",
            "pack_sample", "unpack_sample"]
