@@ -35,7 +35,7 @@ def _lookup(scan):
     return d, fuzzy_store, fuzzy_store.send_lookup(d)
 
 
-@starter("fuzzy", Stage.EOM, priority=20)
+@starter("fuzzy", Stage.EOM, priority=20, before_rules=True)
 def start_fuzzy(scan) -> None:
     """Hash the complete message and start looking it up."""
     if scan.config["fuzzy.enabled"]:

@@ -84,7 +84,7 @@ def _bayes_active(config) -> bool:
     return config["bayes.enabled"] and redis_configured(config)
 
 
-@starter("bayes", Stage.EOM, priority=10)  # the longest wait: started first
+@starter("bayes", Stage.EOM, priority=10, before_rules=True)  # the longest wait: started first
 def start_bayes(scan) -> None:
     """Tokenize the complete message and start fetching its token counts in the background."""
     from milterguard.clients.redis_client import get_store
