@@ -69,8 +69,9 @@ _BIT_OF = [bytes((x >> b) & 1 for x in range(256)) for b in range(8)]
 
 def simhash(words: list[str]) -> int:
     """64-bit SimHash of the word 3-shingles of WORDS (single words when there are fewer than 3)."""
-    shingles = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)] or words
-    digests = b"".join(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest() for s in shingles)
+    shingles = [f"{a} {b} {c}" for a, b, c in zip(words, words[1:], words[2:])] or words
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest() for s in shingles])
     # Each bit's vote counted in C, one byte column at a time: a loop over 64 bits per
     # shingle in Python took seconds on a long text.  Bit 0 is the last byte's lowest
     # bit, as in int.from_bytes(digest, "big").
