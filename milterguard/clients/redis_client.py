@@ -135,11 +135,12 @@ class _Node:
                 log.info("Redis %s reachable again", self.name)
 
 
-def _run(nodes: list[_Node], call: Callable[[redis.Redis], Any]) -> Any:
-    """`call(client)` on the first usable node that answers, in order."""
+def _run(nodes: list[_Node], call: Callable[[redis.Redis], Any], gone: list[_Node] | None = None,
+         last: Exception | None = None) -> Any:
+    """`call(client)` on the first usable node that answers, in order.  GONE and LAST: a node
+    that failed this call before (Pending.result) and its error."""
     store = nodes[0].store
-    last: Exception | None = None
-    gone: list[_Node] = []  # nodes that went away in this call
+    gone = list(gone or ())  # nodes that went away in this call
     now = time.monotonic()
     for node in nodes:
         if not node.usable(now):
@@ -241,15 +242,20 @@ class Pending:
                 reply = conn.read_response()
             except _DOWN_ERRORS as exc:
                 self._release(clean=False)
-                node.failed(exc)  # asked again below, through the usual path
-            except BaseException:
+                # Asked again below, through the usual path, from the next server.
+                gone = [node] if node.failed(exc) else []
+                args = self._args
+                return _run(self._nodes, lambda client: client.execute_command(*args), gone, exc)
+            except redis.ResponseError:
                 self._release(clean=True)  # an error reply (no such script) was read whole
                 raise
-            else:
-                self._release(clean=True)
-                node.succeeded()
-                node.store.outage.succeeded()
-                return reply
+            except BaseException:
+                self._release(clean=False)
+                raise
+            self._release(clean=True)
+            node.succeeded()
+            node.store.outage.succeeded()
+            return reply
         args = self._args
         return _run(self._nodes, lambda client: client.execute_command(*args))
 
@@ -258,7 +264,10 @@ class Pending:
         self._release(clean=False)
 
     def __del__(self) -> None:
-        self._release(clean=False)
+        try:
+            self._release(clean=False)
+        except Exception:  # noqa: BLE001 - at interpreter exit the pool may be gone already
+            pass
 
 
 class GuardedClient:
@@ -294,6 +303,10 @@ class GuardedClient:
                 conn.disconnect()
                 pool.release(conn)
                 break
+            except BaseException:
+                conn.disconnect()
+                pool.release(conn)
+                raise
             return Pending(self._nodes, args, node, conn)
         return Pending(self._nodes, args)
 
