@@ -37,7 +37,7 @@ def _lookup(scan):
 
 @starter("fuzzy", Stage.EOM, priority=20, before_rules=True)
 def start_fuzzy(scan) -> None:
-    """Hash the complete message and start looking it up."""
+    """Hash the complete message and send its look-up (read by fuzzy())."""
     if scan.config["fuzzy.enabled"]:
         scan.txn.facts.scratch["fuzzy"] = _lookup(scan)
 

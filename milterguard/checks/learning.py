@@ -1,10 +1,10 @@
 """The learned classifiers at end of message: Bayes and the trained model.
 
 Both read Redis (a replica when one is configured) and never write to it
-while classifying.  The Bayes look-up starts as soon as the message is
-complete, before the other end-of-message checks (a starter at EOM): the
+while classifying.  The Bayes look-up is sent as soon as the message is
+complete, before the end-of-message rules and checks (a starter at EOM): the
 message is tokenized once, and the look-up of its token counts is sent to
-Redis, which works on it while those checks run; the Bayes check reads the
+Redis, which works on it while those rules and checks run; the Bayes check reads the
 answer.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
 and the message goes on; the first failure of an outage is logged once by
 milterguard.clients.redis_client.  Symbol weights scale with the probability:
@@ -86,7 +86,7 @@ def _bayes_active(config) -> bool:
 
 @starter("bayes", Stage.EOM, priority=10, before_rules=True)  # the longest wait: started first
 def start_bayes(scan) -> None:
-    """Tokenize the complete message and start fetching its token counts in the background."""
+    """Tokenize the complete message and send the look-up of its token counts (read by bayes())."""
     from milterguard.clients.redis_client import get_store
 
     config = scan.config

@@ -28,8 +28,6 @@ import re
 import time
 from dataclasses import dataclass
 
-import redis
-
 BANDS = 8
 BAND_BITS = 64 // BANDS
 MAX_DISTANCE = BANDS - 1  # what the band index can find
@@ -156,6 +154,9 @@ class FuzzyStore:
 
     def lookup(self, d: Digest, max_distance: int, pending=None) -> Match | None:
         """The closest entry within MAX_DISTANCE bits, exact first. Raises RedisUnavailable."""
+        # Imported here: a scan without Redis does not load the Redis client (checks import this module).
+        from redis.exceptions import NoScriptError
+
         exact_key, band_keys = self._keys(d)
         reader = self.store.reader()
         try:
@@ -163,7 +164,7 @@ class FuzzyStore:
                 reply = reader.evalsha_ro(_SHA_LOOKUP, 1 + len(band_keys), exact_key, *band_keys, repr(time.time()))
             else:
                 reply = pending.result()
-        except redis.exceptions.NoScriptError:
+        except NoScriptError:
             reply = reader.eval_ro(_LOOKUP, 1 + len(band_keys), exact_key, *band_keys, repr(time.time()))
         if int(reply[0]) == 1:
             return Match("exact", 0, _text(reply[1]))
