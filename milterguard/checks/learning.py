@@ -1,7 +1,11 @@
 """The learned classifiers at end of message: Bayes and the trained model.
 
 Both read Redis (a replica when one is configured) and never write to it
-while classifying.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
+while classifying.  The Bayes look-up is sent as soon as the message is
+complete, before the end-of-message rules and checks (a starter at EOM): the
+message is tokenized once, and the look-up of its token counts is sent to
+Redis, which works on it while those rules and checks run; the Bayes check reads the
+answer.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
 and the message goes on; the first failure of an outage is logged once by
 milterguard.clients.redis_client.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from milterguard.checks.registry import check, on_verdict, preparer
+from milterguard.checks.registry import check, on_verdict, preparer, starter
 from milterguard.model import Hits, Learned, Stage
 from milterguard.learn.tokens import tokenize
 from milterguard.settings import redis_configured
@@ -34,12 +38,12 @@ _BAYES: dict[int, "Bayes"] = {}
 
 def tokens_of(scan) -> list[str]:
     """The message's tokens, computed once per message for both classifiers."""
-    from milterguard.learn.linear import token_hash
+    from milterguard.learn.linear import token_hashes
 
     facts = scan.txn.facts
     if facts.tokens is None:
         facts.tokens = tokenize(scan.message)
-        facts.token_hashes = [token_hash(t) for t in facts.tokens]
+        facts.token_hashes = token_hashes(facts.tokens)
     return facts.tokens
 
 
@@ -76,8 +80,27 @@ def _emit(hits: Hits, prefix: str, prob: float, spam_at: float, ham_at: float, d
         hits.add(f"{prefix}_HAM", option, where="learned", text=detail, factor=(0.5 - prob) / 0.5)
 
 
-@check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60,
-       active=lambda config: config["bayes.enabled"] and redis_configured(config))
+def _bayes_active(config) -> bool:
+    return config["bayes.enabled"] and redis_configured(config)
+
+
+@starter("bayes", Stage.EOM, priority=10, before_rules=True)  # the longest wait: started first
+def start_bayes(scan) -> None:
+    """Tokenize the complete message and send the look-up of its token counts (read by bayes())."""
+    from milterguard.clients.redis_client import get_store
+
+    config = scan.config
+    if scan.message is None or not config["bayes.enabled"]:
+        return
+    store = get_store(config)
+    if store is None:
+        return
+    tokens_of(scan)
+    facts = scan.txn.facts
+    facts.scratch["bayes"] = bayes_for(store, config).send_fetch(facts.token_hashes)
+
+
+@check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60, active=_bayes_active)
 def bayes(scan, hits: Hits) -> None:
     """Bayes probability from the token counts learned in Redis."""
     from milterguard.clients.redis_client import RedisUnavailable, get_store
@@ -89,11 +112,15 @@ def bayes(scan, hits: Hits) -> None:
     if store is None:
         return
     tokens_of(scan)
+    sent = scan.txn.facts.scratch.pop("bayes", None)
+    db = bayes_for(store, config)
     try:
-        prob, used, n_spam, n_ham = bayes_for(store, config).classify_hashes(scan.txn.facts.token_hashes)
+        # The same look-up either way: sent by start_bayes, or now when it was not.
+        fetched = db.fetch_values(scan.txn.facts.token_hashes, sent)
     except RedisUnavailable as exc:
         hits.add("BAYES_TEMPFAIL", where="Redis", text=str(exc)[:200])
         return
+    prob, used, n_spam, n_ham = db.classify_values(*fetched)
     scan.txn.facts.bayes = Learned(prob, {"tokens": used, "spam": n_spam, "ham": n_ham})
     minimum = config["bayes.min_learns"]
     if n_spam < minimum or n_ham < minimum:

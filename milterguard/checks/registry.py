@@ -79,15 +79,26 @@ def check(stage: Stage, emits: tuple[str, ...], after: tuple[str, ...] = (), pri
     return register
 
 
-def starter(check_name: str, stage: Stage):
+_STARTER_PRIORITY: dict[Callable, int] = {}
+# Starters that run before their stage's rules, not after them: look-ups of the stage's own
+# checks that need nothing the rules find, so that the server works while the rules run.
+BEFORE_RULES: set[Callable] = set()
+
+
+def starter(check_name: str, stage: Stage, priority: int = 50, before_rules: bool = False):
     """Register `fn(scan)` to run at STAGE, before that stage's checks, for the check
-    CHECK_NAME of a later stage (when that check is enabled): it starts lookups
-    whose answers the check collects."""
+    CHECK_NAME of that stage or a later one (when that check is enabled): it starts
+    lookups whose answers the check collects.  Lower PRIORITY starts earlier: the
+    longest wait first.  BEFORE_RULES runs it before the stage's rules too."""
 
     def register(fn: Callable) -> Callable:
         entries = STARTERS.setdefault(stage, [])
         if (check_name, fn) not in entries:
             entries.append((check_name, fn))
+            _STARTER_PRIORITY[fn] = priority
+            entries.sort(key=lambda entry: _STARTER_PRIORITY[entry[1]])  # stable: registration order within a priority
+            if before_rules:
+                BEFORE_RULES.add(fn)
         return fn
 
     return register

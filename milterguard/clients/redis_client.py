@@ -36,6 +36,16 @@ when one answers again, with the count of calls failed in between; a
 server down while others answer is one line, and its return another.  The
 lines carry the exception's class and text, never the client objects that
 redis-py puts in some of its messages (a Sentinel's).
+
+`store.reader().send(*command)` sends one command now and returns a
+`Pending` whose `result()` reads the reply later: a check sends its
+look-up as soon as the message is complete and reads the answer after the
+other checks of the stage have run, so that the server works while they
+do.  The command is sent from the calling thread (a thread pool would not
+do: a thread waits for the interpreter lock while the caller computes).
+A reply that cannot be read is asked for again through the usual path
+(the next server, back-off, the outage lines), so `result()` answers or
+raises RedisUnavailable as any call does.
 """
 
 from __future__ import annotations
@@ -125,11 +135,12 @@ class _Node:
                 log.info("Redis %s reachable again", self.name)
 
 
-def _run(nodes: list[_Node], call: Callable[[redis.Redis], Any]) -> Any:
-    """`call(client)` on the first usable node that answers, in order."""
+def _run(nodes: list[_Node], call: Callable[[redis.Redis], Any], gone: list[_Node] | None = None,
+         last: Exception | None = None) -> Any:
+    """`call(client)` on the first usable node that answers, in order.  GONE and LAST: a node
+    that failed this call before (Pending.result) and its error."""
     store = nodes[0].store
-    last: Exception | None = None
-    gone: list[_Node] = []  # nodes that went away in this call
+    gone = list(gone or ())  # nodes that went away in this call
     now = time.monotonic()
     for node in nodes:
         if not node.usable(now):
@@ -207,6 +218,58 @@ class GuardedPipeline:
         self._queue = []
 
 
+class Pending:
+    """A command sent to a server, its reply not read yet (GuardedClient.send)."""
+
+    def __init__(self, nodes: list[_Node], args: tuple, node: _Node | None = None, conn: Any = None) -> None:
+        self._nodes = nodes
+        self._args = args
+        self._node = node
+        self._conn = conn
+
+    def _release(self, clean: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._node is not None:
+            if not clean:
+                conn.disconnect()  # an unread or half-read reply must not reach the next user
+            self._node.client.connection_pool.release(conn)
+
+    def result(self) -> Any:
+        """The reply (raw, as execute_command gives it); RedisUnavailable when no server answers."""
+        conn, node = self._conn, self._node
+        if conn is not None and node is not None:
+            try:
+                reply = conn.read_response()
+            except _DOWN_ERRORS as exc:
+                self._release(clean=False)
+                # Asked again below, through the usual path, from the next server.
+                gone = [node] if node.failed(exc) else []
+                args = self._args
+                return _run(self._nodes, lambda client: client.execute_command(*args), gone, exc)
+            except redis.ResponseError:
+                self._release(clean=True)  # an error reply (no such script) was read whole
+                raise
+            except BaseException:
+                self._release(clean=False)
+                raise
+            self._release(clean=True)
+            node.succeeded()
+            node.store.outage.succeeded()
+            return reply
+        args = self._args
+        return _run(self._nodes, lambda client: client.execute_command(*args))
+
+    def cancel(self) -> None:
+        """The reply will not be read: drop the connection it would arrive on."""
+        self._release(clean=False)
+
+    def __del__(self) -> None:
+        try:
+            self._release(clean=False)
+        except Exception:  # noqa: BLE001 - at interpreter exit the pool may be gone already
+            pass
+
+
 class GuardedClient:
     """A redis-py client for one role whose calls raise RedisUnavailable, never connection errors."""
 
@@ -221,6 +284,31 @@ class GuardedClient:
 
     def pipeline(self, transaction: bool = False) -> GuardedPipeline:
         return GuardedPipeline(self._nodes, transaction)
+
+    def send(self, *args: Any) -> Pending:
+        """Send the command ARGS now to the first server that takes it; read the reply later
+        with `result()` (see the module docstring)."""
+        now = time.monotonic()
+        for node in self._nodes:
+            if not node.usable(now):
+                continue
+            pool = node.client.connection_pool
+            try:
+                conn = pool.get_connection()
+            except _DOWN_ERRORS:
+                break  # result() asks through the usual path, which reports the failure
+            try:
+                conn.send_command(*args)
+            except _DOWN_ERRORS:
+                conn.disconnect()
+                pool.release(conn)
+                break
+            except BaseException:
+                conn.disconnect()
+                pool.release(conn)
+                raise
+            return Pending(self._nodes, args, node, conn)
+        return Pending(self._nodes, args)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -228,12 +228,15 @@ class Engine:
         started = txn.started if txn is not None else None
         mark = hits.mark()
         key = _RULES_TIMING[stage]
+        starters = self.starters[stage]
+        if starters:
+            self._run_starters(stage, scan, hits, timings, before_rules=True)
         t0 = time.perf_counter()
         hits._enter(stage, "rules", None)
         self._run_rules(stage, scan, hits)
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-        if self.starters[stage]:
-            self._run_starters(stage, scan, hits, timings)
+        if starters:
+            self._run_starters(stage, scan, hits, timings, before_rules=False)
         seen, decided = -1, None
         found = hits._hits  # its length tells whether a check added a hit
         for spec in self.checks[stage]:
@@ -276,14 +279,17 @@ class Engine:
                           type(exc).__name__, exc)
             txn.timings[f"{name}:verdict"] = time.perf_counter() - t0
 
-    def _run_starters(self, stage: Stage, scan: Scan, hits: Hits, timings: dict[str, float]) -> None:
-        """Let later checks start their lookups now, so that they run while the MTA talks on."""
-        if not self.starters[stage]:
+    def _run_starters(self, stage: Stage, scan: Scan, hits: Hits, timings: dict[str, float],
+                      before_rules: bool = False) -> None:
+        """Let later checks start their lookups now, so that they run while the MTA talks on
+        (or, for those registered `before_rules`, while this stage's rules run)."""
+        starters = [(name, fn) for name, fn in self.starters[stage] if (fn in registry.BEFORE_RULES) == before_rules]
+        if not starters:
             return
         decided = scoring.forced_action(hits, self.ruleset)
         if decided is not None and decided[0] in _DECIDED:
             return  # the message is settled: nothing later will collect them
-        for name, fn in self.starters[stage]:
+        for name, fn in starters:
             t0 = time.perf_counter()
             try:
                 fn(scan)

@@ -54,11 +54,18 @@ def token_hash(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
+def token_hashes(tokens: list[str]) -> list[int]:
+    """token_hash() of each token, without a Python call per token (the same values)."""
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    return [from_bytes(blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for t in tokens]
+
+
 def columns(hashes: list[int]) -> "np.ndarray":
     """The feature columns of a message's token hashes (unique, sorted)."""
     import numpy as np
 
-    return np.unique(np.asarray([h & 0xFFFFFFFF for h in hashes], dtype=np.uint64) % DIM).astype(np.int64)
+    low = np.asarray(hashes, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+    return np.unique(low % np.uint64(DIM)).astype(np.int64)
 
 
 @dataclass

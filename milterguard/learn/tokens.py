@@ -52,12 +52,15 @@ _ID_SHAPE = re.compile(r"[a-z]+|[0-9]+|[^a-z0-9]")
 
 def normalise(word: str) -> str | None:
     """A word as it is counted, or None for a word not worth counting."""
-    word = unicodedata.normalize("NFKC", word).lower().strip(".'-+")
+    if not word.isascii():  # ASCII is NFKC-normal already
+        word = unicodedata.normalize("NFKC", word)
+    word = word.lower().strip(".'-+")
     if len(word) < MIN_LEN:
         return None
-    digits = len(_DIGITS.findall(word))
-    if digits > 4 and digits * 2 >= len(word):
-        return f"n:{digits}d"  # long numbers: only their length says something
+    if not word.isalpha():
+        digits = len(_DIGITS.findall(word))
+        if digits > 4 and digits * 2 >= len(word):
+            return f"n:{digits}d"  # long numbers: only their length says something
     if len(word) > MAX_LEN:
         return "sk:" + word[:8]
     return word
@@ -66,12 +69,18 @@ def normalise(word: str) -> str | None:
 def words(text: str, limit: int = MAX_WORDS) -> list[str]:
     """The normalised words of a text, at most `limit`."""
     out: list[str] = []
-    for match in _WORD.finditer(text):
-        word = normalise(match.group())
-        if word is not None:
-            out.append(word)
-            if len(out) >= limit:
-                break
+    append = out.append
+    for word in _WORD.findall(text):
+        # The common case inline: a short plain word of lower-case ASCII letters.
+        if MIN_LEN <= len(word) <= MAX_LEN and word.isascii() and word.isalpha() and word.islower():
+            append(word)
+        else:
+            word = normalise(word)
+            if word is None:
+                continue
+            append(word)
+        if len(out) >= limit:
+            break
     return out
 
 
@@ -85,13 +94,15 @@ def char_grams(text: str, prefix: str) -> list[str]:
 
 
 def osb(seq: list[str], window: int = OSB_WINDOW) -> list[str]:
-    """Orthogonal sparse bigrams: each word with each of the next `window` words."""
-    out: list[str] = []
-    for i, first in enumerate(seq):
-        for gap in range(1, window + 1):
-            if i + gap >= len(seq):
-                break
-            out.append(first + " " + "_ " * (gap - 1) + seq[i + gap])
+    """Orthogonal sparse bigrams: each word with each of the next `window` words.
+
+    In the order word by word, then gap by gap: (w0 w1, w0 _ w2, w0 _ _ w3, w1 w2, ...)."""
+    n = len(seq)
+    columns = [[first + sep + second for first, second in zip(seq, seq[gap:])]
+               for gap, sep in ((g, " " + "_ " * (g - 1)) for g in range(1, window + 1))]
+    out = [token for row in zip(*columns) for token in row]  # the words with all `window` partners
+    for i in range(max(n - window, 0), n - 1):  # the last ones, with fewer
+        out.extend(columns[gap][i] for gap in range(min(window, n - 1 - i)))
     return out
 
 
@@ -196,10 +207,4 @@ def tokenize(msg: "Message") -> list[str]:
     seq += url_tokens(msg)
     seq += body
     seq += osb(body)
-    seen: dict[str, None] = {}
-    for token in seq:
-        if token not in seen:
-            seen[token] = None
-            if len(seen) >= MAX_TOKENS:
-                break
-    return list(seen)
+    return list(dict.fromkeys(seq))[:MAX_TOKENS]

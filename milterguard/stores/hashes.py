@@ -16,7 +16,9 @@ Keys (under redis.prefix)::
 
 Each SimHash is filed under its eight 8-bit bands: two hashes at most 7 bits
 apart share at least one band whole (pigeonhole), so a look-up reads eight
-small sets in one round trip and compares only the hashes found there.
+small sets in one round trip (one read-only script: the exact hash, else the
+unexpired members of the bands) and compares only the hashes found there.
+A look-up can be sent first and its reply read later (`send_lookup`).
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ def normalise(text: str) -> str:
     return " ".join(_DIGITS.sub("#", text.lower()).split())
 
 
-def digest(text: str) -> Digest:
-    """The exact hash and the SimHash of TEXT."""
+def digest(text: str, min_words: int = 0) -> Digest | None:
+    """The exact hash and the SimHash of TEXT; None for fewer than MIN_WORDS words
+    (nothing is hashed then)."""
     norm = normalise(text)
     words = _WORD.findall(norm)
+    if len(words) < min_words:
+        return None
     exact = hashlib.sha256(norm.encode("utf-8", "surrogatepass")).hexdigest()
     return Digest(exact, simhash(words), len(words))
 
@@ -62,8 +67,9 @@ _BIT_OF = [bytes((x >> b) & 1 for x in range(256)) for b in range(8)]
 
 def simhash(words: list[str]) -> int:
     """64-bit SimHash of the word 3-shingles of WORDS (single words when there are fewer than 3)."""
-    shingles = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)] or words
-    digests = b"".join(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest() for s in shingles)
+    shingles = [f"{a} {b} {c}" for a, b, c in zip(words, words[1:], words[2:])] or words
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest() for s in shingles])
     # Each bit's vote counted in C, one byte column at a time: a loop over 64 bits per
     # shingle in Python took seconds on a long text.  Bit 0 is the last byte's lowest
     # bit, as in int.from_bytes(digest, "big").
@@ -83,6 +89,21 @@ def distance(a: int, b: int) -> int:
 
 def bands(value: int) -> list[str]:
     return [f"{i}:{(value >> (i * BAND_BITS)) & ((1 << BAND_BITS) - 1):02x}" for i in range(BANDS)]
+
+
+# KEYS: the exact hash's key, then the bands'; ARGV[1]: now.  {1, simhash} for an exact
+# match, else {0, members of the bands not expired...}.
+_LOOKUP = """
+local exact = redis.call('GET', KEYS[1])
+if exact then return {1, exact} end
+local out, n = {0}, 1
+for i = 2, #KEYS do
+  local members = redis.call('ZRANGEBYSCORE', KEYS[i], ARGV[1], '+inf')
+  for j = 1, #members do n = n + 1; out[n] = members[j] end
+end
+return out
+"""
+_SHA_LOOKUP = hashlib.sha1(_LOOKUP.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -125,27 +146,37 @@ class FuzzyStore:
             results = pipe.execute()
         return bool(results[0]) or any(results[1:])
 
-    def lookup(self, d: Digest, max_distance: int) -> Match | None:
-        """The closest entry within MAX_DISTANCE bits, exact first. Raises RedisUnavailable."""
+    def send_lookup(self, d: Digest):
+        """Send the look-up of D now; lookup(d, max_distance, pending) reads it."""
         exact_key, band_keys = self._keys(d)
-        now = time.time()
-        with self.store.reader().pipeline() as pipe:
-            pipe.get(exact_key)
-            for key in band_keys:
-                pipe.zrangebyscore(key, now, "+inf")
-            results = pipe.execute()
-        if results[0] is not None:
-            return Match("exact", 0, _text(results[0]))
+        return self.store.reader().send("EVALSHA_RO", _SHA_LOOKUP, 1 + len(band_keys), exact_key, *band_keys,
+                                        repr(time.time()))
+
+    def lookup(self, d: Digest, max_distance: int, pending=None) -> Match | None:
+        """The closest entry within MAX_DISTANCE bits, exact first. Raises RedisUnavailable."""
+        # Imported here: a scan without Redis does not load the Redis client (checks import this module).
+        from redis.exceptions import NoScriptError
+
+        exact_key, band_keys = self._keys(d)
+        reader = self.store.reader()
+        try:
+            if pending is None:
+                reply = reader.evalsha_ro(_SHA_LOOKUP, 1 + len(band_keys), exact_key, *band_keys, repr(time.time()))
+            else:
+                reply = pending.result()
+        except NoScriptError:
+            reply = reader.eval_ro(_LOOKUP, 1 + len(band_keys), exact_key, *band_keys, repr(time.time()))
+        if int(reply[0]) == 1:
+            return Match("exact", 0, _text(reply[1]))
         best: Match | None = None
-        for members in results[1:]:
-            for member in members or ():
-                text = _text(member)
-                try:
-                    dist = distance(int(text, 16), d.simhash)
-                except ValueError:
-                    continue
-                if dist <= max_distance and (best is None or dist < best.distance):
-                    best = Match("fuzzy", dist, text)
+        for member in reply[1:]:
+            text = _text(member)
+            try:
+                dist = distance(int(text, 16), d.simhash)
+            except ValueError:
+                continue
+            if dist <= max_distance and (best is None or dist < best.distance):
+                best = Match("fuzzy", dist, text)
         return best
 
 
