@@ -341,6 +341,27 @@ SETTINGS: list[Setting] = [
             "A zip inside a zip attachment is opened (one level down, its directory read) when it declares "
             "at most this size; only such zips are decompressed, and never past this size. 0 turns it off.",
             since="0.2"),
+    Setting("attachments.links", Bool(), True,
+            "Read the links of PDF attachments (link annotations) and the QR codes of images (PNG, JPEG, GIF, "
+            "inline or attached, `data:` images in HTML) and of the images in PDFs: they join the message's URLs "
+            "and go through the URL rules, maps and blocklists (symbols PDF_LINK, QR_CODE_URL). Only a message "
+            "with a PDF or an image costs anything.", since="0.3"),
+    Setting("attachments.pdf_max_bytes", Size(), 5 * 1024 * 1024,
+            "PDF attachments larger than this are not opened for links.", since="0.3"),
+    Setting("attachments.pdf_max_pages", Int(minimum=1), 10,
+            "At most this many pages of a PDF are read for links and images.", since="0.3"),
+    Setting("attachments.image_max_bytes", Size(), 5 * 1024 * 1024,
+            "Images larger than this are not searched for QR codes.", since="0.3"),
+    Setting("attachments.image_max_pixels", Int(minimum=1), 4_000_000,
+            "Images of more pixels than this (read from their header, before decoding) are not searched for "
+            "QR codes; neither are images under 40 pixels a side. Larger ones are scanned scaled down to "
+            "about 1,000 pixels a side.", since="0.3"),
+    Setting("attachments.max_images", Int(minimum=0), 4,
+            "At most this many images of one message (attached, inline, in HTML or in PDFs) are searched for "
+            "QR codes.", since="0.3"),
+    Setting("attachments.links_time", Seconds(), 1.0,
+            "Time for reading the PDFs and images of one message; what is left when it runs out is not "
+            "read.", since="0.3"),
     Setting("phishing.protected_names", MapOf(ListOf(Str()), r"[^\s].*", "brand or person name"),
             {"paypal": ["paypal.com"], "apple": ["apple.com", "icloud.com"],
              "microsoft": ["microsoft.com", "office.com", "outlook.com", "live.com", "office365.com"],

@@ -24,7 +24,9 @@ class Url:
     lowercased ("" for bare "www." hosts and scheme-less hrefs), `host` is
     lowercased and IDNA-decoded, `text` is the visible link text for HTML
     <a href> links (None otherwise) and `source` is "text" for URLs found
-    in running text or "html" for URLs taken from HTML markup.
+    in running text, "html" for URLs taken from HTML markup, "pdf" for the
+    link annotations of a PDF attachment and "qr" for a QR code in an image
+    (mail/attached.py).
     """
 
     url: str
