@@ -371,6 +371,10 @@ SETTINGS: list[Setting] = [
             "Names (brands, people: whole words, any case) that only the listed domains may begin a From "
             "display name with (PHISH_DISPLAY_NAME); the domains are also protected from lookalikes. The "
             "recipient's own domain is always protected.", since="0.2", merge=True),
+    Setting("phishing.brands_map", Str(), "brands.map",
+            "The list of brands and their domains (`name: domain ...` a line) that PHISH_BRAND_* judge: a file "
+            "name looked up in rules.maps_dirs, or a path; empty turns the brand checks off. A file of the same "
+            "name in /etc/milterguard/maps replaces the shipped one.", since="0.3"),
     Setting("phishing.protected_domains", ListOf(Str()), [],
             "More domains protected from lookalikes (PHISH_LOOKALIKE_*): your own and your partners'.", since="0.2"),
     Setting("phishing.lookalike_distance", Int(minimum=0, maximum=3), 1,

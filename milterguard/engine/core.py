@@ -205,7 +205,11 @@ class Engine:
         self.starters = {stage: [(name, fn) for name, fn in registry.STARTERS.get(stage, ()) if name in enabled]
                          for stage in Stage}
         for name in sorted(enabled & registry.PREPARERS.keys()):
-            registry.PREPARERS[name](config)
+            try:
+                registry.PREPARERS[name](config)
+            except (ValueError, OSError) as exc:
+                # A data file a check reads (the brands map) is missing or malformed: say where.
+                raise RulesError([f"check {name}: {exc}"]) from None
         self.verdict_hooks = [(name, fn) for name, fn in registry.VERDICT_HOOKS if name in enabled]
         self.budget = config["checks.message_budget"]
         self.check_budget = config["checks.check_budget"]

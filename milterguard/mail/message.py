@@ -25,7 +25,7 @@ from milterguard.mail.defects import DEFECTS, HEADER_8BIT, HEADER_NO_COLON, MIME
 from milterguard.mail.headers import Header, make_headers, parse_params, split_entity, unfold
 from milterguard.mail.htmltext import extract_links, html_to_text
 from milterguard.mail.mime import MAX_DEPTH, MAX_PARTS, MimeWalker, Part, is_multipart
-from milterguard.mail.urls import Url, find_text_urls, make_url
+from milterguard.mail.urls import Url, find_text_urls, make_url, redirect_target
 
 __all__ = [
     "DEFECTS",
@@ -370,7 +370,8 @@ class Message:
     @cached_property
     def urls(self) -> list[Url]:
         """URLs from text and HTML parts, then those of PDF links and QR codes
-        (source "pdf", "qr"), deduplicated by (url, text), capped."""
+        (source "pdf", "qr"), then the targets of redirects and link wrappers among them
+        (source "redirect"), deduplicated by (url, text), capped."""
         cap = self._max_text_chars
         reduced = self._rendered[4]
         seen: set[tuple[str, str | None]] = set()
@@ -399,6 +400,22 @@ class Message:
             found = make_url(link.url, None, link.source)
             if found is not None and found.host and add(found):
                 return urls
+        # Where redirects and link wrappers send the reader (source "redirect"): the target is
+        # judged as if it were linked, and a wrapper's own host (a security gateway) tells little.
+        for url in list(urls):
+            if url.scheme not in ("http", "https") or "?" not in url.url and "/__" not in url.url and "/amp/" not in url.url:
+                continue
+            target_url = url.url
+            for _depth in range(2):  # a wrapper around a redirect: two levels
+                target = redirect_target(target_url)
+                if not target:
+                    break
+                found = make_url(target, None, "redirect")
+                if found is None or not found.host or found.host == url.host:
+                    break
+                if add(found):
+                    return urls
+                target_url = found.url
         return urls
 
 
