@@ -20,8 +20,8 @@ from milterguard.mail.raw import split_message
 def test_brands_map_parses_names_and_domains():
     brands = parse_brands("# comment\nwells fargo: wellsfargo.com wf.com\nPayPal: paypal.com  # trailing\n")
     assert brands.domains == {"wells fargo": frozenset({"wellsfargo.com", "wf.com"}), "paypal": frozenset({"paypal.com"})}
-    assert brands.pattern.search("Your Wells   Fargo alert").group(0) == "Wells   Fargo"
-    assert brands.pattern.search("Amazon and PayPal.com").group(0) == "PayPal"
+    assert brands.pattern.search("Your Wells   Fargo alert").group(1) == "Wells   Fargo"
+    assert brands.pattern.search("Amazon and PayPal.com").group(1) == "PayPal"
     assert brands.pattern.search("paypal-login is part of a name") is None
     assert brands.pattern.search("mypaypal account") is None
 

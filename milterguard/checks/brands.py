@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import re
 import weakref
+
+import re2
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ _DKIM_D = re.compile(r"(?:^|;)\s*d\s*=\s*([A-Za-z0-9.-]+)")
 class Brands:
     """The brands of a map file: a pattern that finds their names, and each name's domains."""
 
-    pattern: re.Pattern | None
+    pattern: "re2._Regexp | None"
     domains: dict[str, frozenset[str]]
 
 
@@ -65,7 +67,9 @@ def parse_brands(text: str, where: str = "<brands>") -> Brands:
         return Brands(None, {})
     names = sorted(domains, key=len, reverse=True)
     words = "|".join(r"\s+".join(re.escape(word) for word in name.split()) for name in names)
-    return Brands(re.compile(rf"(?<![\w.-])(?:{words})(?![\w-])", re.I), domains)
+    # RE2: one pass in linear time over the text, whatever the number of brands (Python's re
+    # tries each alternative at each position: 0.6 ms a message for 60 brands).
+    return Brands(re2.compile(rf"(?i)(?:^|[^\w.-])((?:{words}))(?:$|[^\w-])"), domains)
 
 
 _PREPARED: dict[int, Brands] = {}
@@ -135,13 +139,14 @@ def brand_impersonation(scan, hits: Hits) -> None:
     # "Vineeth Pillai (Google)": a person and the employer in brackets, not a brand speaking.
     name = _EMPLOYER.sub("", msg.from_name) if msg.from_name.endswith(")") else msg.from_name
     places = [("PHISH_BRAND_NAME", "header From", name), ("PHISH_BRAND_SUBJECT", "header Subject", msg.subject)]
-    found = [(symbol, where, m) for symbol, where, text in places if text and (m := brands.pattern.search(text))]
+    found = [(symbol, where, text, m) for symbol, where, text in places if text and (m := brands.pattern.search(text))]
     # The display name speaks as the brand when it starts or ends with it ("PayPal Service", "HR via
     # DocuSign"); one in the middle is a topic ("Lockergnome Apple Core", a newsletter about it).
-    found = [(symbol, where, m) for symbol, where, m in found if symbol != "PHISH_BRAND_NAME"
-             or not m.string[:m.start()].strip(_EDGE) or not m.string[m.end():].strip(_EDGE)]
-    text_match = brands.pattern.search(msg.text, 0, TEXT_CHARS) if msg.urls else None
-    if not found and text_match is None:
+    found = [(symbol, where, m.group(1)) for symbol, where, text, m in found if symbol != "PHISH_BRAND_NAME"
+             or not text[:m.start(1)].strip(_EDGE) or not text[m.end(1):].strip(_EDGE)]
+    text_match = brands.pattern.search(msg.text[:TEXT_CHARS]) if msg.urls else None
+    text_brand = text_match.group(1) if text_match is not None else None
+    if not found and text_brand is None:
         return
     # Who the message is from, and where it links: the From domain, the DKIM signers, every link host.
     senders = {d.lower() for d in (msg.from_domain, *_signers(scan)) if d}
@@ -155,10 +160,10 @@ def brand_impersonation(scan, hits: Hits) -> None:
             judged[key] = bool(domain_set) and not _owned(domain_set, senders, hosts)
         return judged[key]
 
-    for symbol, where, m in found:
-        if foreign(m.group(0)):
-            hits.add(symbol, m.group(0).lower(), where=where,
-                     text=f"{m.group(0)!r} from {msg.from_domain or 'no domain'}, not one of its domains")
-    if text_match is not None and foreign(text_match.group(0)):
-        hits.add("PHISH_BRAND_TEXT", text_match.group(0).lower(), where="body",
-                 text=f"{text_match.group(0)!r} named; no link to its domains, sent from {msg.from_domain or 'no domain'}")
+    for symbol, where, brand in found:
+        if foreign(brand):
+            hits.add(symbol, " ".join(brand.lower().split()), where=where,
+                     text=f"{brand!r} from {msg.from_domain or 'no domain'}, not one of its domains")
+    if text_brand is not None and foreign(text_brand):
+        hits.add("PHISH_BRAND_TEXT", " ".join(text_brand.lower().split()), where="body",
+                 text=f"{text_brand!r} named; no link to its domains, sent from {msg.from_domain or 'no domain'}")
