@@ -182,3 +182,11 @@ def test_script_urls_of_an_svg_attachment_join_the_urls(engine_with):
     msg = Message.from_bytes(raw)
     assert "docs-share.phish-kit.test" in {u.host for u in msg.urls}
     assert {"MIME_SVG_ACTIVE", "MIME_HTML_ATTACH_REDIRECT"} <= set(verdict_of(engine_with(), raw).symbols)
+
+
+def test_base64_hidden_target_of_an_attached_page_joins_the_urls():
+    hidden = base64.b64encode(b"https://collect.phish-kit.test/p").decode()
+    page = f'<html><form id="f"></form><script>f.action = atob("{hidden}");</script></html>'.encode()
+    msg = Message.from_bytes(message_with([("Statement.html", "text/html", page)]))
+    assert ("collect.phish-kit.test", "html") in {(u.host, u.source) for u in msg.urls}
+    assert any(link.where == "Statement.html (base64 in its script)" for link in msg.attached_links)

@@ -95,6 +95,7 @@ _READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, Ass
 
 
 _MARKUP_MAX = 1024 * 1024
+_ATOB = re.compile(r"""\batob\s*\(\s*["']([A-Za-z0-9+/]{16,4000}={0,2})["']\s*\)""")
 _MARKUP_NAME = re.compile(r"(?i)\.(?:s?html?|xhtml|svgz?|shtml)$")
 
 
@@ -359,8 +360,17 @@ def attached_links(parts, html_parts, limits: LinkLimits) -> list[AttachedLink]:
             # URLs an HTML or SVG attachment opens from its scripts (window.location = "https://...")
             # and SVG links: the text of an HTML attachment reaches the link extraction already.
             text = (part.text if part.text is not None else data[:_MARKUP_MAX].decode("utf-8", "replace"))
-            for url in find_text_urls(text[:_MARKUP_MAX], 100):
+            text = text[:_MARKUP_MAX]
+            for url in find_text_urls(text, 100):
                 out.append(AttachedLink(url.url, "html", name))
+            # A kit hides where its form posts in base64: atob("aHR0cHM6Ly9...").
+            for literal in _ATOB.findall(text)[:20]:
+                try:
+                    decoded = base64.b64decode(literal, validate=True).decode("utf-8", "replace")
+                except (binascii.Error, ValueError):
+                    continue
+                for url in find_text_urls(decoded, 10):
+                    out.append(AttachedLink(url.url, "html", f"{name} (base64 in its script)"))
     for html in html_parts:
         if "data:image/" not in html and "DATA:IMAGE/" not in html and "Data:image/" not in html:
             continue
