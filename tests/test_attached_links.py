@@ -190,3 +190,19 @@ def test_base64_hidden_target_of_an_attached_page_joins_the_urls():
     msg = Message.from_bytes(message_with([("Statement.html", "text/html", page)]))
     assert ("collect.phish-kit.test", "html") in {(u.host, u.source) for u in msg.urls}
     assert any(link.where == "Statement.html (base64 in its script)" for link in msg.attached_links)
+
+
+def test_damaged_pdfs_and_images_never_raise():
+    """Bytes flipped at random places (a fixed seed, a bounded count): whatever is read, nothing raises."""
+    import random
+
+    rng = random.Random(14)
+    pdf = pdf_with(link=PHISH, image=qr_image(PHISH))
+    png = image_bytes(qr_image(PHISH), "PNG")
+    for _ in range(40):
+        for data, read in ((pdf, lambda d: pdf_links(d, "x.pdf", LinkLimits())),
+                           (png, lambda d: qr_texts(d, LinkLimits()))):
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 8)):
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            assert isinstance(read(bytes(damaged)), list)

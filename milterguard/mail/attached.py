@@ -88,8 +88,9 @@ _MIN_SIDE = 40
 # Images are scanned at most this many pixels a side (scaled down by a whole factor).
 _SCAN_SIDE = 1000
 _DATA_IMAGE = re.compile(rb"data:image/(?:png|jpe?g|gif);base64,([A-Za-z0-9+/=\s]{200,2800000})", re.I)
-# What pypdf and Pillow raise on files they cannot read, besides their own errors.
-_READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError, RecursionError,
+# What pypdf and Pillow raise on files they cannot read, besides their own errors (Pillow's PNG and
+# other readers raise SyntaxError for a broken file).
+_READ_ERRORS = (SyntaxError, ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError, RecursionError,
                 OSError, EOFError, zlib.error, struct.error, binascii.Error, UnicodeError, OverflowError,
                 MemoryError, NotImplementedError)
 
@@ -150,6 +151,7 @@ def _pil_qr_texts(image, limits: LinkLimits) -> list[str]:
     """QR texts of a PIL image (one frame), scaled down to _SCAN_SIDE first."""
     try:
         from pyzbar import pyzbar
+        from pyzbar.pyzbar_error import PyZbarError
     except ImportError:
         return []
     try:
@@ -163,7 +165,7 @@ def _pil_qr_texts(image, limits: LinkLimits) -> list[str]:
             # several pixels a module at this size.
             grey = grey.reduce(factor)
         found = pyzbar.decode(grey, symbols=[pyzbar.ZBarSymbol.QRCODE])
-    except _READ_ERRORS:
+    except (PyZbarError, *_READ_ERRORS):
         return []
     return [symbol.data.decode("utf-8", "replace") for symbol in found if symbol.data]
 
