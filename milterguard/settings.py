@@ -48,18 +48,25 @@ ACTION_NAMES = ("accept", "tag", "review", "discard", "tempfail", "reject")
 _SYMBOL_RE = r"[A-Z][A-Z0-9_]*"
 _DOMAIN_RE = r"[A-Za-z0-9*][A-Za-z0-9.-]*"
 
-# The common public blocklists, off until rbl.public is true (the default install must not
-# depend on the network, and their operators refuse queries from public resolvers).
+# The common public blocklists. Spamhaus ZEN and DBL are free for small sites (non-commercial use,
+# under 100,000 SMTP connections and 300,000 queries a day, through a resolver of one's own) and are
+# on unless rbl.free_lists is false (`free`); SURBL and URIBL are off until rbl.public is true.
+# Spamhaus answers 127.255.255.252 (a malformed query), .254 (a public or open resolver) and .255
+# (over the free volume); the DBL answers 127.0.1.255 to an IP address asked as a domain: none of
+# those is a listing (`blocked`).
+SPAMHAUS_BLOCKED = ["127.255.255.0/24"]
 RBL_PUBLIC_LISTS = {
-    "spamhaus_zen": {"zone": "zen.spamhaus.org", "kind": "ip", "public": True, "symbol": "RBL_SPAMHAUS",
+    "spamhaus_zen": {"zone": "zen.spamhaus.org", "kind": "ip", "free": True, "blocked": SPAMHAUS_BLOCKED,
+                     "symbol": "RBL_SPAMHAUS",
                      "codes": {"127.0.0.2": "RBL_SPAMHAUS_SBL", "127.0.0.3": "RBL_SPAMHAUS_CSS",
                                "127.0.0.4/30": "RBL_SPAMHAUS_XBL", "127.0.0.9": "RBL_SPAMHAUS_DROP",
                                "127.0.0.10/31": "RBL_SPAMHAUS_PBL"}},
-    "spamhaus_dbl": {"zone": "dbl.spamhaus.org", "kind": "uri", "public": True, "symbol": "URIBL_SPAMHAUS_DBL",
+    "spamhaus_dbl": {"zone": "dbl.spamhaus.org", "kind": "uri", "free": True,
+                     "blocked": [*SPAMHAUS_BLOCKED, "127.0.1.255/32"], "symbol": "URIBL_SPAMHAUS_DBL",
                      "codes": {"127.0.1.4/30": "URIBL_SPAMHAUS_DBL_PHISH",
                                "127.0.1.102/31": "URIBL_SPAMHAUS_DBL_ABUSED"}},
-    "spamhaus_dbl_from": {"zone": "dbl.spamhaus.org", "kind": "from", "public": True,
-                          "symbol": "RHSBL_SPAMHAUS_DBL_FROM"},
+    "spamhaus_dbl_from": {"zone": "dbl.spamhaus.org", "kind": "from", "free": True,
+                          "blocked": [*SPAMHAUS_BLOCKED, "127.0.1.255/32"], "symbol": "RHSBL_SPAMHAUS_DBL_FROM"},
     "surbl": {"zone": "multi.surbl.org", "kind": "uri", "public": True, "bitmask": True,
               "blocked": ["127.0.0.1/32"],
               "codes": {"127.0.0.8": "URIBL_SURBL_PH", "127.0.0.16": "URIBL_SURBL_MW",
@@ -266,22 +273,30 @@ SETTINGS: list[Setting] = [
             "Skip SPF, DMARC and blocklists for clients that logged in (SASL) and for local clients (a unix "
             "socket or loopback address), and DKIM and ARC for the former.", since="0.2"),
     Setting("rbl.enabled", Bool(), True,
-            "Query the DNS blocklists declared in `rbl.lists` (the shipped public lists are off "
-            "until `rbl.public` is true).", since="0.2"),
+            "Query the DNS blocklists declared in `rbl.lists` (of the shipped ones, Spamhaus ZEN and DBL "
+            "are on unless `rbl.free_lists` is false; SURBL and URIBL are off until `rbl.public` is true).",
+            since="0.2"),
+    Setting("rbl.free_lists", Bool(), True,
+            "Query the shipped lists whose terms let small sites use them free (`free: true`: Spamhaus ZEN "
+            "and DBL; free for non-commercial use under 100,000 SMTP connections and 300,000 queries a "
+            "day). They refuse queries that come through public resolvers (8.8.8.8, 1.1.1.1, most "
+            "providers' forwarders): use a recursive resolver of your own (`dns.nameservers`). `false` "
+            "turns them off, as a site over those limits must. See docs/authentication.md.", since="0.3"),
     Setting("rbl.public", Bool(), False,
-            "Turn on the shipped public blocklists (Spamhaus ZEN and DBL, SURBL, URIBL). They need a "
-            "resolver that may query them (not a public forwarder).", since="0.2"),
+            "Turn on the shipped public blocklists that need an agreement with their operator (SURBL, "
+            "URIBL), and with them the `free` lists. They need a resolver that may query them (not a "
+            "public forwarder).", since="0.2"),
     Setting("rbl.lists", MapOf(Struct("blocklist", zone=Str(), kind=Choice("ip", "received", "sender", "from", "helo",
                                                                             "uri", "uri_ip"),
                                       symbol=Str(), codes=MapOf(Str(), r"127\.[0-9.]+(/[0-9]+)?", "return code"),
                                       bitmask=Bool(), blocked=ListOf(Str()), enabled=Bool(), public=Bool(),
-                                      description=Str()),
+                                      free=Bool(), description=Str()),
                                r"[a-z0-9_-]+", "list name"), RBL_PUBLIC_LISTS,
             "DNS blocklists by name: `zone`, `kind` (ip, received, sender, from, helo, uri, uri_ip), `symbol` "
             "for any other 127.x answer, `codes` mapping answers (127.0.0.2, or a /CIDR) to symbols, "
             "`bitmask` (codes are bits of the last octet, as SURBL and URIBL answer), `blocked` (answers "
             "that mean the list refuses us; default 127.255.255.0/24), `enabled`, `public` (on only with "
-            "rbl.public). Symbols must be declared in a rule file. See docs/authentication.md.",
+            "rbl.public), `free` (on unless rbl.free_lists is false, or with rbl.public). Symbols must be declared in a rule file. See docs/authentication.md.",
             since="0.2", merge=True),
     Setting("rbl.skip_domains", ListOf(Str()), [],
             "Domains (and their subdomains) never looked up in domain and URI lists: our own and "
@@ -384,6 +399,27 @@ SETTINGS: list[Setting] = [
             "A zip inside a zip attachment is opened (one level down, its directory read) when it declares "
             "at most this size; only such zips are decompressed, and never past this size. 0 turns it off.",
             since="0.2"),
+    Setting("attachments.links", Bool(), True,
+            "Read the links of PDF attachments (link annotations) and the QR codes of images (PNG, JPEG, GIF, "
+            "inline or attached, `data:` images in HTML) and of the images in PDFs: they join the message's URLs "
+            "and go through the URL rules, maps and blocklists (symbols PDF_LINK, QR_CODE_URL). Only a message "
+            "with a PDF or an image costs anything.", since="0.3"),
+    Setting("attachments.pdf_max_bytes", Size(), 5 * 1024 * 1024,
+            "PDF attachments larger than this are not opened for links.", since="0.3"),
+    Setting("attachments.pdf_max_pages", Int(minimum=1), 10,
+            "At most this many pages of a PDF are read for links and images.", since="0.3"),
+    Setting("attachments.image_max_bytes", Size(), 5 * 1024 * 1024,
+            "Images larger than this are not searched for QR codes.", since="0.3"),
+    Setting("attachments.image_max_pixels", Int(minimum=1), 4_000_000,
+            "Images of more pixels than this (read from their header, before decoding) are not searched for "
+            "QR codes; neither are images under 40 pixels a side. Larger ones are scanned scaled down to "
+            "about 1,000 pixels a side.", since="0.3"),
+    Setting("attachments.max_images", Int(minimum=0), 4,
+            "At most this many images of one message (attached, inline, in HTML or in PDFs) are searched for "
+            "QR codes.", since="0.3"),
+    Setting("attachments.links_time", Seconds(), 1.0,
+            "Time for reading the PDFs and images of one message; what is left when it runs out is not "
+            "read.", since="0.3"),
     Setting("phishing.protected_names", MapOf(ListOf(Str()), r"[^\s].*", "brand or person name"),
             {"paypal": ["paypal.com"], "apple": ["apple.com", "icloud.com"],
              "microsoft": ["microsoft.com", "office.com", "outlook.com", "live.com", "office365.com"],
@@ -393,6 +429,10 @@ SETTINGS: list[Setting] = [
             "Names (brands, people: whole words, any case) that only the listed domains may begin a From "
             "display name with (PHISH_DISPLAY_NAME); the domains are also protected from lookalikes. The "
             "recipient's own domain is always protected.", since="0.2", merge=True),
+    Setting("phishing.brands_map", Str(), "brands.map",
+            "The list of brands and their domains (`name: domain ...` a line) that PHISH_BRAND_* judge: a file "
+            "name looked up in rules.maps_dirs, or a path; empty turns the brand checks off. A file of the same "
+            "name in /etc/milterguard/maps replaces the shipped one.", since="0.3"),
     Setting("phishing.protected_domains", ListOf(Str()), [],
             "More domains protected from lookalikes (PHISH_LOOKALIKE_*): your own and your partners'.", since="0.2"),
     Setting("phishing.lookalike_distance", Int(minimum=0, maximum=3), 1,

@@ -48,7 +48,8 @@ def dns_that_knows_nothing(tmp_path_factory):
     The system's resolver is not loopback: lookups of the domains in test
     messages and corpus mail would leave the machine.  This nsd answers
     REFUSED at once for every name, so the checks report "no record" or a
-    DNS error without waiting.  Tests about DNS start servers of their own
+    DNS error without waiting; the zones of the blocklists that are on by
+    default are served empty, so they answer "not listed".  Tests about DNS start servers of their own
     and name them with --set dns.nameservers=..., which wins over this file.
     """
     from support.dns import NsdServer, Zone, nsd_available
@@ -57,7 +58,8 @@ def dns_that_knows_nothing(tmp_path_factory):
     conf = workdir / "dns.yaml"
     server = None
     if nsd_available() is None:
-        server = NsdServer(workdir / "nsd", [Zone("test.invalid.")]).start()
+        # The blocklists on by default (Spamhaus ZEN and DBL) answer "not listed" here.
+        server = NsdServer(workdir / "nsd", [Zone("test.invalid."), Zone("spamhaus.org.")]).start()
         conf.write_text(f"dns:\n  nameservers: ['{server.address}']\n")
     else:
         conf.write_text("dns:\n  enabled: false\n")

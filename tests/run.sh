@@ -12,7 +12,7 @@ unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE
 
 need=()
 for pkg in python3 python3-venv python3-dev gcc postfix libmilter-dev miltertest \
-        redis-server redis-sentinel clamav-daemon nsd 7zip postgresql dovecot-imapd dovecot-sieve \
+        redis-server redis-sentinel clamav-daemon nsd 7zip postgresql dovecot-imapd dovecot-sieve libzbar0 \
         debhelper dh-virtualenv fakeroot build-essential lintian chromium chromium-driver; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.skipif(nsd_available() is not None, reason=str(nsd_avai
 LISTED = "81.2.69.160"
 BLOCKED = "81.2.69.161"
 CLEAN = "81.2.69.162"
+SPAMHAUS_LISTED = "81.2.69.190"
+SPAMHAUS_REFUSED = "81.2.69.191"
 
 LISTS = """
 rbl:
@@ -78,7 +80,15 @@ def nsd(tmp_path_factory):
     multi.add("bad.test", "A", "127.0.0.24")
     multi.add("refused.test", "A", "127.0.0.1")
     multi.add("ours.test", "A", "127.0.0.8")
-    with NsdServer(tmp_path_factory.mktemp("nsd"), [bl, dbl, multi]) as server:
+    # The shipped Spamhaus lists (on by default), served here: a listing, and the error answers
+    # Spamhaus gives a resolver it refuses.
+    spamhaus = Zone("spamhaus.org")
+    spamhaus.add(f"{ptr(SPAMHAUS_LISTED)}.zen", "A", "127.0.0.2")
+    spamhaus.add(f"{ptr(SPAMHAUS_REFUSED)}.zen", "A", "127.255.255.254")
+    spamhaus.add("phish-kit.test.dbl", "A", "127.0.1.4")
+    spamhaus.add("refused-kit.test.dbl", "A", "127.255.255.255")
+    spamhaus.add("as-ip.test.dbl", "A", "127.0.1.255")
+    with NsdServer(tmp_path_factory.mktemp("nsd"), [bl, dbl, multi, spamhaus]) as server:
         yield server
 
 
@@ -175,12 +185,60 @@ def test_private_and_documentation_addresses_are_not_looked_up(engine):
     assert rbl_symbols(verdict) == set()
 
 
-def test_public_lists_are_off_by_default(engine):
-    assert "spamhaus_zen" in engine.config["rbl.lists"]
+SPAMHAUS = {"spamhaus_zen", "spamhaus_dbl", "spamhaus_dbl_from"}
+
+
+def test_spamhaus_is_on_by_default_and_the_other_public_lists_are_not(engine):
     from milterguard.checks.rbl import active_lists
 
-    assert "spamhaus_zen" not in active_lists(engine.config)
-    assert "spamhaus_zen" in active_lists(engine.config.with_sets(["rbl.public=true"]))
+    shipped = set(engine.config["rbl.lists"])
+    assert SPAMHAUS | {"surbl", "uribl"} <= shipped
+    assert SPAMHAUS <= set(active_lists(engine.config))
+    assert not {"surbl", "uribl"} & set(active_lists(engine.config))
+    off = engine.config.with_sets(["rbl.free_lists=false"])
+    assert not SPAMHAUS & set(active_lists(off))
+    assert SPAMHAUS | {"surbl", "uribl"} <= set(active_lists(off.with_sets(["rbl.public=true"])))
+
+
+def test_spamhaus_listings_score_by_default(engine):
+    body = "Sign in at https://secure.phish-kit.test/login\r\n"
+    verdict, _ = scan(engine, message(body=body), ip=SPAMHAUS_LISTED, mail_from="a@example.test")
+    assert rbl_symbols(verdict) == {"RBL_SPAMHAUS_SBL", "URIBL_SPAMHAUS_DBL_PHISH"}
+    assert verdict.hit("URIBL_SPAMHAUS_DBL_PHISH").options == ["phish-kit.test"]
+    assert verdict.hit("RBL_SPAMHAUS_SBL").weight > 0
+
+
+def test_spamhaus_refusals_are_not_scored_and_logged_once_naming_the_resolver(engine, nsd, caplog):
+    caplog.set_level("WARNING", logger="milterguard.rbl")
+    for n in range(3):
+        body = f"https://refused-kit.test/{n} https://as-ip.test/{n}\r\n"
+        verdict, _ = scan(engine, message(body=body), ip=SPAMHAUS_REFUSED, mail_from="a@example.test")
+        assert rbl_symbols(verdict) == {"RBL_BLOCKED"}
+        assert verdict.hit("RBL_BLOCKED").options[:2] == ["spamhaus_zen", "127.255.255.254"]
+        assert sum(h.weight for h in verdict.hits if h.symbol.startswith(("RBL_", "URIBL_"))) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "milterguard.rbl"]
+    assert len([line for line in lines if "spamhaus_zen" in line]) == 1
+    assert len([line for line in lines if "spamhaus_dbl " in line]) == 1
+    zen = next(line for line in lines if "spamhaus_zen" in line)
+    assert nsd.address in zen and "127.255.255.254" in zen and "public or open resolver" in zen
+    assert "rbl.free_lists: false" in zen
+
+
+def test_default_lists_without_a_network_log_the_outage_once(tmp_path, caplog):
+    """Out of the box on a machine whose resolver never answers: mail is judged, one line says why."""
+    from support.dns import silent_dns_server
+
+    caplog.set_level("WARNING", logger="milterguard.dns")
+    with silent_dns_server() as silent:
+        engine = Engine.load(load_config(etc_dir=tmp_path, sets=[
+            f"dns.nameservers={silent.address}", "dns.timeout=0.2", "dns.message_budget=0.5"]), strict=True)
+        for n in range(4):
+            verdict, _ = scan(engine, message(body=f"https://news.example.test/{n}\r\n"), ip=CLEAN,
+                              mail_from="a@example.test")
+            assert verdict.action == Action.ACCEPT
+            assert "RBL_TEMPFAIL" in verdict.symbols
+    lines = [r.getMessage() for r in caplog.records if r.name == "milterguard.dns" and "unavailable" in r.getMessage()]
+    assert len(lines) == 1 and silent.address in lines[0]
 
 
 def test_a_list_symbol_no_rule_file_declares_stops_loading(nsd, tmp_path):

@@ -785,7 +785,7 @@ def test_corpus_parses(folder):
     for path in files:
         m = Message.from_bytes(path.read_bytes())
         touch(m)
-        assert all(url.source in ("text", "html") for url in m.urls), path.name
+        assert all(url.source in ("text", "html", "pdf", "qr", "redirect") for url in m.urls), path.name
         for part in m.parts:
             assert part.size == len(part.payload), path.name
             assert (part.text is None) == (not part.content_type.startswith("text/")), path.name

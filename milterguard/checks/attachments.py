@@ -10,8 +10,10 @@ are the ones `attachment_names` (checks/mime.py) uses.
 
 from __future__ import annotations
 
+import re
 import zipfile
 
+from milterguard.mail.attached import is_markup_attachment
 from milterguard.mail.archives import BadArchive, Listing, rar_listing, sevenzip_listing, zip_listing
 from milterguard.checks.mime import name_policy
 from milterguard.checks.registry import check
@@ -139,3 +141,54 @@ def _judge_listing(shown: str, listing: Listing, policy, hits: Hits) -> None:
         judged = [s for s in policy.judge(base) if s in ("MIME_EXEC_ATTACHMENT", "MIME_ATTACH_OFFICE_MACRO")]
         if judged:
             hits.add("MIME_ARCHIVE_EXEC", f"{shown}:{base}", where="archive entry", text=f"{inner} in {shown}")
+
+
+# What makes an attached web page or SVG image act rather than show: it runs in the
+# recipient's browser from a local file, where no web filter saw it.
+_ACTIVE_MAX = 1024 * 1024
+_FORM = re.compile(r"(?i)<form\b|<input\b[^<>]*\btype\s*=\s*[\"']?password")
+_SCRIPT = re.compile(r"(?i)<script\b|<[a-z][^<>]*\son[a-z]{3,20}\s*=|javascript:")
+_REDIRECT = re.compile(r"(?i)<meta\b[^<>]*http-equiv\s*=\s*[\"']?refresh|\b(?:window|document|top|self|parent)"
+                       r"\s*\.\s*location\b|\blocation\s*\.\s*(?:href|replace|assign)\b")
+_OBFUSCATED = re.compile(r"(?i)\batob\s*\(|\bunescape\s*\(|\beval\s*\(|fromCharCode|\bdecodeURIComponent\s*\(\s*escape")
+_SVG_ACTIVE = re.compile(r"(?i)<script\b|<foreignObject\b|\son[a-z]{3,20}\s*=|javascript:|<iframe\b|<embed\b")
+
+
+@check(stage=Stage.EOM, emits=("MIME_HTML_ATTACH_FORM", "MIME_HTML_ATTACH_SCRIPT", "MIME_HTML_ATTACH_REDIRECT",
+                               "MIME_HTML_ATTACH_OBFUSCATED", "MIME_SVG_ACTIVE"), priority=25)
+def active_attachments(scan, hits: Hits) -> None:
+    """Attached web pages and SVG images that ask for input, run scripts or send the reader elsewhere."""
+    for part in scan.message.attachments:
+        kind = is_markup_attachment(part)
+        if kind is None or not part.payload:
+            continue
+        name = part.filename or part.content_type
+        text = part.text if part.text is not None else part.payload[:_ACTIVE_MAX].decode("utf-8", "replace")
+        text = text[:_ACTIVE_MAX]
+        if kind == "svg":
+            m = _SVG_ACTIVE.search(text)
+            if m:
+                hits.add("MIME_SVG_ACTIVE", name, where="attachment content", text=f"{name}: {m.group(0)}")
+            if (m := _REDIRECT.search(text)):
+                hits.add("MIME_HTML_ATTACH_REDIRECT", name, where="attachment content", text=f"{name}: {m.group(0)}")
+            continue
+        for symbol, pattern in (("MIME_HTML_ATTACH_FORM", _FORM), ("MIME_HTML_ATTACH_SCRIPT", _SCRIPT),
+                                ("MIME_HTML_ATTACH_REDIRECT", _REDIRECT), ("MIME_HTML_ATTACH_OBFUSCATED", _OBFUSCATED)):
+            m = pattern.search(text)
+            if m:
+                hits.add(symbol, name, where="attachment content", text=f"{name}: {m.group(0)[:60]}")
+
+
+@check(stage=Stage.EOM, emits=("PDF_LINK", "QR_CODE_URL"), priority=25)
+def attachment_links(scan, hits: Hits) -> None:
+    """Links that a PDF attachment carries, and URLs in QR codes of images (mail/attached.py)."""
+    pdf = qr = None
+    for link in scan.message.attached_links:
+        if link.source == "pdf" and pdf is None:
+            pdf = link
+        elif link.source == "qr" and qr is None and "://" in link.url[:12]:
+            qr = link
+    if pdf is not None:
+        hits.add("PDF_LINK", pdf.url[:60], where=pdf.where, text=pdf.url[:120])
+    if qr is not None:
+        hits.add("QR_CODE_URL", qr.url[:60], where=qr.where, text=qr.url[:120])

@@ -13,12 +13,14 @@ at the first RCPT) and `rbl_content` at end of message.
 
 An answer in a list's `blocked` ranges (127.255.255.0/24 by default: Spamhaus
 says so to public resolvers and over-quota users) is an error, RBL_BLOCKED,
-never a listing.
+never a listing, and logged once per process, list and resolver.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import threading
 from dataclasses import dataclass
 
 from milterguard.checks import authshared as auth
@@ -26,6 +28,8 @@ from milterguard.mail.domains import org_domain
 from milterguard.clients import dns_client as mgdns
 from milterguard.checks.registry import check, configured_symbols, starter
 from milterguard.model import Hits, Stage
+
+log = logging.getLogger("milterguard.rbl")
 
 FAMILIES = ("RBL_*", "RHSBL_*", "URIBL_*")
 DEFAULT_BLOCKED = ["127.255.255.0/24"]
@@ -74,6 +78,8 @@ def active_lists(config, kinds: tuple[str, ...] | None = None) -> dict[str, dict
         if not spec.get("enabled", True) or not spec.get("zone"):
             continue
         if spec.get("public") and not config["rbl.public"]:
+            continue
+        if spec.get("free") and not (config["rbl.free_lists"] or config["rbl.public"]):
             continue
         if kinds is not None and spec.get("kind", "ip") not in kinds:
             continue
@@ -198,6 +204,35 @@ def symbols_for(spec: dict, address: str) -> list[str]:
     return found
 
 
+# (list, resolver) pairs whose refusal this process has logged: one line each, not one per message.
+_BLOCKED_LOGGED: set[tuple[str, str]] = set()
+_BLOCKED_LOCK = threading.Lock()
+# What Spamhaus's error answers mean (its DNSBL usage FAQ); other lists' are shown as they are.
+_BLOCKED_MEANING = {
+    "127.255.255.252": "a malformed query",
+    "127.255.255.254": "a query through a public or open resolver",
+    "127.255.255.255": "more queries than the free use allows",
+    "127.0.1.255": "an IP address asked as a domain",
+}
+
+
+def _log_blocked(config, list_name: str, spec: dict, address: str, name: str) -> None:
+    """Say once per process, list and resolver that a list refuses our resolver, and what to do."""
+    servers = ", ".join(mgdns.resolver_for(config).server_labels) or "the system's resolver"
+    key = (list_name, servers)
+    with _BLOCKED_LOCK:
+        if key in _BLOCKED_LOGGED:
+            return
+        _BLOCKED_LOGGED.add(key)
+    meaning = _BLOCKED_MEANING.get(address, "a refusal")
+    switch = ("rbl.free_lists: false" if spec.get("free") else
+              "rbl.public: false" if spec.get("public") else f"rbl.lists.{list_name}.enabled: false")
+    log.warning("blocklist %s (%s) refuses queries through resolver %s: it answered %s to %s (%s); its "
+                "answers are not counted. Use a recursive resolver of your own in dns.nameservers, or "
+                "turn the list off (%s). Said once per process.",
+                list_name, spec.get("zone", "?"), servers, address, name, meaning, switch)
+
+
 def _collect(scan, hits: Hits, kinds: tuple[str, ...]) -> None:
     sess = mgdns.session(scan)
     # Lookups started at connect live in the connection's session: collect those too.
@@ -219,6 +254,7 @@ def _collect(scan, hits: Hits, kinds: tuple[str, ...]) -> None:
         if blocked:
             hits.add("RBL_BLOCKED", query.list_name, blocked[0], where=query.where,
                      text=f"{query.name} answered {blocked[0]}: the list refuses our resolver; not a listing")
+            _log_blocked(scan.config, query.list_name, spec, blocked[0], query.name)
             continue
         for address in answer.records:
             for symbol in symbols_for(spec, address):

@@ -30,6 +30,24 @@ _TRACKER_PATH = re.compile(r"/(?:click|clickthru|clickthrough|clk|track|tracking
                            re.I)
 
 
+# A host that browsers read as an IPv4 address though it is not written as four decimal numbers:
+# one number (3232235777), hex (0xc0a80101, 0xc0.0xa8.1.1) or octal parts (0300.0250.01.01).
+_OBFUSCATED_PART = r"(?:0x[0-9a-f]{1,8}|0[0-7]+|[0-9]+)"
+_OBFUSCATED_IP = re.compile(rf"^{_OBFUSCATED_PART}(?:\.{_OBFUSCATED_PART}){{0,3}}$", re.I)
+
+
+def obfuscated_ip(host: str) -> bool:
+    """Whether HOST is an IPv4 address in a form other than dotted decimal (WHATWG URL, IPv4 parser)."""
+    if not _OBFUSCATED_IP.match(host) or _is_ip(host):
+        return False
+    parts = host.split(".")
+    if any(p.lower().startswith("0x") or (len(p) > 1 and p.startswith("0")) for p in parts):
+        return True  # hex or octal parts
+    # Plain decimal: one number (3232235777) or a short form whose last part spans several
+    # bytes (192.11010305); "1.2.3" in a version string or 300.1.1.1 is no address anyone links.
+    return len(parts) < 4 and int(parts[-1]) > 255 and len(parts[-1]) <= 10
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -82,7 +100,7 @@ def _mismatch(url, host: str, sender_orgs: set[str]) -> str | None:
 
 
 @check(stage=Stage.EOM, emits=("URI_IP_HOST", "URI_USERINFO", "URI_TEXT_MISMATCH", "URI_COUNT_HIGH",
-                               "URI_ENCODED_HOST", "URI_NONSTD_PORT"), priority=30)
+                               "URI_ENCODED_HOST", "URI_NONSTD_PORT", "URI_IP_OBFUSCATED"), priority=30)
 def uri_shape(scan, hits: Hits) -> None:
     """Links to raw IPs, links that hide their target, and link text naming another site."""
     msg = scan.message
@@ -98,6 +116,8 @@ def uri_shape(scan, hits: Hits) -> None:
         hosts.add(host)
         if _is_ip(host):
             hits.add("URI_IP_HOST", host, where="URL", text=url.url[:120])
+        elif host[0].isdigit() and obfuscated_ip(host):
+            hits.add("URI_IP_OBFUSCATED", host, where="URL", text=url.url[:120])
         authority = url.url.split("//", 1)[-1].split("/", 1)[0]
         if "@" in authority:
             hits.add("URI_USERINFO", host, where="URL", text=url.url[:120])

@@ -256,6 +256,7 @@ class Resolver:
         self._resolver.cache = None  # ours honours negative answers and is bounded
         self.nameservers = [str(ns) for ns in self._resolver.nameservers]
         labels = [_server_label(ns) for ns in self._resolver.nameservers]
+        self.server_labels = labels
         self.outage = Outage(f"DNS server{'s' if len(labels) > 1 else ''} {', '.join(labels)}", log)
         self._silent = 0  # queries in a row that got no answer
         self.cache = Cache(cache_size)

@@ -78,12 +78,24 @@ def header_view(txn: Transaction, config: Config):
     return txn.header_view
 
 
+def link_limits(config: Config):
+    """The bounds of reading links from PDFs and QR codes, from the attachments.* settings."""
+    from milterguard.mail.attached import LinkLimits
+
+    return LinkLimits(enabled=config["attachments.links"], pdf_max_bytes=config["attachments.pdf_max_bytes"],
+                      pdf_max_pages=config["attachments.pdf_max_pages"],
+                      image_max_bytes=config["attachments.image_max_bytes"],
+                      image_max_pixels=config["attachments.image_max_pixels"],
+                      max_images=config["attachments.max_images"], seconds=config["attachments.links_time"])
+
+
 def full_message(txn: Transaction, config: Config):
     if txn.message is None:
         from milterguard.mail.message import Message
 
         view = txn.header_view
-        limits = {"max_scan_bytes": config["message.max_scan_bytes"], "max_text_chars": config["message.max_text_chars"]}
+        limits = {"max_scan_bytes": config["message.max_scan_bytes"], "max_text_chars": config["message.max_text_chars"],
+                  "link_limits": link_limits(config)}
         if view is not None and view.header_count == len(txn.headers):
             # The headers parsed at end of headers serve again: only the body is new.
             txn.message = view.with_body(txn.body, body_size=txn.body_size or None, **limits)
@@ -194,7 +206,11 @@ class Engine:
         self.starters = {stage: [(name, fn) for name, fn in registry.STARTERS.get(stage, ()) if name in enabled]
                          for stage in Stage}
         for name in sorted(enabled & registry.PREPARERS.keys()):
-            registry.PREPARERS[name](config)
+            try:
+                registry.PREPARERS[name](config)
+            except (ValueError, OSError) as exc:
+                # A data file a check reads (the brands map) is missing or malformed: say where.
+                raise RulesError([f"check {name}: {exc}"]) from None
         self.verdict_hooks = [(name, fn) for name, fn in registry.VERDICT_HOOKS if name in enabled]
         self.budget = config["checks.message_budget"]
         self.check_budget = config["checks.check_budget"]

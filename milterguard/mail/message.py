@@ -19,12 +19,13 @@ from functools import cached_property
 from typing import BinaryIO
 
 from milterguard.mail.addresses import parse_addresses
+from milterguard.mail.attached import LinkLimits, attached_links
 from milterguard.mail.charsets import decode_bytes, decode_header_value
 from milterguard.mail.defects import DEFECTS, HEADER_8BIT, HEADER_NO_COLON, MIME_MISSING_VERSION
 from milterguard.mail.headers import Header, make_headers, parse_params, split_entity, unfold
 from milterguard.mail.htmltext import extract_links, html_to_text
 from milterguard.mail.mime import MAX_DEPTH, MAX_PARTS, MimeWalker, Part, is_multipart
-from milterguard.mail.urls import Url, find_text_urls, make_url
+from milterguard.mail.urls import Url, find_text_urls, make_url, redirect_target
 
 __all__ = [
     "DEFECTS",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 MAX_URLS = 500
+DEFAULT_LINK_LIMITS = LinkLimits()
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
 
 
@@ -92,8 +94,9 @@ class Message:
     """
 
     def __init__(self, headers: list[Header], body: bytes, *, size: int, scan_truncated: bool,
-                 defects: list[str], max_text_chars: int) -> None:
+                 defects: list[str], max_text_chars: int, link_limits: LinkLimits | None = None) -> None:
         self.headers = headers
+        self.link_limits = link_limits or DEFAULT_LINK_LIMITS
         self.size = size
         self._defects = defects
         self._body = body
@@ -105,7 +108,7 @@ class Message:
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, max_scan_bytes: int = 10 * 1024 * 1024,
-                   max_text_chars: int = 512 * 1024) -> "Message":
+                   max_text_chars: int = 512 * 1024, link_limits: LinkLimits | None = None) -> "Message":
         """Parse a whole RFC 5322 message (CRLF or LF; an mbox "From " line is skipped)."""
         if raw.startswith(b"From "):
             newline = raw.find(b"\n")
@@ -122,12 +125,12 @@ class Message:
             defects.append(HEADER_NO_COLON)
         headers = make_headers(pairs, defects)
         return cls(headers, body, size=size, scan_truncated=truncated, defects=defects,
-                   max_text_chars=max_text_chars)
+                   max_text_chars=max_text_chars, link_limits=link_limits)
 
     @classmethod
     def from_parts(cls, headers: list[tuple[str, str]], body: BinaryIO | bytes, *,
                    body_size: int | None = None, max_scan_bytes: int = 10 * 1024 * 1024,
-                   max_text_chars: int = 512 * 1024) -> "Message":
+                   max_text_chars: int = 512 * 1024, link_limits: LinkLimits | None = None) -> "Message":
         """Build from MTA-supplied headers and a body (bytes or a file read from 0).
 
         Only the first max_scan_bytes of the body are read.  `body_size`,
@@ -152,13 +155,14 @@ class Message:
         data, truncated, body_size = scanned_body(body, body_size, max_scan_bytes)
         parsed = make_headers(pairs, defects)
         msg = cls(parsed, data, size=header_bytes + body_size, scan_truncated=truncated, defects=defects,
-                  max_text_chars=max_text_chars)
+                  max_text_chars=max_text_chars, link_limits=link_limits)
         # What with_body needs to reuse this header parse (the defects before any MIME walk).
         msg._header_parse = (len(headers), header_bytes, tuple(defects))
         return msg
 
     def with_body(self, body: BinaryIO | bytes, *, body_size: int | None = None,
-                  max_scan_bytes: int = 10 * 1024 * 1024, max_text_chars: int = 512 * 1024) -> "Message":
+                  max_scan_bytes: int = 10 * 1024 * 1024, max_text_chars: int = 512 * 1024,
+                  link_limits: LinkLimits | None = None) -> "Message":
         """This message's headers with BODY: what from_parts would build from the same headers.
 
         For a message built by from_parts (the headers alone, at end of headers): the
@@ -169,7 +173,7 @@ class Message:
         _, header_bytes, header_defects = self._header_parse
         data, truncated, body_size = scanned_body(body, body_size, max_scan_bytes)
         msg = type(self)(self.headers, data, size=header_bytes + body_size, scan_truncated=truncated,
-                         defects=list(header_defects), max_text_chars=max_text_chars)
+                         defects=list(header_defects), max_text_chars=max_text_chars, link_limits=link_limits)
         msg._header_parse = self._header_parse
         cached = self.__dict__
         for name in _HEADER_DERIVED:
@@ -356,8 +360,18 @@ class Message:
         return self._scan_truncated or self._rendered[3]
 
     @cached_property
+    def attached_links(self):
+        """Links carried by PDF parts and QR codes in images (mail/attached.py), bounded by link_limits."""
+        if not self.link_limits.enabled:
+            return []
+        html = [part.text for part in self.parts if part.is_html and part.text]
+        return attached_links(self.parts, html, self.link_limits)
+
+    @cached_property
     def urls(self) -> list[Url]:
-        """URLs from text and HTML parts, deduplicated by (url, text), capped."""
+        """URLs from text and HTML parts, then those of PDF links and QR codes
+        (source "pdf", "qr"), then the targets of redirects and link wrappers among them
+        (source "redirect"), deduplicated by (url, text), capped."""
         cap = self._max_text_chars
         reduced = self._rendered[4]
         seen: set[tuple[str, str | None]] = set()
@@ -382,6 +396,26 @@ class Message:
             for url in find_text_urls(prose, MAX_URLS):
                 if add(url):
                     return urls
+        for link in self.attached_links:
+            found = make_url(link.url, None, link.source)
+            if found is not None and found.host and add(found):
+                return urls
+        # Where redirects and link wrappers send the reader (source "redirect"): the target is
+        # judged as if it were linked, and a wrapper's own host (a security gateway) tells little.
+        for url in list(urls):
+            if url.scheme not in ("http", "https") or "?" not in url.url and "/__" not in url.url and "/amp/" not in url.url:
+                continue
+            target_url = url.url
+            for _depth in range(2):  # a wrapper around a redirect: two levels
+                target = redirect_target(target_url)
+                if not target:
+                    break
+                found = make_url(target, None, "redirect")
+                if found is None or not found.host or found.host == url.host:
+                    break
+                if add(found):
+                    return urls
+                target_url = found.url
         return urls
 
 
