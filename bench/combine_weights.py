@@ -18,7 +18,11 @@ and commit the file it writes.  Only the train split is read (the fixed split of
    penalty, fits one weight for each symbol that hits at least `MIN_HITS`
    train messages (the rest enter the fit together, at their rule files'
    weights, and keep those weights: the corpus says too little of them, and
-   some, such as DMARC's policies, are decisions the docs promise).  Each weight keeps
+   some, such as DMARC's policies, are decisions the docs promise).  The
+   symbols of the groups in `KEPT_GROUPS` (lures, phishing) are not fitted
+   either: they are there for the campaigns the shipped model has not seen,
+   and on the train split, whose campaigns the model learned, a fit would
+   trade them away for the model.  Each weight keeps
    the sign its rule file gives it (a spam sign never turns into a ham
    sign), and symbols the rule files weigh 0 stay 0: interpretable, no
    black box.
@@ -48,6 +52,7 @@ REVIEW_FP = 0.0005  # share of train ham at or above the review threshold (half 
 L2 = 1.0  # penalty on the squared weights (in logit units), against the sum of sample weights
 FOLDS = 5
 FIXED = ("BAYES_", "ML_SPAM", "ML_HAM", "ML_TEMPFAIL")  # the site's learned symbols: not fitted here
+KEPT_GROUPS = ("lures", "phishing")  # rules for what the model has not seen: their own weights
 
 
 def factors(p: float, spam_at: float = 0.6, ham_at: float = 0.4) -> tuple[float, float]:
@@ -59,8 +64,9 @@ def factors(p: float, spam_at: float = 0.6, ham_at: float = 0.4) -> tuple[float,
     return 0.0, 0.0
 
 
-def rule_hits(paths: list[str], progress: bool) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """Per message {symbol: factor} of the rules alone, and the declared weight of every symbol."""
+def rule_hits(paths: list[str], progress: bool) -> tuple[list[dict[str, float]], dict[str, float], set[str]]:
+    """Per message {symbol: factor} of the rules alone, the declared weight of every symbol, and
+    the symbols of KEPT_GROUPS."""
     from milterguard import settings as S
     from milterguard.cli.common import load, load_engine
     from milterguard.cli.scan import build
@@ -74,6 +80,7 @@ def rule_hits(paths: list[str], progress: bool) -> tuple[list[dict[str, float]],
     config = load(cfg_args)
     engine = load_engine(cfg_args, config)
     declared = {s: r.weight for s, r in engine.ruleset.rules.items() if r.enabled}
+    kept = {s for s, r in engine.ruleset.rules.items() if r.group in KEPT_GROUPS}
 
     class _Env:
         ip = None
@@ -94,7 +101,7 @@ def rule_hits(paths: list[str], progress: bool) -> tuple[list[dict[str, float]],
                 row[h.symbol] = row.get(h.symbol, 0.0) + h.base_weight / w
         out.append(row)
         bar.step()
-    return out, declared
+    return out, declared, kept
 
 
 def out_of_fold(samples, hashes) -> list[float]:
@@ -150,22 +157,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cache and os.path.exists(args.cache):
         with open(args.cache, "rb") as f:
-            samples, probs, hits, declared = pickle.load(f)
+            samples, probs, hits, declared, kept = pickle.load(f)
     else:
         all_samples, hashes = shipped.load_corpus(args.corpus, args.progress)
         samples = [s for s in all_samples if split_of(s.path) == "train"]
         probs = out_of_fold(samples, hashes)
-        hits, declared = rule_hits([s.path for s in samples], args.progress)
+        hits, declared, kept = rule_hits([s.path for s in samples], args.progress)
         if args.cache:
             with open(args.cache, "wb") as f:
-                pickle.dump((samples, probs, hits, declared), f)
+                pickle.dump((samples, probs, hits, declared, kept), f)
 
     y = np.asarray([s.label for s in samples])
     counts: dict[str, int] = {}
     for row in hits:
         for sym in row:
             counts[sym] = counts.get(sym, 0) + 1
-    fitted = sorted(s for s, c in counts.items() if c >= MIN_HITS and declared.get(s) and not s.startswith(FIXED))
+    fitted = sorted(s for s, c in counts.items()
+                    if c >= MIN_HITS and declared.get(s) and not s.startswith(FIXED) and s not in kept)
     col = {s: i for i, s in enumerate(fitted)}
     names = fitted + ["ML_DEFAULT_SPAM", "ML_DEFAULT_HAM", "(other rules)"]
     x = np.zeros((len(samples), len(names)))
@@ -194,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "# On those messages: " + ", ".join(
             f"{a} {int(((score >= t) & (y == 0)).sum())} ham, {int(((score < t) & (y == 1)).sum())} spam below"
             for a, t in th.items()) + ".",
-        f"# Symbols hitting fewer than {MIN_HITS} of them are not listed: they keep their rule files' weights.",
+        f"# Not listed, so keeping their rule files' weights: symbols hitting fewer than {MIN_HITS} of them, "
+        f"and those of the groups {', '.join(KEPT_GROUPS)}.",
     ]
     out = {}
     for sym in sorted(declared):
