@@ -42,7 +42,7 @@ def arc(scan, hits: Hits) -> None:
     dnsfunc = key_lookup(mgdns.session(scan))
     try:
         # dkimpy logs what is wrong with a set as an error of its own; the reason says it too.
-        cv, sets, reason = dkimpy.arc_verify(raw, logger=DkimpyErrors(), dnsfunc=dnsfunc)
+        cv, sets, reason = auth.arc_verify(raw, logger=DkimpyErrors(), dnsfunc=dnsfunc)
     except KeyUnavailable as exc:
         txn.facts.arc = ArcResult("temperror", reason=str(exc))
         hits.add("ARC_TEMPFAIL", where="ARC-Seal", text=str(exc))

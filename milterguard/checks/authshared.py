@@ -1,13 +1,21 @@
 """What the sender authentication checks share: the message as received,
-the hop to judge, registered domains and Authentication-Results syntax.
+the hop to judge, registered domains, Authentication-Results syntax, and
+the one adapter to dkimpy through which DKIM and ARC verify signatures.
 """
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
 import re
 import socket
 from functools import lru_cache
+
+import dkim as dkimpy
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import padding as rsa_padding
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+from dkim import crypto as dkimcrypto
 
 from milterguard.clients import dns_client as mgdns
 from milterguard.mail.domains import org_domain
@@ -166,3 +174,110 @@ def claimed_authserv_id(header_value: str) -> str:
         text = text[i + 1:].strip()
     m = re.match(r"[^\s;()]+", text)
     return m.group(0).strip('"').lower() if m else ""
+
+
+# ---------------------------------------------------------------- dkimpy adapter
+#
+# dkimpy verifies in pure Python: for every signature it parses the key record's
+# ASN.1 byte by byte, and turns the RSA integers into bytes and back one byte at
+# a time.  DKIM and ARC verify through the two classes below instead of dkimpy's
+# own, with the same answers:
+#
+# - a key record already seen by this process is not parsed again: parsed keys
+#   are kept by the record's bytes (a key rotated under the same selector is a
+#   new record, so it is parsed anew; what DNS answers, and for how long, stays
+#   the resolver's concern);
+# - the RSA check of a signature is done by OpenSSL (the `cryptography` package)
+#   when the signature has the modulus' length and is below it, else as dkimpy
+#   does it with integers.  The result is the same: OpenSSL recovers the padded
+#   digest and we compare it with dkimpy's own encoding of the expected one.
+#
+# dkimpy calls its RSA check by the module-level name RSASSA_PKCS1_v1_5_verify
+# from inside DomainSigner.verify_sig_process, with no hook: that one name is
+# replaced, here and only here, by rsa_verify (same arguments, same answer).
+# tests/test_auth_dkimpy.py fails if dkimpy's names or signatures change.
+
+KEY_CACHE_SIZE = 512
+
+
+@lru_cache(maxsize=KEY_CACHE_SIZE)
+def _parsed_key(record: bytes) -> tuple:
+    return dkimpy.evaluate_pk(b"", record)
+
+
+def public_key(name: bytes, record) -> tuple:
+    """dkimpy's evaluate_pk(NAME, RECORD): (key, size in bits, k= tag, tlsrpt service),
+    parsed once per distinct record.  A record that does not parse raises each time."""
+    if isinstance(record, str):
+        record = record.encode("ascii")
+    if not record:
+        return dkimpy.evaluate_pk(name, record)  # its error names the key
+    return _parsed_key(bytes(record))
+
+
+@lru_cache(maxsize=KEY_CACHE_SIZE)
+def _openssl_key(modulus: int, exponent: int):
+    return RSAPublicNumbers(exponent, modulus).public_key()
+
+
+def rsa_verify(hasher, signature: bytes, key: dict) -> bool:
+    """What dkimpy's crypto.RSASSA_PKCS1_v1_5_verify(HASHER, SIGNATURE, KEY) answers."""
+    modulus, exponent = key["modulus"], key["publicExponent"]
+    modlen = max(1, (modulus.bit_length() + 7) // 8)
+    expected = dkimcrypto.EMSA_PKCS1_v1_5_encode(hasher, modlen)  # raises as dkimpy does
+    value = int.from_bytes(signature, "big")
+    if len(signature) == modlen and value < modulus:
+        try:
+            digest_info = _openssl_key(modulus, exponent).recover_data_from_signature(
+                bytes(signature), rsa_padding.PKCS1v15(), None)
+        except InvalidSignature:
+            return False  # not even PKCS #1 type 1 padding: dkimpy's comparison fails too
+        except (ValueError, TypeError):
+            pass  # a key OpenSSL refuses (too small, even modulus...): as dkimpy does
+        else:
+            # OpenSSL checked that the MODLEN bytes were 00 01 FF..FF 00 DIGEST_INFO: rebuilt, they
+            # are compared whole with dkimpy's encoding, as dkimpy compares them.
+            return expected == b"\x00\x01" + b"\xff" * (modlen - len(digest_info) - 3) + b"\x00" + digest_info
+    return pow(value, exponent, modulus).to_bytes(modlen, "big") == expected
+
+
+dkimpy.RSASSA_PKCS1_v1_5_verify = rsa_verify
+
+
+class _CachedKeys:
+    """DomainSigner.verify_sig of dkimpy 1.1, with the key parsed once per record."""
+
+    def verify_sig(self, sig, include_headers, sig_header, dnsfunc):
+        name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+        try:
+            self.pk, self.keysize, self.ktag, self.seqtlsrpt = public_key(name, dnsfunc(name, timeout=self.timeout))
+        except dkimpy.KeyFormatError as e:
+            self.logger.error("%s" % e)
+            return False
+        except binascii.Error as e:
+            self.logger.error("KeyFormatError: {0}".format(e))
+            return False
+        except dkimpy.DnsTimeoutError as e:
+            self.logger.error("DnsTimeoutError: Domain: {0} Selector: {1} Error message: {2}".format(
+                sig[b"d"], sig[b"s"], e))
+            return False
+        return self.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+
+
+class DkimVerifier(_CachedKeys, dkimpy.DKIM):
+    """dkimpy.DKIM, verifying through the adapter."""
+
+
+class ArcVerifier(_CachedKeys, dkimpy.ARC):
+    """dkimpy.ARC, verifying through the adapter."""
+
+
+def arc_verify(message: bytes, logger=None, dnsfunc=None, minkey: int = 1024):
+    """dkimpy.arc_verify through the adapter: (cv, list of set results, reason)."""
+    verifier = ArcVerifier(message, logger=logger, minkey=minkey, timeout=5)
+    try:
+        return verifier.verify(dnsfunc=dnsfunc)
+    except dkimpy.DKIMException as exc:
+        if logger is not None:
+            logger.error("%s" % exc)
+        return dkimpy.CV_Fail, [], "%s" % exc

@@ -100,7 +100,7 @@ class DkimpyErrors:
 def verify_one(raw: bytes, index: int, dnsfunc) -> tuple[str, str]:
     """(result, reason) of signature INDEX of RAW."""
     errors = DkimpyErrors()
-    verifier = dkimpy.DKIM(raw, logger=errors)
+    verifier = auth.DkimVerifier(raw, logger=errors)
     try:
         ok = verifier.verify(index, dnsfunc=dnsfunc)
     except KeyUnavailable as exc:
