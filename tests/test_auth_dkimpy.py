@@ -11,6 +11,7 @@ import random
 import dkim
 import pytest
 from dkim import crypto as dkimcrypto
+from dkim.canonicalization import Relaxed
 
 from milterguard.checks import authshared as auth
 from support.authmail import Key, arc_seal, engine_for, message, scan, sign
@@ -44,6 +45,29 @@ def test_dkimpy_still_has_what_the_adapter_relies_on():
     assert _params(dkim.arc_verify) == ["message", "logger", "dnsfunc", "minkey", "timeout"]
     assert _params(dkim.ARC.verify) == ["self", "dnsfunc"]
     assert auth.DkimVerifier.verify_sig is auth.ArcVerifier.verify_sig is not dkim.DomainSigner.verify_sig
+    # The relaxed header form: replaced by a memo of the same function.
+    assert Relaxed.canonicalize_headers is auth.relaxed_headers
+    assert _params(auth._relaxed_uncached) == ["headers"]
+    assert "canonicalize_headers" in dkim.DomainSigner.verify_sig_process.__code__.co_names
+    # A verifier made from the parsed message: set_message parses with rfc822_parse into headers and body.
+    assert _params(dkim.rfc822_parse) == ["message"]
+    assert "rfc822_parse" in dkim.DomainSigner.set_message.__code__.co_names
+    assert {"headers", "body"} <= set(dkim.DomainSigner.set_message.__code__.co_names)
+
+
+def test_parsed_message_and_relaxed_headers_are_dkimpys():
+    raw = arc_seal(sign(message(from_addr=f"a@{DOMAIN}", extra="X-Folded: one\r\n\t two  \t three\r\n"),
+                        DOMAIN, "s1", Key.generate()), SEALER, "arc", Key.generate(), "dkim=pass")
+    plain = dkim.DKIM(raw)
+    made = auth.DkimVerifier.parsed(dkim.rfc822_parse(raw))
+    assert made.headers == plain.headers and made.body == plain.body
+    assert vars(made).keys() == vars(plain).keys()
+    first = auth.relaxed_headers(plain.headers)
+    assert first == auth._relaxed_uncached(plain.headers)
+    assert (b"x-folded", b"one two three\r\n") in first
+    first.clear()  # a caller's changes to its answer do not reach the next caller
+    assert auth.relaxed_headers(plain.headers) == auth._relaxed_uncached(plain.headers)
+    assert auth.relaxed_headers([]) == []
 
 
 # ---------------------------------------------------------------- the RSA check
@@ -136,8 +160,9 @@ def _fresh(raw: bytes, records: dict[bytes, bytes]) -> tuple[bool, bytes]:
     """dkimpy on its own (its RSA check, its key parse): the DKIM answer and the ARC cv."""
     def dnsfunc(name, timeout=5):
         return records[name]
-    saved = dkim.RSASSA_PKCS1_v1_5_verify
+    saved = dkim.RSASSA_PKCS1_v1_5_verify, Relaxed.canonicalize_headers
     dkim.RSASSA_PKCS1_v1_5_verify = dkimcrypto.RSASSA_PKCS1_v1_5_verify
+    Relaxed.canonicalize_headers = staticmethod(auth._relaxed_uncached)
     try:
         try:
             ok = dkim.DKIM(raw).verify(0, dnsfunc=dnsfunc)
@@ -145,7 +170,7 @@ def _fresh(raw: bytes, records: dict[bytes, bytes]) -> tuple[bool, bytes]:
             ok = False
         cv, _, _ = dkim.arc_verify(raw, dnsfunc=dnsfunc)
     finally:
-        dkim.RSASSA_PKCS1_v1_5_verify = saved
+        dkim.RSASSA_PKCS1_v1_5_verify, Relaxed.canonicalize_headers = saved[0], staticmethod(saved[1])
     return ok, cv
 
 

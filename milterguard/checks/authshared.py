@@ -16,8 +16,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding as rsa_padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from dkim import crypto as dkimcrypto
+from dkim.canonicalization import Relaxed
 
 from milterguard.clients import dns_client as mgdns
+from milterguard.mail.raw import raw_message
 from milterguard.mail.domains import org_domain
 
 
@@ -190,12 +192,18 @@ def claimed_authserv_id(header_value: str) -> str:
 # - the RSA check of a signature is done by OpenSSL (the `cryptography` package)
 #   when the signature has the modulus' length and is below it, else as dkimpy
 #   does it with integers.  The result is the same: OpenSSL recovers the padded
-#   digest and we compare it with dkimpy's own encoding of the expected one.
+#   digest and we compare it with dkimpy's own encoding of the expected one;
+# - the message is parsed into dkimpy's form once per message (dkimpy_message),
+#   not once per DKIM signature and again for ARC;
+# - the "relaxed" form of a message's header fields, which dkimpy computes
+#   afresh for each signature (and once more to sort the ARC sets), is kept for
+#   the last few header sections seen (relaxed_headers).
 #
-# dkimpy calls its RSA check by the module-level name RSASSA_PKCS1_v1_5_verify
-# from inside DomainSigner.verify_sig_process, with no hook: that one name is
-# replaced, here and only here, by rsa_verify (same arguments, same answer).
-# tests/test_auth_dkimpy.py fails if dkimpy's names or signatures change.
+# Two module-level names of dkimpy are replaced, here and only here, because
+# dkimpy calls them from inside DomainSigner.verify_sig_process with no hook:
+# RSASSA_PKCS1_v1_5_verify by rsa_verify and Relaxed.canonicalize_headers by
+# relaxed_headers (same arguments, same answers).  tests/test_auth_dkimpy.py
+# fails if dkimpy's names or signatures change.
 
 KEY_CACHE_SIZE = 512
 
@@ -241,7 +249,31 @@ def rsa_verify(hasher, signature: bytes, key: dict) -> bool:
     return pow(value, exponent, modulus).to_bytes(modlen, "big") == expected
 
 
+_relaxed_uncached = Relaxed.canonicalize_headers
+
+
+@lru_cache(maxsize=8)
+def _relaxed(headers: tuple) -> tuple:
+    return tuple(_relaxed_uncached(headers))
+
+
+def relaxed_headers(headers) -> list:
+    """What dkimpy's Relaxed.canonicalize_headers(HEADERS) answers: [(name, value), ...]."""
+    return list(_relaxed(tuple((h[0], h[1]) for h in headers)))
+
+
 dkimpy.RSASSA_PKCS1_v1_5_verify = rsa_verify
+Relaxed.canonicalize_headers = staticmethod(relaxed_headers)
+
+
+def dkimpy_message(txn) -> tuple[list, bytes]:
+    """dkimpy's rfc822_parse of the message as received: (headers, body), parsed once per
+    message.  Raises dkimpy's MessageFormatError for a header section it cannot read."""
+    cached = txn.facts.scratch.get("dkimpy_message")
+    if cached is None or cached[0] != len(txn.headers):
+        parsed = dkimpy.rfc822_parse(raw_message(txn.headers, txn.body))
+        cached = txn.facts.scratch["dkimpy_message"] = (len(txn.headers), parsed)
+    return cached[1]
 
 
 class _CachedKeys:
@@ -264,6 +296,15 @@ class _CachedKeys:
         return self.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
 
 
+    @classmethod
+    def parsed(cls, message: tuple[list, bytes], **kw):
+        """A verifier of MESSAGE as dkimpy_message gives it (its own copy of the header list)."""
+        verifier = cls(None, **kw)
+        headers, body = message
+        verifier.headers, verifier.body = [[name, value] for name, value in headers], body
+        return verifier
+
+
 class DkimVerifier(_CachedKeys, dkimpy.DKIM):
     """dkimpy.DKIM, verifying through the adapter."""
 
@@ -272,9 +313,10 @@ class ArcVerifier(_CachedKeys, dkimpy.ARC):
     """dkimpy.ARC, verifying through the adapter."""
 
 
-def arc_verify(message: bytes, logger=None, dnsfunc=None, minkey: int = 1024):
-    """dkimpy.arc_verify through the adapter: (cv, list of set results, reason)."""
-    verifier = ArcVerifier(message, logger=logger, minkey=minkey, timeout=5)
+def arc_verify(message: tuple[list, bytes], logger=None, dnsfunc=None, minkey: int = 1024):
+    """dkimpy.arc_verify of MESSAGE (from dkimpy_message) through the adapter:
+    (cv, list of set results, reason)."""
+    verifier = ArcVerifier.parsed(message, logger=logger, minkey=minkey, timeout=5)
     try:
         return verifier.verify(dnsfunc=dnsfunc)
     except dkimpy.DKIMException as exc:
