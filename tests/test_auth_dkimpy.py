@@ -126,6 +126,11 @@ def test_rsa_check_answers_as_dkimpy_on_good_and_bad_signatures():
                 assert ours is want, (n, name)
             seen.add((name, ours))
     assert ("good", True) in seen and ("bit flipped", False) in seen
+    # Keys OpenSSL is not asked about (a large exponent, a small modulus) take dkimpy's way, same answers.
+    big_e = {"modulus": pk["modulus"], "publicExponent": (1 << 40) + 15}
+    assert _both(b"x", sig, big_e) == [False, False]
+    small = {"modulus": (1 << 767) + 5, "publicExponent": 65537}
+    assert _both(b"x", b"\x01" * 96, small) == [False, False]
     # A key too small for the digest: both raise the same error (dkimpy makes it a key error).
     tiny = {"modulus": (1 << 255) + 1, "publicExponent": 65537}
     assert _both(b"x", b"\x01" * 32, tiny) == [dkimcrypto.DigestTooLargeError] * 2

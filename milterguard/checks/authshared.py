@@ -190,8 +190,8 @@ def claimed_authserv_id(header_value: str) -> str:
 #   new record, so it is parsed anew; what DNS answers, and for how long, stays
 #   the resolver's concern);
 # - the RSA check of a signature is done by OpenSSL (the `cryptography` package)
-#   when the signature has the modulus' length and is below it, else as dkimpy
-#   does it with integers.  The result is the same: OpenSSL recovers the padded
+#   when the signature has the modulus' length and is below it and the key is of
+#   a usual size, else as dkimpy does it with integers.  The result is the same: OpenSSL recovers the padded
 #   digest and we compare it with dkimpy's own encoding of the expected one;
 # - the message is parsed into dkimpy's form once per message (dkimpy_message),
 #   not once per DKIM signature and again for ARC;
@@ -223,6 +223,13 @@ def public_key(name: bytes, record) -> tuple:
     return _parsed_key(bytes(record))
 
 
+# The keys OpenSSL is asked about: the sizes DKIM uses.  OpenSSL refuses some keys
+# outside them (over 16384 bits; a public exponent over 64 bits with a modulus over
+# 3072) and reports that as a bad signature: those take dkimpy's way.
+_OPENSSL_BITS = (1024, 8192)
+_OPENSSL_MAX_EXPONENT = 1 << 32
+
+
 @lru_cache(maxsize=KEY_CACHE_SIZE)
 def _openssl_key(modulus: int, exponent: int):
     return RSAPublicNumbers(exponent, modulus).public_key()
@@ -234,14 +241,15 @@ def rsa_verify(hasher, signature: bytes, key: dict) -> bool:
     modlen = max(1, (modulus.bit_length() + 7) // 8)
     expected = dkimcrypto.EMSA_PKCS1_v1_5_encode(hasher, modlen)  # raises as dkimpy does
     value = int.from_bytes(signature, "big")
-    if len(signature) == modlen and value < modulus:
+    if len(signature) == modlen and value < modulus and _OPENSSL_BITS[0] <= modulus.bit_length() <= _OPENSSL_BITS[1] \
+            and exponent < _OPENSSL_MAX_EXPONENT:
         try:
             digest_info = _openssl_key(modulus, exponent).recover_data_from_signature(
                 bytes(signature), rsa_padding.PKCS1v15(), None)
         except InvalidSignature:
             return False  # not even PKCS #1 type 1 padding: dkimpy's comparison fails too
-        except (ValueError, TypeError):
-            pass  # a key OpenSSL refuses (too small, even modulus...): as dkimpy does
+        except Exception:  # noqa: BLE001 - a key OpenSSL refuses (even modulus, e=1...): as dkimpy does
+            pass
         else:
             # OpenSSL checked that the MODLEN bytes were 00 01 FF..FF 00 DIGEST_INFO: rebuilt, they
             # are compared whole with dkimpy's encoding, as dkimpy compares them.
@@ -294,7 +302,6 @@ class _CachedKeys:
                 sig[b"d"], sig[b"s"], e))
             return False
         return self.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
-
 
     @classmethod
     def parsed(cls, message: tuple[list, bytes], **kw):
