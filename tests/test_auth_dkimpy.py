@@ -49,6 +49,9 @@ def test_dkimpy_still_has_what_the_adapter_relies_on():
     assert Relaxed.canonicalize_headers is auth.relaxed_headers
     assert _params(auth._relaxed_uncached) == ["headers"]
     assert "canonicalize_headers" in dkim.DomainSigner.verify_sig_process.__code__.co_names
+    assert Relaxed.canonicalize_body is auth.relaxed_body
+    assert _params(auth._relaxed_body_uncached) == ["body"]
+    assert "canonicalize_body" in dkim.DomainSigner.verify_sig_process.__code__.co_names
     # A verifier made from the parsed message: set_message parses with rfc822_parse into headers and body.
     assert _params(dkim.rfc822_parse) == ["message"]
     assert "rfc822_parse" in dkim.DomainSigner.set_message.__code__.co_names
@@ -68,6 +71,10 @@ def test_parsed_message_and_relaxed_headers_are_dkimpys():
     first.clear()  # a caller's changes to its answer do not reach the next caller
     assert auth.relaxed_headers(plain.headers) == auth._relaxed_uncached(plain.headers)
     assert auth.relaxed_headers([]) == []
+    for body in (plain.body, b"", b"\r\n", b"a \t b  \r\n\r\n\r\n", b"x" * (auth.RELAXED_BODY_MEMO_BYTES + 1) + b" \r\n"):
+        for _ in range(2):
+            assert auth.relaxed_body(body) == auth._relaxed_body_uncached(body)
+    assert auth.relaxed_body(b"a \t b  \r\n\r\n") == b"a b\r\n"
 
 
 # ---------------------------------------------------------------- the RSA check
@@ -152,8 +159,12 @@ def _zones(dkim_key: Key, seal_key: Key) -> list[Zone]:
 
 def _signed(key: Key, rng: random.Random, altered: bool, sealed: bool, seal_key: Key) -> bytes:
     body = "".join(rng.choice(["Agenda ", "minutes ", "\t", "  ", "budget\r\n", "q3 "]) for _ in range(rng.randint(1, 80)))
-    raw = sign(message(from_addr=f"a@{DOMAIN}", subject=f"Note {rng.random()}", body="Agenda\r\n" + body + "\r\n"),
-               DOMAIN, "s1", key)
+    raw = message(from_addr=f"a@{DOMAIN}", subject=f"Note {rng.random()}", body="Agenda\r\n" + body + "\r\n")
+    if rng.random() < 0.5:
+        raw = sign(raw, DOMAIN, "s1", key)  # relaxed/simple
+    else:  # relaxed/relaxed, the body form the ARC-Message-Signature uses too
+        raw = dkim.sign(raw, b"s1", DOMAIN.encode(), key.pem, canonicalize=(b"relaxed", b"relaxed"),
+                        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"]) + raw
     if sealed:
         raw = arc_seal(raw, SEALER, "arc", seal_key, f"dkim=pass header.d={DOMAIN}")
     if altered:
@@ -165,9 +176,10 @@ def _fresh(raw: bytes, records: dict[bytes, bytes]) -> tuple[bool, bytes]:
     """dkimpy on its own (its RSA check, its key parse): the DKIM answer and the ARC cv."""
     def dnsfunc(name, timeout=5):
         return records[name]
-    saved = dkim.RSASSA_PKCS1_v1_5_verify, Relaxed.canonicalize_headers
+    saved = dkim.RSASSA_PKCS1_v1_5_verify, Relaxed.canonicalize_headers, Relaxed.canonicalize_body
     dkim.RSASSA_PKCS1_v1_5_verify = dkimcrypto.RSASSA_PKCS1_v1_5_verify
     Relaxed.canonicalize_headers = staticmethod(auth._relaxed_uncached)
+    Relaxed.canonicalize_body = staticmethod(auth._relaxed_body_uncached)
     try:
         try:
             ok = dkim.DKIM(raw).verify(0, dnsfunc=dnsfunc)
@@ -175,7 +187,8 @@ def _fresh(raw: bytes, records: dict[bytes, bytes]) -> tuple[bool, bytes]:
             ok = False
         cv, _, _ = dkim.arc_verify(raw, dnsfunc=dnsfunc)
     finally:
-        dkim.RSASSA_PKCS1_v1_5_verify, Relaxed.canonicalize_headers = saved[0], staticmethod(saved[1])
+        dkim.RSASSA_PKCS1_v1_5_verify = saved[0]
+        Relaxed.canonicalize_headers, Relaxed.canonicalize_body = staticmethod(saved[1]), staticmethod(saved[2])
     return ok, cv
 
 

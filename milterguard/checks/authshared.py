@@ -197,12 +197,15 @@ def claimed_authserv_id(header_value: str) -> str:
 #   not once per DKIM signature and again for ARC;
 # - the "relaxed" form of a message's header fields, which dkimpy computes
 #   afresh for each signature (and once more to sort the ARC sets), is kept for
-#   the last few header sections seen (relaxed_headers).
+#   the last few header sections seen (relaxed_headers); so is the relaxed form
+#   of the last two bodies up to 1 MB (relaxed_body), which a DKIM signature and
+#   an ARC-Message-Signature, or two DKIM signatures, share when both use it.
 #
-# Two module-level names of dkimpy are replaced, here and only here, because
-# dkimpy calls them from inside DomainSigner.verify_sig_process with no hook:
-# RSASSA_PKCS1_v1_5_verify by rsa_verify and Relaxed.canonicalize_headers by
-# relaxed_headers (same arguments, same answers).  tests/test_auth_dkimpy.py
+# Three names of dkimpy are replaced, here and only here, because dkimpy calls
+# them from inside DomainSigner.verify_sig_process with no hook: the module-level
+# RSASSA_PKCS1_v1_5_verify by rsa_verify, Relaxed.canonicalize_headers by
+# relaxed_headers and Relaxed.canonicalize_body by relaxed_body (same arguments,
+# same answers).  tests/test_auth_dkimpy.py
 # fails if dkimpy's names or signatures change.
 
 KEY_CACHE_SIZE = 512
@@ -270,8 +273,26 @@ def relaxed_headers(headers) -> list:
     return list(_relaxed(tuple((h[0], h[1]) for h in headers)))
 
 
+_relaxed_body_uncached = Relaxed.canonicalize_body
+# Bodies up to this size keep their relaxed form for the next signature (two at most).
+RELAXED_BODY_MEMO_BYTES = 1 << 20
+
+
+@lru_cache(maxsize=2)
+def _relaxed_body(body: bytes) -> bytes:
+    return _relaxed_body_uncached(body)
+
+
+def relaxed_body(body):
+    """What dkimpy's Relaxed.canonicalize_body(BODY) answers."""
+    if isinstance(body, bytes) and len(body) <= RELAXED_BODY_MEMO_BYTES:
+        return _relaxed_body(body)
+    return _relaxed_body_uncached(body)
+
+
 dkimpy.RSASSA_PKCS1_v1_5_verify = rsa_verify
 Relaxed.canonicalize_headers = staticmethod(relaxed_headers)
+Relaxed.canonicalize_body = staticmethod(relaxed_body)
 
 
 def dkimpy_message(txn) -> tuple[list, bytes]:
