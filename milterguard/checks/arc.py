@@ -14,7 +14,6 @@ import dkim as dkimpy
 from milterguard.checks import authshared as auth
 from milterguard.clients import dns_client as mgdns
 from milterguard.checks.dkim import DkimpyErrors, KeyAbsent, KeyUnavailable, key_lookup, start_key_lookups
-from milterguard.mail.raw import raw_message
 from milterguard.checks.registry import check, starter
 from milterguard.model import ArcResult, Hits, Stage
 
@@ -38,11 +37,10 @@ def arc(scan, hits: Hits) -> None:
         txn.facts.arc = ArcResult("none")
         hits.add("ARC_NA", where="ARC-Seal", text="no ARC set")
         return
-    raw = raw_message(txn.headers, txn.body)
     dnsfunc = key_lookup(mgdns.session(scan))
     try:
         # dkimpy logs what is wrong with a set as an error of its own; the reason says it too.
-        cv, sets, reason = dkimpy.arc_verify(raw, logger=DkimpyErrors(), dnsfunc=dnsfunc)
+        cv, sets, reason = auth.arc_verify(auth.dkimpy_message(txn), logger=DkimpyErrors(), dnsfunc=dnsfunc)
     except KeyUnavailable as exc:
         txn.facts.arc = ArcResult("temperror", reason=str(exc))
         hits.add("ARC_TEMPFAIL", where="ARC-Seal", text=str(exc))

@@ -2,7 +2,8 @@
 
 The keys of the signatures are looked up from end of headers on, while the
 body arrives; the check verifies at end of message on the message rebuilt
-as it was received (CRLF, raw header values).
+as it was received (CRLF, raw header values), through the adapter to dkimpy
+in checks/authshared.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import dkim as dkimpy
 
 from milterguard.checks import authshared as auth
 from milterguard.clients import dns_client as mgdns
-from milterguard.mail.raw import raw_message
 from milterguard.checks.registry import check, starter
 from milterguard.model import DkimResult, DkimSignature, Hits, Stage
 
@@ -97,10 +97,10 @@ class DkimpyErrors:
     info = warning = debug
 
 
-def verify_one(raw: bytes, index: int, dnsfunc) -> tuple[str, str]:
-    """(result, reason) of signature INDEX of RAW."""
+def verify_one(txn, index: int, dnsfunc) -> tuple[str, str]:
+    """(result, reason) of signature INDEX of the message."""
     errors = DkimpyErrors()
-    verifier = dkimpy.DKIM(raw, logger=errors)
+    verifier = auth.DkimVerifier.parsed(auth.dkimpy_message(txn), logger=errors)
     try:
         ok = verifier.verify(index, dnsfunc=dnsfunc)
     except KeyUnavailable as exc:
@@ -135,7 +135,6 @@ def dkim(scan, hits: Hits) -> None:
         txn.facts.dkim = DkimResult("none")
         hits.add("R_DKIM_NA", where=HEADER, text="no signature")
         return
-    raw = raw_message(txn.headers, txn.body)
     sess = mgdns.session(scan)
     dnsfunc = key_lookup(sess)
     found = DkimResult("none")
@@ -145,7 +144,7 @@ def dkim(scan, hits: Hits) -> None:
     for index, value in enumerate(values[:MAX_SIGNATURES]):
         t = tags(value)
         domain, selector = t.get("d", "").lower(), t.get("s", "")
-        result, reason = verify_one(raw, index, dnsfunc)
+        result, reason = verify_one(txn, index, dnsfunc)
         found.signatures.append(DkimSignature(domain, selector, result, reason))
         by_symbol.setdefault(symbols[result], []).append((f"{domain}:{selector}", f"#{index + 1} (key {key_name(t)})",
                                                           reason or "verifies"))
