@@ -37,6 +37,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from milterguard.mail.raw import header_bytes, split_message
+from milterguard.stores import sqlshared
 from milterguard.settings import node_name
 
 log = logging.getLogger("milterguard.quarantine")
@@ -290,7 +291,7 @@ class Quarantine:
                                             connect_args={"connect_timeout": 5})
             self._upgrade()
         except (SQLAlchemyError, OSError) as exc:
-            raise QuarantineError(_why(exc)) from exc
+            raise QuarantineError(sqlshared.why(exc)) from exc
 
     @property
     def backend(self) -> str:
@@ -300,32 +301,15 @@ class Quarantine:
         self.engine.dispose()
 
     def _upgrade(self) -> None:
-        with self.engine.begin() as conn:
-            if self.backend == "postgresql":
-                conn.execute(select(func.pg_advisory_xact_lock(_PG_UPGRADE_LOCK)))
-            schema_version.create(conn, checkfirst=True)
-            current = conn.execute(select(schema_version.c.version)).scalar()
-            if current is None:
-                conn.execute(insert(schema_version).values(version=0))
-                current = 0
-            if current > SCHEMA_VERSION:
-                raise QuarantineError(f"the quarantine's schema is version {current}, newer than this "
-                                      f"milterguard's ({SCHEMA_VERSION}): upgrade milterguard")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                UPGRADES[version](conn)
-                conn.execute(update(schema_version).values(version=version))
-                log.info("quarantine schema upgraded to version %d", version)
+        sqlshared.upgrade(self.engine, schema_version, UPGRADES, SCHEMA_VERSION, _PG_UPGRADE_LOCK, "quarantine",
+                          QuarantineError)
 
     def schema_version(self) -> int:
         return self._run(lambda conn: conn.execute(select(schema_version.c.version)).scalar())
 
     def _run(self, work: Callable):
         """WORK(connection) in one transaction; database and disk failures become QuarantineError."""
-        try:
-            with self.engine.begin() as conn:
-                return work(conn)
-        except (SQLAlchemyError, OSError) as exc:
-            raise QuarantineError(_why(exc)) from exc
+        return sqlshared.run(self.engine, work, QuarantineError)
 
     # ------------------------------------------------------------ storing
 
@@ -574,10 +558,3 @@ def _held(row) -> Held:
         score=row["score"], action=row["action"], symbols=json.loads(row["symbols"] or "[]"),
         explain=row["explain"], size=row["size"], rcpts=[],
     )
-
-
-def _why(exc: BaseException) -> str:
-    """One line for the log: the driver's own message, without SQLAlchemy's statement dump."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip().splitlines()
-    return f"{type(orig if orig is not None else exc).__name__}: {text[0] if text else ''}"

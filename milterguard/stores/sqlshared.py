@@ -18,15 +18,20 @@ from sqlalchemy.exc import SQLAlchemyError
 log = logging.getLogger("milterguard.stores")
 
 
+def why(exc: BaseException) -> str:
+    """One line for the log: the driver's own message, without SQLAlchemy's statement dump."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return f"{type(orig if orig is not None else exc).__name__}: {text[0] if text else ''}"
+
+
 def run(engine: Engine, work: Callable, error: type[Exception]):
     """WORK(connection) in one transaction; database and disk failures are raised as ERROR."""
-    from milterguard.stores.quarantine import _why
-
     try:
         with engine.begin() as conn:
             return work(conn)
     except (SQLAlchemyError, OSError) as exc:
-        raise error(_why(exc)) from exc
+        raise error(why(exc)) from exc
 
 
 def version_table(metadata: MetaData, name: str) -> Table:
