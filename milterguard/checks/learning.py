@@ -84,31 +84,33 @@ def _bayes_active(config) -> bool:
     return config["bayes.enabled"] and redis_configured(config)
 
 
+def _bayes_store(scan):
+    """The Redis store Bayes reads for this message, or None when there is nothing to look up."""
+    from milterguard.clients.redis_client import get_store
+
+    if scan.message is None or not scan.config["bayes.enabled"]:
+        return None
+    return get_store(scan.config)
+
+
 @starter("bayes", Stage.EOM, priority=10, before_rules=True)  # the longest wait: started first
 def start_bayes(scan) -> None:
     """Tokenize the complete message and send the look-up of its token counts (read by bayes())."""
-    from milterguard.clients.redis_client import get_store
-
-    config = scan.config
-    if scan.message is None or not config["bayes.enabled"]:
-        return
-    store = get_store(config)
+    store = _bayes_store(scan)
     if store is None:
         return
     tokens_of(scan)
     facts = scan.txn.facts
-    facts.scratch["bayes"] = bayes_for(store, config).send_fetch(facts.token_hashes)
+    facts.scratch["bayes"] = bayes_for(store, scan.config).send_fetch(facts.token_hashes)
 
 
 @check(stage=Stage.EOM, emits=("BAYES_SPAM", "BAYES_HAM", "BAYES_TEMPFAIL"), priority=60, active=_bayes_active)
 def bayes(scan, hits: Hits) -> None:
     """Bayes probability from the token counts learned in Redis."""
-    from milterguard.clients.redis_client import RedisUnavailable, get_store
+    from milterguard.clients.redis_client import RedisUnavailable
 
     config = scan.config
-    if scan.message is None or not config["bayes.enabled"]:
-        return
-    store = get_store(config)
+    store = _bayes_store(scan)
     if store is None:
         return
     tokens_of(scan)
