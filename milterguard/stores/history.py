@@ -163,12 +163,7 @@ class History:
 
     @classmethod
     def open(cls, config) -> "History":
-        from milterguard.stores.quarantine import QuarantineError
-
-        try:
-            return cls(sqlshared.open_engine(config))
-        except QuarantineError as exc:
-            raise HistoryError(str(exc)) from None
+        return cls(sqlshared.open_engine(config, HistoryError))
 
     def _run(self, work):
         return sqlshared.run(self.engine, work, HistoryError)

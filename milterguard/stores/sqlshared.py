@@ -63,10 +63,14 @@ def upgrade(engine: Engine, table: Table, upgrades: dict[int, Callable], target:
     run(engine, work, error)
 
 
-def open_engine(config) -> Engine:
+def open_engine(config, error: type[Exception]) -> Engine:
     """The SQLAlchemy engine of `quarantine.url`, made as the quarantine makes it (SQLite 0600, WAL,
-    PostgreSQL through psycopg), with the quarantine's own schema brought up to date."""
-    from milterguard.stores.quarantine import Quarantine
+    PostgreSQL through psycopg), with the quarantine's own schema brought up to date; its failure
+    is raised as ERROR, the calling store's own error."""
+    from milterguard.stores.quarantine import Quarantine, QuarantineError
     from milterguard.settings import node_name
 
-    return Quarantine(config["quarantine.url"], node=node_name(config)).engine
+    try:
+        return Quarantine(config["quarantine.url"], node=node_name(config)).engine
+    except QuarantineError as exc:
+        raise error(str(exc)) from None

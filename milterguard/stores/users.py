@@ -125,12 +125,7 @@ class Users:
 
     @classmethod
     def open(cls, config) -> "Users":
-        from milterguard.stores.quarantine import QuarantineError
-
-        try:
-            return cls(sqlshared.open_engine(config))
-        except QuarantineError as exc:
-            raise UsersError(str(exc)) from None
+        return cls(sqlshared.open_engine(config, UsersError))
 
     def _run(self, work):
         return sqlshared.run(self.engine, work, UsersError)
