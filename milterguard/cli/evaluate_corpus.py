@@ -11,7 +11,12 @@ A corpus is a sub-directory of DIR with `spam/` and `ham/` (and perhaps
   grows (`ml.default_fade`).
 
 Ham that came through a mailing list is also scored with its list headers
-removed (`strip_list_headers`), a stand-in for personal mail.  The time
+removed (`strip_list_headers`), a stand-in for personal mail.  A corpus none
+of whose messages has a Received header lost its trail when it was
+collected: the symbols that read the trail (`TRAIL_SYMBOLS`) are not counted
+on it, since real mail reaches the filter with the Received headers of the
+sending side, and their absence there tells how the corpus was cleaned, not
+spam from ham.  The time
 split (`--time-split NAME`, default `modern`) tests the newest quarter of
 that corpus by Date header (per class) on what was learned from the older
 three quarters: out of the box with a model built as the shipped one is
@@ -38,6 +43,7 @@ from milterguard.stores import models as ml
 from milterguard.stores.bayes import Bayes
 
 OFFLINE = ["bayes.autolearn=false", "dns.enabled=false"]
+TRAIL_SYMBOLS = ("RCVD_NONE",)  # not counted on a corpus whose messages all lost their Received headers
 # Headers a list manager adds or rewrites; removed to make list mail look like personal mail.
 _LIST_HEADER = re.compile(rb"^(list-[\w-]+|x-beenthere|x-mailman-[\w-]+|x-mailing-list|mailing-list|precedence|"
                           rb"errors-to|x-list[\w-]*|delivered-to)\s*:", re.I)
@@ -62,6 +68,21 @@ def strip_list_headers(raw: bytes) -> bytes:
     return b"".join(out) + body
 
 
+def has_trail(paths: list[str]) -> bool:
+    """Whether any message of PATHS has a Received header (a corpus cleaned of them has none)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            head = f.read(65536).split(b"\n\n", 1)[0]
+        if re.search(rb"^received\s*:", head, re.I | re.M):
+            return True
+    return False
+
+
+def trail_sets(paths: list[str]) -> list[str]:
+    """The settings that leave out TRAIL_SYMBOLS when no message of PATHS has a Received header."""
+    return [] if has_trail(paths) else [f"symbols.{sym}.enabled=false" for sym in TRAIL_SYMBOLS]
+
+
 def is_list_mail(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(65536).split(b"\n\n", 1)[0]
@@ -77,7 +98,7 @@ def sources(root: str) -> dict[str, tuple[list[str], list[str]]]:
     return {k: v for k, v in sorted(found.items()) if v[0] and v[1]}
 
 
-def outcome(name: str, setting: str, rows: list[dict]) -> dict:
+def outcome(name: str, setting: str, rows: list[dict], extra: list[str] | None = None) -> dict:
     """The figures of one run: ranking, and what the default thresholds did to spam and ham."""
     labels = [r["label"] for r in rows]
     spam = [r for r in rows if r["label"]]
@@ -89,16 +110,17 @@ def outcome(name: str, setting: str, rows: list[dict]) -> dict:
               "ham_tagged": sum(r["action"] == "tag" for r in ham),
               "ham_held": sum(r["action"] in held for r in ham),
               "ham_rejected": sum(r["action"] == "reject" for r in ham),
-              "ms_median": round(sorted(r["ms"] for r in rows)[len(rows) // 2], 2) if rows else 0.0}
+              "ms_median": round(sorted(r["ms"] for r in rows)[len(rows) // 2], 2) if rows else 0.0,
+              "not_counted": [item.split(".")[1] for item in extra or [] if item.startswith("symbols.")]}
     if len(set(labels)) == 2:
         result.update(summarise(labels, [r["score"] for r in rows]))
     return result
 
 
 @contextmanager
-def trained_config(args) -> Iterator:
+def trained_config(args, extra: list[str] | None = None) -> Iterator:
     """A configuration with a Redis of its own, emptied at the end."""
-    config = load(args, extra_sets=OFFLINE)
+    config = load(args, extra_sets=OFFLINE + (extra or []))
     if RedisStore.from_config(config) is None:
         with private_redis() as url:
             config.values["redis.url"] = url
@@ -113,35 +135,37 @@ def trained_config(args) -> Iterator:
 
 
 def run_trained(args, name: str, train: tuple[list[str], list[str]], test: list[tuple[str, int]],
-                list_ham: set[str]) -> list[dict]:
-    with trained_config(args) as config:
+                list_ham: set[str], extra: list[str] | None = None) -> list[dict]:
+    with trained_config(args, extra) as config:
         store = RedisStore.from_config(config)
         bayes = Bayes(store, max_samples=max(config["ml.max_samples"], 1_000_000))
         for label, paths in (("spam", train[0]), ("ham", train[1])):
             learn_paths(bayes, config, paths, label, Progress(len(paths), f"{name}: learning {label}", enabled=args.progress))
         ml.train(store)
         engine = load_engine(args, config)
-        return _both(args, name, "trained", engine, test, list_ham)
+        return _both(args, name, "trained", engine, test, list_ham, extra)
 
 
-def _both(args, name: str, setting: str, engine, test, list_ham: set[str]) -> list[dict]:
+def _both(args, name: str, setting: str, engine, test, list_ham: set[str], extra: list[str] | None = None) -> list[dict]:
     rows = score_rows(engine, test, args.progress)
-    out = [outcome(name, setting, rows)]
+    out = [outcome(name, setting, rows, extra)]
     if list_ham:
         stripped = {r["path"]: r for r in score_rows(engine, [(p, 0) for p in sorted(list_ham)], args.progress,
                                                      transform=strip_list_headers)}
-        out.append(outcome(name, setting + ", ham without list headers", [stripped.get(r["path"], r) for r in rows]))
+        out.append(outcome(name, setting + ", ham without list headers", [stripped.get(r["path"], r) for r in rows],
+                           extra))
     return out
 
 
-def run_out_of_box(args, name: str, test, list_ham: set[str], model: str | None = None) -> list[dict]:
-    config = load(args, extra_sets=OFFLINE)
+def run_out_of_box(args, name: str, test, list_ham: set[str], model: str | None = None,
+                   extra: list[str] | None = None) -> list[dict]:
+    config = load(args, extra_sets=OFFLINE + (extra or []))
     for key in ("redis.url", "redis.replicas", "redis.sentinels"):
         config.values[key] = "" if key == "redis.url" else []
     if model:
         config.values["ml.default_model"] = model
     engine = load_engine(args, config)
-    return _both(args, name, "out of the box", engine, test, list_ham)
+    return _both(args, name, "out of the box", engine, test, list_ham, extra)
 
 
 def run_corpus(args) -> int:
@@ -153,8 +177,9 @@ def run_corpus(args) -> int:
     for name, (spam, ham) in found.items():
         test = [(p, 1) for p in select(spam, "test")] + [(p, 0) for p in select(ham, "test")]
         list_ham = {p for p, label in test if not label and is_list_mail(p)}
-        results += run_out_of_box(args, name, test, list_ham)
-        results += run_trained(args, name, (select(spam, "train"), select(ham, "train")), test, list_ham)
+        extra = trail_sets(spam + ham)
+        results += run_out_of_box(args, name, test, list_ham, extra=extra)
+        results += run_trained(args, name, (select(spam, "train"), select(ham, "train")), test, list_ham, extra)
     if args.time_split in found:
         results += time_split(args, root, args.time_split, found[args.time_split])
     if args.json:
@@ -180,9 +205,10 @@ def time_split(args, root: str, name: str, paths: tuple[list[str], list[str]]) -
     with tempfile.TemporaryDirectory(prefix="milterguard-evaluate-") as tmp:
         model_path = os.path.join(tmp, "model.bin")
         shipped.linear.write_model(model_path, shipped.fit_samples(chosen, hashes), {"split": "time"})
-        out = run_out_of_box(args, label_name, test, list_ham, model=model_path)
+        extra = trail_sets(paths[0] + paths[1])
+        out = run_out_of_box(args, label_name, test, list_ham, model=model_path, extra=extra)
     older = ([p for p in paths[0] if p not in newest], [p for p in paths[1] if p not in newest])
-    return out + run_trained(args, label_name, older, test, list_ham)
+    return out + run_trained(args, label_name, older, test, list_ham, extra)
 
 
 def print_table(results: list[dict]) -> None:
@@ -196,3 +222,7 @@ def print_table(results: list[dict]) -> None:
         tagged = f"{100 * (r['spam_held'] + r['spam_tagged']) / max(r['spam'], 1):.1f}%"
         print(f"{label:<72} {r['spam']:>5} {r['ham']:>5} {auc:>7} {miss:>9} {held:>9} {tagged:>7} "
               f"{r['ham_tagged']:>7} {r['ham_held']:>4} {r['ham_rejected']:>3}")
+    notes = {r["corpus"].split(",")[0]: r["not_counted"] for r in results if r.get("not_counted")}
+    for name, symbols in notes.items():
+        print(f"{name}: no message has a Received header (removed when the corpus was collected): "
+              f"{', '.join(symbols)} not counted")
