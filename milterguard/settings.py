@@ -358,7 +358,7 @@ SETTINGS: list[Setting] = [
             "for the model shipped with milterguard (trained on public corpora, see docs/learning.md), the path of a "
             "model file written by `milterguard train --corpus`, or empty to use none. Needs no Redis. It adds "
             "ML_DEFAULT_SPAM or ML_DEFAULT_HAM.", since="0.3"),
-    Setting("ml.default_fade", Int(minimum=0), 2000,
+    Setting("ml.default_fade", Int(minimum=0), 5000,
             "The shipped model's symbols count `1 - n / ml.default_fade` of their weight, n being the messages the "
             "site's own model (in Redis) was trained on: from this many on, the site's model alone speaks. "
             "0: the shipped model always counts in full.", since="0.3"),

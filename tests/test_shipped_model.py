@@ -179,3 +179,41 @@ def test_evaluate_reports_out_of_the_box_trained_and_the_time_split(tmp_path):
         assert r["spam"] and r["ham"] and 0 <= r["ham_held"] <= r["ham"] and 0.5 <= r["auc"] <= 1.0
     modern = next(r for r in rows if r["setting"] == "out of the box" and r["corpus"] == "modern")
     assert modern["spam_held"] > modern["ham_held"]
+    # modern/ lost its Received headers when it was collected: RCVD_NONE is not counted there;
+    # the SpamAssassin messages kept theirs.
+    for r in rows:
+        assert r["not_counted"] == ([] if r["corpus"] == "spamassassin" else ["RCVD_NONE"]), r
+    table = subprocess.run([sys.executable, "-m", "milterguard", "evaluate", "--etc-dir", str(tmp_path),
+                            "--corpus", str(tmp_path / "c")], capture_output=True, text=True, timeout=600,
+                           cwd=REPO_ROOT)
+    assert table.returncode == 0, table.stderr
+    assert "modern: no message has a Received header" in table.stdout and "RCVD_NONE not counted" in table.stdout
+    assert "spamassassin: no message" not in table.stdout
+
+
+def test_a_corpus_without_received_headers_leaves_out_the_trail_symbols(tmp_path):
+    from milterguard.cli.evaluate_corpus import has_trail, trail_sets
+
+    bare = tmp_path / "bare.eml"
+    bare.write_bytes(b"From: a@example.org\nSubject: hi\nX-Received-Note: not a trail\n\nReceived: in the body\n")
+    kept = tmp_path / "kept.eml"
+    kept.write_bytes(b"From: a@example.org\nreceived: from mx.example.org by mx.example.net; "
+                     b"Mon, 7 Dec 2026 06:00:00 +0000\nSubject: hi\n\nbody\n")
+    assert not has_trail([str(bare)]) and has_trail([str(bare), str(kept)])
+    assert trail_sets([str(bare)]) == ["symbols.RCVD_NONE.enabled=false"]
+    assert trail_sets([str(bare), str(kept)]) == []
+    # The setting it makes takes the symbol out of the score.
+    raw = bare.read_bytes()
+    counted, _ = scan(engine_for(tmp_path), raw)
+    left_out, _ = scan(engine_for(tmp_path, *trail_sets([str(bare)])), raw)
+    assert "RCVD_NONE" in {h.symbol for h in counted.hits}
+    assert "RCVD_NONE" not in {h.symbol for h in left_out.hits}
+
+
+def test_the_weight_file_was_fitted_for_the_default_fade():
+    from milterguard import settings as S
+
+    text = (REPO_ROOT / "rules" / "weights" / "learned.yaml").read_text()
+    fitted = [line.rsplit(":", 1)[1].strip() for line in text.splitlines()
+              if line.startswith("# Fitted for ml.default_fade:")]
+    assert fitted == [str(S.BY_KEY["ml.default_fade"].default)]
