@@ -137,7 +137,8 @@ def fold_of(samples) -> list[int]:
 
     labels = [s.label for s in samples]
     fold = [0] * len(samples)
-    for k, (_, test_idx) in enumerate(StratifiedKFold(FOLDS, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels)):
+    splits = StratifiedKFold(FOLDS, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels)
+    for k, (_, test_idx) in enumerate(splits):
         for i in test_idx:
             fold[i] = k
     return fold

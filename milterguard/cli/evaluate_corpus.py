@@ -146,7 +146,8 @@ def run_trained(args, name: str, train: tuple[list[str], list[str]], test: list[
         return _both(args, name, "trained", engine, test, list_ham, extra)
 
 
-def _both(args, name: str, setting: str, engine, test, list_ham: set[str], extra: list[str] | None = None) -> list[dict]:
+def _both(args, name: str, setting: str, engine, test, list_ham: set[str],
+          extra: list[str] | None = None) -> list[dict]:
     rows = score_rows(engine, test, args.progress)
     out = [outcome(name, setting, rows, extra)]
     if list_ham:
