@@ -139,10 +139,13 @@ class _Metrics:
             pending, self.pending = self.pending, {}
             hists = [h for h in (*self._check_children.values(), self.scan_hist, self.message_hist) if h.dirty]
             taken = [h.take() for h in hists]
-        for child, amount in pending.items():
-            child.inc(amount)
+            actions = set(self._action_children.values())
+        # The messages by action last: a scrape that counts a message sees its symbols and
+        # timings too.
         for hist, (counts, total) in zip(hists, taken):
             hist.write(counts, total)
+        for child, amount in sorted(pending.items(), key=lambda item: item[0] in actions):
+            child.inc(amount)
 
     def symbol(self, name: str):
         child = self._symbol_children.get(name)
