@@ -425,7 +425,7 @@ SETTINGS: list[Setting] = [
     Setting("attachments.pdf_render_pages", Int(minimum=0), 2,
             "Only the first this many pages of a PDF may be rendered, and at most this many pages of one "
             "message (0: none).", since="0.4"),
-    Setting("attachments.pdf_render_side", Int(minimum=200, maximum=4000), 1600,
+    Setting("attachments.pdf_render_side", Int(minimum=200, maximum=4000), 1200,
             "A rendered page is at most this many pixels on its long side, whatever size the page claims.",
             since="0.4"),
     Setting("attachments.pdf_render_memory", Size(), 512 * 1024 * 1024,

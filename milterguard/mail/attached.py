@@ -58,7 +58,7 @@ class LinkLimits:
     seconds: float = 1.0
     pdf_render: bool = True
     pdf_render_pages: int = 2
-    pdf_render_side: int = 1600
+    pdf_render_side: int = 1200
     pdf_render_memory: int = 512 * 1024 * 1024
 
 
