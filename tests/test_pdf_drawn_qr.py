@@ -124,3 +124,13 @@ def test_without_pdftoppm_it_is_logged_once_and_the_mail_still_judged(engine, mo
         assert verdict.action and "QR_CODE_URL" not in verdict.symbols
     monkeypatch.undo()
     pdfrender._checked.clear()
+
+
+@pytest.mark.postfix
+def test_through_postfix_and_the_milter(postfix_factory, milterguard_factory, sink):
+    """The filter as Postfix runs it finds the drawn code: the same engine, pdftoppm from its PATH."""
+    mg = milterguard_factory(workers=1, sets={"dns.enabled": False})
+    pf = postfix_factory(mg)
+    assert pf.send(message_with_pdf(pdf([TEXT + qr_paths(LURE)]))).code == 250
+    verdict = mg.verdict_for("<drawn@example.net>")
+    assert verdict.has("QR_CODE_URL") and verdict.has("URI_FREE_WEBHOST")
