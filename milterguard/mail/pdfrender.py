@@ -22,6 +22,7 @@ once and PDFs are read as before.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import shutil
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = ["filled_subpaths", "worth_rendering", "render_page", "renderer", "stats"]
 
 # How many pages were rendered, and how many of those renders failed (killed, crashed, no picture),
-# since the process started: read by tests and by `scan --explain`-style diagnostics, never timed.
+# since the process started: read by the tests and by bench/attachment_links.py.
 stats = {"rendered": 0, "failed": 0}
 
 # Bytes of content stream read per page (after decompression) to count its path operators.
@@ -137,23 +138,30 @@ def render_page(data: bytes, number: int, side: int, memory: int, deadline: floa
     limit = _checked.get("prlimit")
     if limit:
         command = [limit, f"--as={memory}", f"--cpu={max(1, int(left + 1))}", "--", *command]
-    stats["rendered"] += 1
+    _count("rendered")
     try:
         done = subprocess.run(command, input=data, capture_output=True, timeout=left, check=False,
                               close_fds=True, env={"PATH": "/usr/bin:/bin"})
-    except (subprocess.TimeoutExpired, OSError):
-        stats["failed"] += 1
-        return None
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        return _failed(f"{type(exc).__name__}: {exc}")
     picture = done.stdout
     if done.returncode != 0 or not picture.startswith(b"P5") or len(picture) > side * side + 64:
-        stats["failed"] += 1
-        return None
-    import io
-
+        return _failed(f"exit status {done.returncode}, {len(picture)} bytes of picture")
     from PIL import Image
 
     try:
         return Image.open(io.BytesIO(picture))
-    except (OSError, SyntaxError, ValueError):
-        stats["failed"] += 1
-        return None
+    except (OSError, SyntaxError, ValueError) as exc:
+        return _failed(f"unreadable picture: {exc}")
+
+
+def _count(what: str) -> None:
+    with _lock:
+        stats[what] += 1
+
+
+def _failed(why: str) -> None:
+    """A page that could not be rendered: counted, logged at debug level (a hostile PDF is no news)."""
+    _count("failed")
+    log.debug("pdftoppm rendered no page: %s", why)
+    return None
