@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """What reading links from PDFs and QR codes costs the engine, message by message.
 
-    python bench/attachment_links.py [--rounds 3] [DIR ...]
+    python bench/attachment_links.py [--rounds 3] [--toggle SETTING] [DIR ...]
 
-Two engines of the same code, one with `attachments.links` on (the default) and
-one with it off, both with `dns.enabled=false`, judge every message in turn,
+Two engines of the same code, one with `attachments.links` (or the boolean
+setting given by --toggle, e.g. `attachments.pdf_render`) on and one with it
+off, both with `dns.enabled=false`, judge every message in turn,
 interleaved so that the machine's load falls on both alike; each message's time
 is the least of --rounds passes. Printed: the median and p99 per message of
 each, the median of the differences, and the same for the messages that carry
-a PDF or an image (where the work is) and for the others (where it must cost
-nothing). Not a test; every loop is bounded by the messages given.
+a PDF or an image (where the work is), for those with a PDF, and for the others
+(where it must cost nothing). Not a test; every loop is bounded by the messages given.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from milterguard.cli.scan import build
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
+from milterguard.mail import pdfrender
 from milterguard.mail.message import Message
 
 CORPUS = Path(os.environ.get("MILTERGUARD_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
@@ -37,6 +39,10 @@ class _Env:
     mail_from = None
     rcpt = ["user@example.org"]
     auth = ""
+
+
+def carries_pdf(raw: bytes) -> bool:
+    return any(p.payload[:5] == b"%PDF-" for p in Message.from_bytes(raw).parts)
 
 
 def carries_media(raw: bytes) -> bool:
@@ -54,10 +60,11 @@ def pct(values: list[float], fraction: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--toggle", default="attachments.links", help="the boolean setting compared on and off")
     parser.add_argument("dirs", nargs="*", type=Path, default=DEFAULT_DIRS)
     args = parser.parse_args()
     raws = [p.read_bytes() for d in args.dirs for p in sorted(d.iterdir()) if p.suffix != ".md" and p.is_file()]
-    engines = {name: Engine.load(load_config(sets=["dns.enabled=false", f"attachments.links={name}"]))
+    engines = {name: Engine.load(load_config(sets=["dns.enabled=false", f"{args.toggle}={name}"]))
                for name in ("true", "false")}
     best = {name: [float("inf")] * len(raws) for name in engines}
     for _ in range(max(1, args.rounds)):
@@ -68,17 +75,20 @@ def main() -> int:
                 engine.evaluate(conn, txn)
                 best[name][i] = min(best[name][i], time.perf_counter() - t0)
     media = [carries_media(raw) for raw in raws]
+    pdfs = [carries_pdf(raw) for raw in raws]
+    print(f"{args.toggle} on against off")
     for label, keep in (("all", lambda i: True), ("with a PDF or image", lambda i: media[i]),
-                        ("without", lambda i: not media[i])):
+                        ("with a PDF", lambda i: pdfs[i]), ("without", lambda i: not media[i])):
         idx = [i for i in range(len(raws)) if keep(i)]
         if not idx:
             continue
         on = [best["true"][i] * 1000 for i in idx]
         off = [best["false"][i] * 1000 for i in idx]
         diff = [a - b for a, b in zip(on, off)]
-        print(f"{label}: {len(idx)} messages; links on: median {statistics.median(on):.3f} ms, p99 {pct(on, .99):.2f} ms, "
+        print(f"{label}: {len(idx)} messages; on: median {statistics.median(on):.3f} ms, p99 {pct(on, .99):.2f} ms, "
               f"mean {statistics.fmean(on):.3f} ms; off: median {statistics.median(off):.3f} ms, p99 {pct(off, .99):.2f} ms, "
               f"mean {statistics.fmean(off):.3f} ms; median difference {statistics.median(diff):+.3f} ms")
+    print(f"PDF pages rendered in all the passes: {pdfrender.stats['rendered']} ({pdfrender.stats['failed']} failed)")
     return 0
 
 

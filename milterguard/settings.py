@@ -417,6 +417,20 @@ SETTINGS: list[Setting] = [
     Setting("attachments.max_images", Int(minimum=0), 4,
             "At most this many images of one message (attached, inline, in HTML or in PDFs) are searched for "
             "QR codes.", since="0.3"),
+    Setting("attachments.pdf_render", Bool(), True,
+            "Render the first pages of a PDF that draw many paths (and whose PDF has no QR code in an image) "
+            "with Poppler's pdftoppm (Debian package poppler-utils), run as its own process, and search the "
+            "picture for a QR code drawn as vector paths. Without pdftoppm this is logged once and skipped.",
+            since="0.4"),
+    Setting("attachments.pdf_render_pages", Int(minimum=0), 2,
+            "Only the first this many pages of a PDF may be rendered, and at most this many pages of one "
+            "message (0: none).", since="0.4"),
+    Setting("attachments.pdf_render_side", Int(minimum=200, maximum=4000), 1200,
+            "A rendered page is at most this many pixels on its long side, whatever size the page claims.",
+            since="0.4"),
+    Setting("attachments.pdf_render_memory", Size(), 512 * 1024 * 1024,
+            "Address space allowed to the pdftoppm process (prlimit --as); it is killed, and the page not "
+            "read, past it, and at the end of attachments.links_time.", since="0.4"),
     Setting("attachments.links_time", Seconds(), 1.0,
             "Time for reading the PDFs and images of one message; what is left when it runs out is not "
             "read.", since="0.3"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need and run them: Debian packages (Postfix, libmilter,
-# miltertest, Redis, clamd, nsd, PostgreSQL, Dovecot, Chromium and its driver) and the package with its test extras in a
+# miltertest, Redis, clamd, nsd, PostgreSQL, Dovecot, Chromium and its driver, zbar, Poppler) and the package with its test extras in a
 # virtual environment of the checkout (.venv/), made with Debian's own Python.
 # The system's Python is left alone (Debian 12 refuses pip outside a virtual
 # environment: PEP 668).  Run as root on Debian 12.  Arguments go to pytest.
@@ -12,7 +12,7 @@ unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE
 
 need=()
 for pkg in python3 python3-venv python3-dev gcc postfix libmilter-dev miltertest \
-        redis-server redis-sentinel clamav-daemon nsd 7zip postgresql dovecot-imapd dovecot-sieve libzbar0 \
+        redis-server redis-sentinel clamav-daemon nsd 7zip postgresql dovecot-imapd dovecot-sieve libzbar0 poppler-utils \
         debhelper dh-virtualenv fakeroot build-essential lintian chromium chromium-driver; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done

@@ -20,6 +20,7 @@ import pytest
 
 from support import LOOPBACK, free_port, socket_accepts, stop_process, wait_until
 from support.package import installed_version, purge, run
+from support.qrmail import LURE, TEXT, message_with_pdf, message_with_png, pdf, qr_paths
 
 pytestmark = [pytest.mark.package, pytest.mark.slow]
 
@@ -104,6 +105,15 @@ def test_install_use_upgrade_remove_purge(package, postfix_factory, sink):
     lint = run("/usr/sbin/milterguard", "lint")
     assert "error" not in lint.stdout.lower()
     assert run("/usr/sbin/milterguard", "--version").stdout.startswith("milterguard ")
+
+    # The package's dependencies bring the QR decoder (libzbar0) and the PDF renderer (poppler-utils):
+    # a QR code in a PNG and one drawn as paths in a PDF are read by the installed filter.
+    for kind, raw in (("png", message_with_png()), ("pdf", message_with_pdf(pdf([TEXT + qr_paths(LURE)])))):
+        mail = workdir / f"qr-{kind}.eml"
+        mail.write_bytes(raw)
+        scanned = run("/usr/sbin/milterguard", "scan", "--explain", "--set", "dns.enabled=false", str(mail))
+        assert "QR_CODE_URL" in scanned.stdout, (kind, scanned.stdout[-3000:])
+        assert "not found" not in scanned.stderr, (kind, scanned.stderr[-3000:])
 
     # It filters mail through a real Postfix, started as the unit starts it.
     with Filter(workdir) as flt:

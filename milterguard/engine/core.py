@@ -86,7 +86,11 @@ def link_limits(config: Config):
                       pdf_max_pages=config["attachments.pdf_max_pages"],
                       image_max_bytes=config["attachments.image_max_bytes"],
                       image_max_pixels=config["attachments.image_max_pixels"],
-                      max_images=config["attachments.max_images"], seconds=config["attachments.links_time"])
+                      max_images=config["attachments.max_images"], seconds=config["attachments.links_time"],
+                      pdf_render=config["attachments.pdf_render"],
+                      pdf_render_pages=config["attachments.pdf_render_pages"],
+                      pdf_render_side=config["attachments.pdf_render_side"],
+                      pdf_render_memory=config["attachments.pdf_render_memory"])
 
 
 def full_message(txn: Transaction, config: Config):

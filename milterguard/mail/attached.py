@@ -13,8 +13,10 @@ the whole work of one message stops at a deadline.  Nothing here raises on a
 broken or hostile file: what cannot be read yields no link.
 
 - PDF: pypdf, pure Python.  The URI actions of link annotations and of the
-  document's open action, and the images of each page (for QR codes).  QR
-  codes drawn as vector paths, not images, are not seen.
+  document's open action, and the images of each page (for QR codes).  A
+  first page that draws many paths and whose PDF had no QR code in an image
+  is rendered by Poppler's pdftoppm in its own process (`pdfrender`), for a
+  QR code drawn as vector paths.
 - QR codes: zbar (Debian's libzbar0) through pyzbar, on a grey-scale copy
   made by Pillow.  Images are PNG, JPEG or GIF parts, inline or attached, and
   `data:image/...;base64,` images inside HTML.
@@ -34,6 +36,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 
+from milterguard.mail.pdfrender import render_page, worth_rendering
 from milterguard.mail.urls import find_text_urls
 
 # pypdf logs every oddity of a broken file as a warning: a hostile PDF would flood the log.
@@ -53,6 +56,10 @@ class LinkLimits:
     image_max_pixels: int = 4_000_000
     max_images: int = 4
     seconds: float = 1.0
+    pdf_render: bool = True
+    pdf_render_pages: int = 2
+    pdf_render_side: int = 1200
+    pdf_render_memory: int = 512 * 1024 * 1024
 
 
 @dataclass
@@ -70,6 +77,7 @@ class _Budget:
     limits: LinkLimits
     deadline: float
     images: int = 0
+    renders: int = 0
     notes: list[str] = field(default_factory=list)
 
     def out_of_time(self) -> bool:
@@ -147,8 +155,8 @@ def qr_texts(data: bytes, limits: LinkLimits) -> list[str]:
         return []
 
 
-def _pil_qr_texts(image, limits: LinkLimits) -> list[str]:
-    """QR texts of a PIL image (one frame), scaled down to _SCAN_SIDE first."""
+def _pil_qr_texts(image, limits: LinkLimits, scan_side: int = _SCAN_SIDE) -> list[str]:
+    """QR texts of a PIL image (one frame), scaled down to SCAN_SIDE first."""
     try:
         from pyzbar import pyzbar
         from pyzbar.pyzbar_error import PyZbarError
@@ -159,7 +167,7 @@ def _pil_qr_texts(image, limits: LinkLimits) -> list[str]:
         if width * height > limits.image_max_pixels or min(width, height) < _MIN_SIDE:
             return []
         grey = image.convert("L")
-        factor = -(-max(width, height) // _SCAN_SIDE)
+        factor = -(-max(width, height) // scan_side)
         if factor > 1 and min(width, height) // factor >= _MIN_SIDE:
             # zbar's time grows with the pixels; a QR code big enough to scan from a screen keeps
             # several pixels a module at this size.
@@ -215,6 +223,7 @@ def pdf_links(data: bytes, name: str, limits: LinkLimits, budget: _Budget | None
     except ImportError:  # pragma: no cover - pypdf is a dependency
         return []
     out: list[AttachedLink] = []
+    drawn: list[int] = []  # pages that draw enough paths to hold a QR code
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -241,8 +250,29 @@ def pdf_links(data: bytes, name: str, limits: LinkLimits, budget: _Budget | None
                     if uri:
                         out.append(AttachedLink(uri, "pdf", where))
                 out.extend(_page_qr_links(page, where, budget))
+                if limits.pdf_render and number < limits.pdf_render_pages and worth_rendering(page):
+                    drawn.append(number + 1)
     except (PyPdfError, *_READ_ERRORS):
         return out
+    if drawn and not any(link.source == "qr" for link in out):
+        out.extend(_drawn_qr_links(data, name, drawn, budget))
+    return out
+
+
+def _drawn_qr_links(data: bytes, name: str, pages: list[int], budget: _Budget) -> list[AttachedLink]:
+    """QR codes drawn as paths on PAGES of a PDF, read from the pages rendered by pdftoppm."""
+    limits = budget.limits
+    out = []
+    for number in pages:
+        if budget.renders >= limits.pdf_render_pages or budget.out_of_time():
+            break
+        budget.renders += 1
+        image = render_page(data, number, limits.pdf_render_side, limits.pdf_render_memory, budget.deadline)
+        if image is None:
+            continue
+        # Rendered at the size it is read at: not scaled down again.
+        for text in _pil_qr_texts(image, limits, scan_side=max(_SCAN_SIDE, limits.pdf_render_side)):
+            out.append(AttachedLink(text, "qr", f"{name} page {number} (drawn)"))
     return out
 
 
@@ -283,7 +313,7 @@ def _xobject_image(obj, width: int, height: int):
     if isinstance(space, list) and len(space) == 2 and space[0] == "/ICCBased":
         colours = int(space[1].get_object().get("/N", 0))
     else:
-        colours = _COMPONENTS.get(space)
+        colours = _COMPONENTS.get(space) if isinstance(space, str) else None  # an indexed palette is not read
     bits = int(obj.get("/BitsPerComponent", 8))
     if colours not in (1, 3) or bits not in (1, 8) or (bits == 1 and colours != 1):
         return None
@@ -327,9 +357,12 @@ def _page_qr_links(page, where: str, budget: _Budget) -> list[AttachedLink]:
             continue
         if not budget.take_image():
             break
-        image = _xobject_image(obj, width, height)
-        if image is _BY_PYPDF:
-            image = page.images[key].image  # CCITT fax: pypdf hands Pillow a TIFF, decoded in C
+        try:
+            image = _xobject_image(obj, width, height)
+            if image is _BY_PYPDF:
+                image = page.images[key].image  # CCITT fax: pypdf hands Pillow a TIFF, decoded in C
+        except _READ_ERRORS:
+            continue  # one image that cannot be read loses neither the others nor the page's links
         if image is None:
             continue
         for text in _pil_qr_texts(image, limits):
