@@ -136,3 +136,22 @@ def test_simhash_of_corpus_texts_is_that_of_the_definition(messages):
     for path, msg in messages[::3]:
         words = word.findall(normalise(msg.text))[:3000]
         assert simhash(words) == simhash_by_definition(words), path
+
+
+def osb_by_definition(seq: list[str], window: int = tk.OSB_WINDOW) -> list[str]:
+    out = []
+    for i, first in enumerate(seq):
+        for gap in range(1, window + 1):
+            if i + gap < len(seq):
+                out.append(first + " " + "_ " * (gap - 1) + seq[i + gap])
+    return out
+
+
+def test_word_pairs_are_those_of_the_definition(messages):
+    for n in range(0, 9):  # short texts, where the last words have fewer partners
+        seq = [f"w{i}" for i in range(n)]
+        for window in (1, 2, 3, 4):
+            assert tk.osb(seq, window) == osb_by_definition(seq, window), (n, window)
+    for path, msg in messages[::4]:
+        seq = tk.words(msg.text)
+        assert tk.osb(seq) == osb_by_definition(seq), path

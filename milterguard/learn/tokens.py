@@ -104,10 +104,15 @@ def osb(seq: list[str], window: int = OSB_WINDOW) -> list[str]:
 
     In the order word by word, then gap by gap: (w0 w1, w0 _ w2, w0 _ _ w3, w1 w2, ...)."""
     n = len(seq)
-    columns = [[first + sep + second for first, second in zip(seq, seq[gap:])]
+    # The pairs of each gap made in one pass (str.join on pairs), then laid out word by word
+    # by slice assignment: no Python step per token.
+    columns = [list(map(sep.join, zip(seq, seq[gap:])))
                for gap, sep in ((g, " " + "_ " * (g - 1)) for g in range(1, window + 1))]
-    out = [token for row in zip(*columns) for token in row]  # the words with all `window` partners
-    for i in range(max(n - window, 0), n - 1):  # the last ones, with fewer
+    full = max(n - window, 0)  # the words with all `window` partners
+    out: list[str] = [""] * (window * full)
+    for gap in range(window):
+        out[gap::window] = columns[gap][:full]
+    for i in range(full, n - 1):  # the last ones, with fewer
         out.extend(columns[gap][i] for gap in range(min(window, n - 1 - i)))
     return out
 
