@@ -127,6 +127,10 @@ def test_probabilities_are_the_same_to_the_last_bit(messages):
         expected = [zlib.crc32(t.encode("utf-8", "surrogatepass")) for t in shipped_tokens_by_definition(msg)]
         assert shipped.probability(linear.shipped_hashes(msg, tk.Pieces(msg))) == probability_by_definition(
             shipped, expected), path
+        # What the check scores: the set of columns, without the tokens' order.
+        assert linear.shipped_columns(msg) == {h % linear.DIM for h in expected}, path
+        assert shipped.column_probability(linear.shipped_columns(msg, tk.Pieces(msg))) == \
+            probability_by_definition(shipped, expected), path
 
 
 def test_simhash_of_corpus_texts_is_that_of_the_definition(messages):

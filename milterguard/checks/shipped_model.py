@@ -60,7 +60,7 @@ def shipped_model(scan, hits: Hits) -> None:
     model = linear.shipped_model(model_path(config))
     if model is None:
         return  # logged once when it could not be read
-    prob = model.probability(linear.shipped_hashes(scan.message, pieces_of(scan)))
+    prob = model.column_probability(linear.shipped_columns(scan.message, pieces_of(scan)))
     scan.txn.facts.default_classifier = Learned(prob, {"share": round(share, 3)})
     detail = "shipped model" + (f", {share:.0%} of its weight (the site's model is young)" if share < 1.0 else "")
     option = f"{prob:.3f}"

@@ -92,7 +92,10 @@ class LinearModel:
 
     def margin(self, hashes: list[int]) -> float:
         """The sum of the message's columns' weights over the square root of their number, plus the intercept."""
-        cols = {(h & 0xFFFFFFFF) % DIM for h in hashes}
+        return self.column_margin({(h & 0xFFFFFFFF) % DIM for h in hashes})
+
+    def column_margin(self, cols: set[int]) -> float:
+        """margin() of the message's set of feature columns."""
         if not cols:
             return self.intercept
         w = self.weights
@@ -100,7 +103,11 @@ class LinearModel:
 
     def probability(self, hashes: list[int]) -> float:
         """Spam probability of a message given its token hashes."""
-        z = self.margin(hashes)
+        return self.column_probability({(h & 0xFFFFFFFF) % DIM for h in hashes})
+
+    def column_probability(self, cols: set[int]) -> float:
+        """probability() of the message's set of feature columns."""
+        z = self.column_margin(cols)
         return 1.0 / (1.0 + math.exp(-SCALE * max(min(z, 50.0), -50.0)))
 
 
@@ -171,15 +178,33 @@ def shipped_tokens(msg: "Message", pieces: "Pieces | None" = None) -> list[str]:
     tokenized for Bayes or the site's classifier is not read again."""
     from milterguard.learn import tokens as tk
 
-    p = pieces if pieces is not None else tk.Pieces(msg)
+    seq, identity = _shipped_sequence(msg, pieces if pieces is not None else tk.Pieces(msg))
+    if identity:
+        return _without_marks(list(dict.fromkeys(seq)), _mark_words(identity))
+    return list(dict.fromkeys(seq))
+
+
+def _shipped_sequence(msg: "Message", p: "Pieces") -> tuple[list[str], list[str]]:
+    """The shipped model's tokens before the list names are taken out (with repeats), and the list's names."""
     # The same filter as shipped_filter(msg), cheaper: only header tokens can start with
     # LIST_TOKEN_PREFIXES (the others start with s:, c:, st:, u: or are words, which hold no
     # colon but in n: and sk:), and the list names are looked for only in list mail.
     seq = [*p.subject, *(t for t in p.head if not t.startswith(LIST_TOKEN_PREFIXES)), *p.body(SHIPPED_WORDS)]
-    identity = list_identity(msg)
+    return seq, list_identity(msg)
+
+
+def shipped_columns(msg: "Message", pieces: "Pieces | None" = None) -> set[int]:
+    """The feature columns of shipped_hashes(msg) as LinearModel.margin() makes them, for
+    LinearModel.column_probability(): the same set, without the tokens' order (CRC-32 has
+    32 bits and DIM is a power of two, so a column is the CRC's low bits)."""
+    from milterguard.learn import tokens as tk
+
+    seq, identity = _shipped_sequence(msg, pieces if pieces is not None else tk.Pieces(msg))
+    tokens = set(seq)
     if identity:
-        return _without_marks(list(dict.fromkeys(seq)), _mark_words(identity))
-    return list(dict.fromkeys(seq))
+        tokens = _without_marks(list(tokens), _mark_words(identity))
+    crc32, mask = zlib.crc32, DIM - 1
+    return {crc32(t.encode("utf-8", "surrogatepass")) & mask for t in tokens}
 
 
 def _without_marks(tokens: list[str], marks: list[str]) -> list[str]:
