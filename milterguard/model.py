@@ -212,8 +212,10 @@ class Facts:
     arc: ArcResult | None = None
     dmarc: DmarcResult | None = None
     auth_results: AuthResults | None = None
+    # What the tokens are made of (learn.tokens.Pieces), made once for Bayes, the classifier and the shipped model
+    token_pieces: Any = None
     tokens: list[str] | None = None  # learn.tokens of the message, made once for Bayes and the classifier
-    token_hashes: list[int] | None = None
+    token_hashes: Any = None  # their hashes (learn.linear.token_hash_array: a numpy uint64 array)
     bayes: Learned | None = None
     classifier: Learned | None = None
     default_classifier: Learned | None = None  # the shipped model (checks/shipped_model.py), read by evaluate

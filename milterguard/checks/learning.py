@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from milterguard.checks.registry import check, on_verdict, preparer, starter
 from milterguard.model import Hits, Learned, Stage
-from milterguard.learn.tokens import tokenize
+from milterguard.learn.tokens import Pieces, tokenize
 from milterguard.settings import redis_configured
 
 # The Redis client and numpy (clients.redis_client, stores.bayes and stores.models) are
@@ -36,14 +36,23 @@ log = logging.getLogger("milterguard.learn")
 _BAYES: dict[int, "Bayes"] = {}
 
 
+def pieces_of(scan) -> Pieces:
+    """What the message's tokens are made of, made once per message for Bayes, the site's
+    classifier and the shipped model (checks/shipped_model.py)."""
+    facts = scan.txn.facts
+    if facts.token_pieces is None or facts.token_pieces.msg is not scan.message:
+        facts.token_pieces = Pieces(scan.message)
+    return facts.token_pieces
+
+
 def tokens_of(scan) -> list[str]:
-    """The message's tokens, computed once per message for both classifiers."""
-    from milterguard.learn.linear import token_hashes
+    """The message's tokens and their hashes, computed once per message for both classifiers."""
+    from milterguard.learn.linear import token_hash_array
 
     facts = scan.txn.facts
     if facts.tokens is None:
-        facts.tokens = tokenize(scan.message)
-        facts.token_hashes = token_hashes(facts.tokens)
+        facts.tokens = tokenize(scan.message, pieces_of(scan))
+        facts.token_hashes = token_hash_array(facts.tokens)
     return facts.tokens
 
 

@@ -17,6 +17,7 @@ model is all there is.
 
 from __future__ import annotations
 
+from milterguard.checks.learning import pieces_of
 from milterguard.checks.registry import check, preparer
 from milterguard.learn import linear
 from milterguard.model import Hits, Learned, Stage
@@ -59,7 +60,7 @@ def shipped_model(scan, hits: Hits) -> None:
     model = linear.shipped_model(model_path(config))
     if model is None:
         return  # logged once when it could not be read
-    prob = model.probability(linear.shipped_hashes(scan.message))
+    prob = model.column_probability(linear.shipped_columns(scan.message, pieces_of(scan)))
     scan.txn.facts.default_classifier = Learned(prob, {"share": round(share, 3)})
     detail = "shipped model" + (f", {share:.0%} of its weight (the site's model is young)" if share < 1.0 else "")
     option = f"{prob:.3f}"

@@ -33,8 +33,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
+    import re
+
     import numpy as np
 
+    from milterguard.learn.tokens import Pieces
     from milterguard.mail.message import Message
 
 DIM = 1 << 20
@@ -60,6 +63,17 @@ def token_hashes(tokens: list[str]) -> list[int]:
     return [from_bytes(blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for t in tokens]
 
 
+def token_hash_array(tokens: list[str]) -> "np.ndarray":
+    """token_hashes() as a numpy uint64 array (the same values): the digests are joined and read
+    as big-endian numbers in one piece, and what reads them as an array (the Bayes look-up, the
+    classifier's columns) does not convert 64-bit Python integers one by one."""
+    import numpy as np
+
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest() for t in tokens])
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
 def columns(hashes: list[int]) -> "np.ndarray":
     """The feature columns of a message's token hashes (unique, sorted)."""
     import numpy as np
@@ -78,15 +92,22 @@ class LinearModel:
 
     def margin(self, hashes: list[int]) -> float:
         """The sum of the message's columns' weights over the square root of their number, plus the intercept."""
-        cols = {(h & 0xFFFFFFFF) % DIM for h in hashes}
+        return self.column_margin({(h & 0xFFFFFFFF) % DIM for h in hashes})
+
+    def column_margin(self, cols: set[int]) -> float:
+        """margin() of the message's set of feature columns."""
         if not cols:
             return self.intercept
         w = self.weights
-        return float(sum(w[c] for c in cols)) * self.scale / len(cols) ** 0.5 + self.intercept
+        return float(sum(map(w.__getitem__, cols))) * self.scale / len(cols) ** 0.5 + self.intercept
 
     def probability(self, hashes: list[int]) -> float:
         """Spam probability of a message given its token hashes."""
-        z = self.margin(hashes)
+        return self.column_probability({(h & 0xFFFFFFFF) % DIM for h in hashes})
+
+    def column_probability(self, cols: set[int]) -> float:
+        """probability() of the message's set of feature columns."""
+        z = self.column_margin(cols)
         return 1.0 / (1.0 + math.exp(-SCALE * max(min(z, 50.0), -50.0)))
 
 
@@ -129,31 +150,83 @@ def list_identity(msg: "Message") -> list[str]:
 
 def shipped_filter(msg: "Message") -> "Callable[[str], bool]":
     """Whether the shipped model sees a token of MSG: not list headers, list names or list footers."""
-    import re
-
     identity = list_identity(msg)
     if not identity:
         return lambda token: not token.startswith(LIST_TOKEN_PREFIXES)
-    hosts = [n.split(".")[-2] for n in identity if n.count(".") >= 1 and len(n.split(".")[-2]) >= 4]
-    marks = re.compile("|".join(re.escape(m) for m in (*identity, *hosts, *LIST_FOOTER_WORDS)))
+    marks = _list_marks(identity)
     return lambda token: not token.startswith(LIST_TOKEN_PREFIXES) and marks.search(token) is None
 
 
-def shipped_tokens(msg: "Message") -> list[str]:
+def _mark_words(identity: list[str]) -> list[str]:
+    """What marks a token as naming the list: its names and hosts, the host's own label, list footers."""
+    hosts = [n.split(".")[-2] for n in identity if n.count(".") >= 1 and len(n.split(".")[-2]) >= 4]
+    return [*identity, *hosts, *LIST_FOOTER_WORDS]
+
+
+def _list_marks(identity: list[str]) -> "re.Pattern[str]":
+    """_mark_words(identity) as one regular expression."""
+    import re
+
+    return re.compile("|".join(re.escape(m) for m in _mark_words(identity)))
+
+
+def shipped_tokens(msg: "Message", pieces: "Pieces | None" = None) -> list[str]:
     """The tokens the shipped model sees: those of learn.tokens without the pairs of words (OSB),
-    at most SHIPPED_WORDS words of text, and without what says "mailing list" (shipped_filter)."""
+    at most SHIPPED_WORDS words of text, and without what says "mailing list" (shipped_filter).
+
+    PIECES (learn.tokens.Pieces of the same message) are reused when given: a message
+    tokenized for Bayes or the site's classifier is not read again."""
     from milterguard.learn import tokens as tk
 
-    subject = tk.words(msg.subject, 40)
-    seq = ["s:" + w for w in subject]
-    seq += tk.char_grams(msg.subject, "c:s:")
-    seq += tk.char_grams(msg.from_name, "c:f:")
-    seq += tk.header_tokens(msg)
-    seq += tk.structure_tokens(msg)
-    seq += tk.url_tokens(msg)
-    seq += tk.words(msg.text, SHIPPED_WORDS)
-    keep = shipped_filter(msg)
-    return [t for t in dict.fromkeys(seq) if keep(t)]
+    seq, identity = _shipped_sequence(msg, pieces if pieces is not None else tk.Pieces(msg))
+    if identity:
+        return _without_marks(list(dict.fromkeys(seq)), _mark_words(identity))
+    return list(dict.fromkeys(seq))
+
+
+def _shipped_sequence(msg: "Message", p: "Pieces") -> tuple[list[str], list[str]]:
+    """The shipped model's tokens before the list names are taken out (with repeats), and the list's names."""
+    # The same filter as shipped_filter(msg), cheaper: only header tokens can start with
+    # LIST_TOKEN_PREFIXES (the others start with s:, c:, st:, u: or are words, which hold no
+    # colon but in n: and sk:), and the list names are looked for only in list mail.
+    seq = [*p.subject, *(t for t in p.head if not t.startswith(LIST_TOKEN_PREFIXES)), *p.body(SHIPPED_WORDS)]
+    return seq, list_identity(msg)
+
+
+def shipped_columns(msg: "Message", pieces: "Pieces | None" = None) -> set[int]:
+    """The feature columns of shipped_hashes(msg) as LinearModel.margin() makes them, for
+    LinearModel.column_probability(): the same set, without the tokens' order (CRC-32 has
+    32 bits and DIM is a power of two, so a column is the CRC's low bits)."""
+    from milterguard.learn import tokens as tk
+
+    seq, identity = _shipped_sequence(msg, pieces if pieces is not None else tk.Pieces(msg))
+    tokens = set(seq)
+    if identity:
+        tokens = _without_marks(list(tokens), _mark_words(identity))
+    crc32, mask = zlib.crc32, DIM - 1
+    return {crc32(t.encode("utf-8", "surrogatepass")) & mask for t in tokens}
+
+
+def _without_marks(tokens: list[str], marks: list[str]) -> list[str]:
+    """TOKENS without those that hold one of MARKS: what `_list_marks(...).search(token)` tells
+    token by token, found instead by str.find over all the tokens joined (each occurrence
+    counts for the token it lies within), without a regular expression tried at every
+    character of every token."""
+    from bisect import bisect_right
+    from itertools import accumulate
+
+    joined = "\n".join(tokens)
+    starts = list(accumulate((len(t) + 1 for t in tokens[:-1]), initial=0))
+    marked: set[int] = set()
+    find = joined.find
+    for mark in marks:
+        at = find(mark)
+        while at >= 0:
+            i = bisect_right(starts, at) - 1
+            if at + len(mark) <= starts[i] + len(tokens[i]):
+                marked.add(i)
+            at = find(mark, at + 1)
+    return [t for i, t in enumerate(tokens) if i not in marked] if marked else tokens
 
 
 def shipped_hash(token: str) -> int:
@@ -161,8 +234,9 @@ def shipped_hash(token: str) -> int:
     return zlib.crc32(token.encode("utf-8", "surrogatepass"))
 
 
-def shipped_hashes(msg: "Message") -> list[int]:
-    return [shipped_hash(t) for t in shipped_tokens(msg)]
+def shipped_hashes(msg: "Message", pieces: "Pieces | None" = None) -> list[int]:
+    crc32 = zlib.crc32
+    return [crc32(t.encode("utf-8", "surrogatepass")) for t in shipped_tokens(msg, pieces)]
 
 
 # ---------------------------------------------------------------- the file

@@ -23,10 +23,16 @@ A message yields, in this order and each token once:
 Only the first `MAX_WORDS` words of the text are read and at most
 `MAX_TOKENS` tokens are returned, so the work per message is bounded; the
 same message always yields the same tokens in the same order.
+
+`Pieces` holds what a message's tokens are made of (its words, character
+n-grams, header, shape and URL tokens), each made once: Bayes and the
+site's classifier (`tokenize`) and the shipped model (`linear.shipped_tokens`,
+no word pairs, fewer words) build their tokens from the same pieces.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from typing import TYPE_CHECKING
@@ -98,10 +104,15 @@ def osb(seq: list[str], window: int = OSB_WINDOW) -> list[str]:
 
     In the order word by word, then gap by gap: (w0 w1, w0 _ w2, w0 _ _ w3, w1 w2, ...)."""
     n = len(seq)
-    columns = [[first + sep + second for first, second in zip(seq, seq[gap:])]
+    # The pairs of each gap made in one pass (str.join on pairs), then laid out word by word
+    # by slice assignment: no Python step per token.
+    columns = [list(map(sep.join, zip(seq, seq[gap:])))
                for gap, sep in ((g, " " + "_ " * (g - 1)) for g in range(1, window + 1))]
-    out = [token for row in zip(*columns) for token in row]  # the words with all `window` partners
-    for i in range(max(n - window, 0), n - 1):  # the last ones, with fewer
+    full = max(n - window, 0)  # the words with all `window` partners
+    out: list[str] = [""] * (window * full)
+    for gap in range(window):
+        out[gap::window] = columns[gap][:full]
+    for i in range(full, n - 1):  # the last ones, with fewer
         out.extend(columns[gap][i] for gap in range(min(window, n - 1 - i)))
     return out
 
@@ -194,17 +205,43 @@ def structure_tokens(msg: "Message") -> list[str]:
     ]
 
 
-def tokenize(msg: "Message") -> list[str]:
-    """The tokens of a message: unique, in a fixed order, at most MAX_TOKENS."""
-    subject = words(msg.subject, 40)
-    body = words(msg.text)
-    seq = ["s:" + w for w in subject]
-    seq += [f"s:{b}" for b in osb(subject)]
-    seq += char_grams(msg.subject, "c:s:")
-    seq += char_grams(msg.from_name, "c:f:")
-    seq += header_tokens(msg)
-    seq += structure_tokens(msg)
-    seq += url_tokens(msg)
-    seq += body
+class Pieces:
+    """What the tokens of one message are made of, each piece made once, when first asked for."""
+
+    def __init__(self, msg: "Message") -> None:
+        self.msg = msg
+        self._body: list[str] = []
+        self._body_limit = -1  # the limit self._body was read with
+
+    @functools.cached_property
+    def subject(self) -> list[str]:
+        """The Subject's words, prefixed `s:`."""
+        return ["s:" + w for w in words(self.msg.subject, 40)]
+
+    @functools.cached_property
+    def subject_pairs(self) -> list[str]:
+        return ["s:" + b for b in osb([w[2:] for w in self.subject])]
+
+    @functools.cached_property
+    def head(self) -> list[str]:
+        """Character n-grams of the Subject and the From display name, then the header, shape and URL tokens."""
+        msg = self.msg
+        return (char_grams(msg.subject, "c:s:") + char_grams(msg.from_name, "c:f:") + header_tokens(msg)
+                + structure_tokens(msg) + url_tokens(msg))
+
+    def body(self, limit: int = MAX_WORDS) -> list[str]:
+        """The first LIMIT words of the text: words(text, limit), read once for the largest limit asked."""
+        if self._body_limit < limit:
+            self._body, self._body_limit = words(self.msg.text, limit), limit
+        return self._body if len(self._body) <= limit else self._body[:limit]
+
+
+def tokenize(msg: "Message", pieces: Pieces | None = None) -> list[str]:
+    """The tokens of a message: unique, in a fixed order, at most MAX_TOKENS.
+
+    PIECES, made for the same message, are reused when given."""
+    p = pieces if pieces is not None else Pieces(msg)
+    body = p.body(MAX_WORDS)
+    seq = p.subject + p.subject_pairs + p.head + body
     seq += osb(body)
     return list(dict.fromkeys(seq))[:MAX_TOKENS]

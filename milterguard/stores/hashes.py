@@ -61,26 +61,22 @@ def digest(text: str, min_words: int = 0) -> Digest | None:
     return Digest(exact, simhash(words), len(words))
 
 
-# _BIT_OF[b] maps each byte to its bit b (0 or 1), for bytes.translate.
-_BIT_OF = [bytes((x >> b) & 1 for x in range(256)) for b in range(8)]
-
-
 def simhash(words: list[str]) -> int:
     """64-bit SimHash of the word 3-shingles of WORDS (single words when there are fewer than 3)."""
+    # numpy is imported here: checks import this module, and a scan without Redis loads no numpy.
+    import numpy as np
+
     shingles = [f"{a} {b} {c}" for a, b, c in zip(words, words[1:], words[2:])] or words
+    if not shingles:
+        return 0
     blake2b = hashlib.blake2b
     digests = b"".join([blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest() for s in shingles])
-    # Each bit's vote counted in C, one byte column at a time: a loop over 64 bits per
-    # shingle in Python took seconds on a long text.  Bit 0 is the last byte's lowest
-    # bit, as in int.from_bytes(digest, "big").
-    n = len(shingles)
-    out = 0
-    for byte in range(8):
-        column = digests[7 - byte::8]
-        for b in range(8):
-            if 2 * column.translate(_BIT_OF[b]).count(1) > n:
-                out |= 1 << (byte * 8 + b)
-    return out
+    # Each bit's vote counted by numpy: a row of 64 bits per shingle, most significant first
+    # (the digest read as a big-endian number), summed by column; a bit is set when more
+    # than half of the shingles set it.
+    bits = np.unpackbits(np.frombuffer(digests, dtype=np.uint8).reshape(len(shingles), 8), axis=1)
+    votes = bits.sum(axis=0, dtype=np.int64)
+    return int.from_bytes(np.packbits(2 * votes > len(shingles)).tobytes(), "big")
 
 
 def distance(a: int, b: int) -> int:
