@@ -106,6 +106,9 @@ def worker(args) -> int:
 
     print("ready", flush=True)
     for line in sys.stdin:
+        if line.startswith(("clear", "stats")):  # the token cache, in a tree that has one
+            print(json.dumps(_token_cache(clear=line.startswith("clear"))), flush=True)
+            continue
         i = int(line)
         c0 = time.process_time()
         t0 = time.perf_counter()
@@ -113,6 +116,21 @@ def worker(args) -> int:
         engine.evaluate(conn, txn)
         print(f"{time.perf_counter() - t0:.9f} {time.process_time() - c0:.9f}", flush=True)
     return 0
+
+
+def _token_cache(clear: bool) -> dict:
+    """Tokens looked up and found in this process's Bayes token cache since it was last cleared."""
+    from milterguard.checks import learning
+
+    out = {"lookups": 0, "hits": 0}
+    for bayes in getattr(learning, "_BAYES", {}).values():
+        cache = bayes.cache() if hasattr(bayes, "cache") else None
+        if cache is not None:
+            out["lookups"] += cache.lookups
+            out["hits"] += cache.hits
+            if clear:
+                cache.clear()
+    return out
 
 
 # ------------------------------------------------------------ the driver
@@ -165,7 +183,16 @@ def drive(args) -> int:
             server_cpu: dict[tuple[str, str], list[float]] = {key: [] for key in procs}
             order = list(procs)
             rng = random.Random(0)
+            hits: dict[tuple[str, str], list[int]] = {key: [0, 0] for key in procs}
             for round_ in range(args.rounds + 1):  # round 0 warms up (imports, caches, the model)
+                for key, proc in procs.items():
+                    # Every round starts with an empty token cache: no message is seen twice by it.
+                    proc.stdin.write("clear\n")
+                    proc.stdin.flush()
+                    seen = json.loads(proc.stdout.readline())
+                    if round_ > 1:  # what the round before found
+                        hits[key][0] += seen["hits"]
+                        hits[key][1] += seen["lookups"]
                 for i in range(len(messages)):
                     rng.shuffle(order)
                     for key in order:
@@ -178,6 +205,12 @@ def drive(args) -> int:
                             times[key].append(elapsed)
                             cpu[key].append(used)
                             server_cpu[key].append(redis_cpu() - before)
+            for key, proc in procs.items():
+                proc.stdin.write("stats\n")
+                proc.stdin.flush()
+                seen = json.loads(proc.stdout.readline())
+                hits[key][0] += seen["hits"]
+                hits[key][1] += seen["lookups"]
         finally:
             for proc in procs.values():
                 proc.stdin.close()
@@ -195,17 +228,21 @@ def drive(args) -> int:
                 "added_p99_ms": round(1000 * (_pct(t, 0.99) - _pct(base, 0.99)), 2),
                 "cpu_ms": round(1000 * sum(cpu[(name, config)]) / len(t), 2),
                 "redis_cpu_ms": round(1000 * sum(server_cpu[(name, config)]) / len(t), 2),
+                "cache_hit_rate": round(hits[(name, config)][0] / hits[(name, config)][1], 3)
+                if hits[(name, config)][1] else None,
             })
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{len(messages)} held-out spam x {args.rounds} rounds, DNS off, one message at a time\n")
-    print("| checkout | configuration | messages/s | p50 | p99 | added p50 | added p99 | CPU/msg | Redis CPU/msg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| checkout | configuration | messages/s | p50 | p99 | added p50 | added p99 | CPU/msg | Redis CPU/msg "
+          "| token cache hits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['checkout']} | {r['configuration']} | {r['per_second']:.0f} | {r['p50_ms']:.2f} ms | "
               f"{r['p99_ms']:.1f} ms | {r['added_p50_ms']:+.2f} ms | {r['added_p99_ms']:+.1f} ms | "
-              f"{r['cpu_ms']:.2f} ms | {r['redis_cpu_ms']:.2f} ms |")
+              f"{r['cpu_ms']:.2f} ms | {r['redis_cpu_ms']:.2f} ms | "
+              f"{'-' if r['cache_hit_rate'] is None else format(r['cache_hit_rate'], '.1%')} |")
     return 0
 
 
