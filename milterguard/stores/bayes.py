@@ -239,7 +239,10 @@ class Bayes:
             reply = lookup.pending.result()
         except redis.exceptions.NoScriptError:
             reply = self.store.reader().eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, lookup.blob)
-        values = np.array(reply.split(), dtype=np.int64)
+        # Numbers separated by spaces: read by numpy's text parser, without a bytes object each.
+        values = np.fromstring(reply, dtype=np.int64, sep=" ")
+        if len(values) != 2 + len(lookup.blob) // 7:
+            raise ValueError(f"the Bayes look-up answered {len(values)} numbers for {len(lookup.blob) // 7} tokens")
         n_spam, n_ham, asked = int(values[0]), int(values[1]), values[2:]
         if lookup.found is None:
             return n_spam, n_ham, asked
