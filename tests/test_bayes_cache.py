@@ -184,3 +184,21 @@ def test_a_forked_worker_makes_its_own_table(master):
     assert os.read(read_end, 64).decode() == f"False {len(hashes)} 0"
     os.close(read_end)
     assert bayes.cache() is parent and parent.lookups == len(hashes)
+
+
+@needs_redis
+def test_a_look_up_sent_before_this_process_learns_does_not_fill_the_table(master):
+    bayes = Bayes(RedisStore(url=master.url))
+    bayes.set_cache(1 << 20, 3600.0)
+    message = make_message("spam", 4)
+    hashes = _hashes(message)
+    lookup = bayes.send_fetch(hashes)  # sent, not read: its answer may be from before the learn
+    assert bayes.cache().lookups == len(hashes) and bayes.cache().hits == 0
+    bayes.learn_message(Message.from_bytes(message), "spam")
+    bayes.fetch_values(hashes, lookup)
+    # The table kept nothing of that answer: the next look-up asks Redis again, and reads the learned
+    # counts; the one after finds them in the table.
+    assert bayes.fetch_values(hashes)[2].tolist() == [1 << 32] * len(hashes)
+    assert bayes.cache().hits == 0
+    assert bayes.fetch_values(hashes)[2].tolist() == [1 << 32] * len(hashes)
+    assert bayes.cache().hits == len(hashes)
