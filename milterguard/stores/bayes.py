@@ -22,6 +22,9 @@ Learning a message is one Lua script on the master (atomic, one round
 trip); classifying reads all of a message's tokens with one read-only
 script on a replica (one round trip); a message's tokens go to either script as one string of
 7 bytes per token, which costs the client far less than an argument each.
+With `bayes.cache_slots` set, the tokens read within `bayes.cache_ttl` come
+from the process's token cache (stores/bayes_cache.py) and only the others
+are sent; the totals are read every time.
 """
 
 from __future__ import annotations

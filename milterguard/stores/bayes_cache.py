@@ -10,8 +10,9 @@ or holding another token, is a miss.  A token read from Redis takes its
 slot when the slot is empty or stale, or holds a token learned no more
 often than it: the frequent tokens, the ones most likely to come again in
 the next messages, are not pushed out by the rare ones (on held-out corpus
-mail this finds 41 % of the tokens instead of 37 % with 2**18 slots).  Looking up and filling are numpy operations on the message's
-tokens as a whole, without a Python step per token.
+mail this finds 41 % of the tokens instead of 37 % with 2**18 slots).
+Looking up and filling are numpy operations on the message's tokens as a
+whole, without a Python step per token.
 
 Memory: 24 bytes a slot (6 MB for 2**18 slots), allocated in full when
 the table is made, in each process that looks up (a forked worker makes
