@@ -7,7 +7,8 @@ message is tokenized once, and the look-up of its token counts is sent to
 Redis, which works on it while those rules and checks run; the Bayes check reads the
 answer.  Token counts read within `bayes.cache_ttl` seconds are taken from
 the process's token cache (stores/bayes_cache.py) and not asked for again.
-Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL and the message goes on; the first failure of an outage is logged once by
+Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL and the message goes
+on; the first failure of an outage is logged once by
 milterguard.clients.redis_client.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
 
