@@ -22,6 +22,12 @@ thread, read from INFO before and after each message; INFO's own cost is
 in the "no Redis" row too): CPU times hold better than wall times on a
 machine shared with other work.
 
+The Bayes token cache of each process (stores/bayes_cache.py) is emptied
+at the start of each round, so that no message it scans was looked up
+before by that process; with `--warm` it is then filled by the look-ups of
+the held-out ham and hard ham, as after a stream of other mail. The share of
+tokens found in the cache is printed.
+
 With `--checkout NAME=DIR` (repeatable) the same is done for other source
 trees (each learns under a Redis key prefix of its own), interleaved with
 the others: before and after a change, in one run.
@@ -95,6 +101,7 @@ def worker(args) -> int:
     cfg_args = argparse.Namespace(etc_dir=None, config=[], sets=sets)
     engine = load_engine(cfg_args, load(cfg_args))
     raws = [read_message(p) for p in json.loads(sys.stdin.readline())]
+    warm = _warm_hashes(json.loads(sys.stdin.readline()))
 
     class _Env:  # as `milterguard bench` builds it
         ip = "198.51.100.20"
@@ -106,6 +113,9 @@ def worker(args) -> int:
 
     print("ready", flush=True)
     for line in sys.stdin:
+        if line.startswith(("clear", "stats")):  # the token cache, in a tree that has one
+            print(json.dumps(_token_cache(clear=line.startswith("clear"), warm=warm)), flush=True)
+            continue
         i = int(line)
         c0 = time.process_time()
         t0 = time.perf_counter()
@@ -113,6 +123,34 @@ def worker(args) -> int:
         engine.evaluate(conn, txn)
         print(f"{time.perf_counter() - t0:.9f} {time.process_time() - c0:.9f}", flush=True)
     return 0
+
+
+def _warm_hashes(paths: list[str]) -> list:
+    from milterguard.learn.linear import token_hashes
+    from milterguard.learn.tokens import tokenize
+    from milterguard.mail.message import Message
+    from milterguard.mail.raw import read_message
+
+    return [token_hashes(tokenize(Message.from_bytes(read_message(p)))) for p in paths]
+
+
+def _token_cache(clear: bool, warm: list) -> dict:
+    """Tokens looked up and found in this process's Bayes token cache since it was last cleared;
+    with `clear`, empty it, then fill it with the Bayes look-ups of the `warm` messages."""
+    from milterguard.checks import learning
+
+    out = {"lookups": 0, "hits": 0}
+    for bayes in getattr(learning, "_BAYES", {}).values():
+        cache = bayes.cache() if hasattr(bayes, "cache") else None
+        if cache is not None:
+            out["lookups"] += cache.lookups
+            out["hits"] += cache.hits
+            if clear:
+                cache.clear()
+                for hashes in warm:
+                    bayes.fetch_values(hashes)
+                cache.lookups = cache.hits = 0
+    return out
 
 
 # ------------------------------------------------------------ the driver
@@ -131,6 +169,9 @@ def drive(args) -> int:
     if not messages:
         print(f"no test spam under {corpus}/spamassassin/spam", file=sys.stderr)
         return 1
+    # With --warm, each round's token cache starts filled by the look-ups of the held-out ham
+    # (as after a stream of other mail); without, empty. Either way no scanned message is in it.
+    warm = _split(corpus, "ham", "test") + _split(corpus, "hard_ham", "test") if args.warm else []
     me = str(Path(__file__).resolve())
     with private_redis() as url:
         procs = {}
@@ -145,7 +186,7 @@ def drive(args) -> int:
                 proc = subprocess.Popen([sys.executable, me, "--worker", "--redis", url, "--prefix", prefix,
                                          *[a for s in sets for a in ("--set", s)]],
                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                proc.stdin.write(json.dumps(messages) + "\n")
+                proc.stdin.write(json.dumps(messages) + "\n" + json.dumps(warm) + "\n")
                 proc.stdin.flush()
                 if proc.stdout.readline().strip() != "ready":
                     raise SystemExit(f"worker {name} {config} did not start")
@@ -165,7 +206,16 @@ def drive(args) -> int:
             server_cpu: dict[tuple[str, str], list[float]] = {key: [] for key in procs}
             order = list(procs)
             rng = random.Random(0)
+            hits: dict[tuple[str, str], list[int]] = {key: [0, 0] for key in procs}
             for round_ in range(args.rounds + 1):  # round 0 warms up (imports, caches, the model)
+                for key, proc in procs.items():
+                    # Every round starts with an empty token cache: no message is seen twice by it.
+                    proc.stdin.write("clear\n")
+                    proc.stdin.flush()
+                    seen = json.loads(proc.stdout.readline())
+                    if round_ > 1:  # what the round before found
+                        hits[key][0] += seen["hits"]
+                        hits[key][1] += seen["lookups"]
                 for i in range(len(messages)):
                     rng.shuffle(order)
                     for key in order:
@@ -178,6 +228,12 @@ def drive(args) -> int:
                             times[key].append(elapsed)
                             cpu[key].append(used)
                             server_cpu[key].append(redis_cpu() - before)
+            for key, proc in procs.items():
+                proc.stdin.write("stats\n")
+                proc.stdin.flush()
+                seen = json.loads(proc.stdout.readline())
+                hits[key][0] += seen["hits"]
+                hits[key][1] += seen["lookups"]
         finally:
             for proc in procs.values():
                 proc.stdin.close()
@@ -195,17 +251,22 @@ def drive(args) -> int:
                 "added_p99_ms": round(1000 * (_pct(t, 0.99) - _pct(base, 0.99)), 2),
                 "cpu_ms": round(1000 * sum(cpu[(name, config)]) / len(t), 2),
                 "redis_cpu_ms": round(1000 * sum(server_cpu[(name, config)]) / len(t), 2),
+                "cache_hit_rate": round(hits[(name, config)][0] / hits[(name, config)][1], 3)
+                if hits[(name, config)][1] else None,
             })
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{len(messages)} held-out spam x {args.rounds} rounds, DNS off, one message at a time\n")
-    print("| checkout | configuration | messages/s | p50 | p99 | added p50 | added p99 | CPU/msg | Redis CPU/msg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"{len(messages)} held-out spam x {args.rounds} rounds, DNS off, one message at a time; token cache "
+          f"{'filled by ' + str(len(warm)) + ' held-out ham' if args.warm else 'empty'} at each round\n")
+    print("| checkout | configuration | messages/s | p50 | p99 | added p50 | added p99 | CPU/msg | Redis CPU/msg "
+          "| token cache hits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['checkout']} | {r['configuration']} | {r['per_second']:.0f} | {r['p50_ms']:.2f} ms | "
               f"{r['p99_ms']:.1f} ms | {r['added_p50_ms']:+.2f} ms | {r['added_p99_ms']:+.1f} ms | "
-              f"{r['cpu_ms']:.2f} ms | {r['redis_cpu_ms']:.2f} ms |")
+              f"{r['cpu_ms']:.2f} ms | {r['redis_cpu_ms']:.2f} ms | "
+              f"{'-' if r['cache_hit_rate'] is None else format(r['cache_hit_rate'], '.1%')} |")
     return 0
 
 
@@ -217,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="use at most this many messages")
     parser.add_argument("--checkout", action="append", default=[], metavar="NAME=DIR",
                         help="another source tree to measure alongside this one")
+    parser.add_argument("--warm", action="store_true",
+                        help="start each round with the Bayes token cache filled by the held-out ham's look-ups")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -335,6 +335,14 @@ SETTINGS: list[Setting] = [
     Setting("bayes.max_tokens", Int(minimum=1000), 5_000_000,
             "Tokens kept in Redis (about 30 bytes each); past this, learning drops the rarest tokens "
             "(`milterguard bayes expire` does it on demand).", since="0.2"),
+    Setting("bayes.cache_slots", Int(minimum=0, maximum=1 << 26), 1 << 18,
+            "Token counts each filter process keeps between Bayes look-ups (24 bytes a slot: 6 MB per "
+            "process for the default); only the tokens not found there are asked of Redis. 0 turns it off.",
+            since="0.4"),
+    Setting("bayes.cache_ttl", Seconds(), 60.0,
+            "How long a token's counts read from Redis are used before they are read again: what another "
+            "node learns (or `milterguard learn`) reaches this node's verdicts within this long. 0 turns "
+            "the token cache off.", since="0.4"),
     Setting("bayes.autolearn", Bool(), False,
             "Learn scanned mail on its own: spam at or above `bayes.autolearn_spam`, ham at or below "
             "`bayes.autolearn_ham` (only where this node may write to Redis).", since="0.2"),

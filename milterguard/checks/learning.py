@@ -5,8 +5,10 @@ while classifying.  The Bayes look-up is sent as soon as the message is
 complete, before the end-of-message rules and checks (a starter at EOM): the
 message is tokenized once, and the look-up of its token counts is sent to
 Redis, which works on it while those rules and checks run; the Bayes check reads the
-answer.  Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL
-and the message goes on; the first failure of an outage is logged once by
+answer.  Token counts read within `bayes.cache_ttl` seconds are taken from
+the process's token cache (stores/bayes_cache.py) and not asked for again.
+Redis unreachable gives BAYES_TEMPFAIL / ML_TEMPFAIL and the message goes
+on; the first failure of an outage is logged once by
 milterguard.clients.redis_client.  Symbol weights scale with the probability:
 `factor = (p - 0.5) / 0.5` for spam, `(0.5 - p) / 0.5` for ham.
 
@@ -62,6 +64,7 @@ def bayes_for(store, config) -> "Bayes":
     bayes = _BAYES.get(id(store))
     if bayes is None or bayes.store is not store:
         bayes = _BAYES[id(store)] = Bayes(store, max_samples=config["ml.max_samples"])
+    bayes.set_cache(config["bayes.cache_slots"], config["bayes.cache_ttl"])
     return bayes
 
 

@@ -22,12 +22,16 @@ Learning a message is one Lua script on the master (atomic, one round
 trip); classifying reads all of a message's tokens with one read-only
 script on a replica (one round trip); a message's tokens go to either script as one string of
 7 bytes per token, which costs the client far less than an argument each.
+With `bayes.cache_slots` set, the tokens read within `bayes.cache_ttl` come
+from the process's token cache (stores/bayes_cache.py) and only the others
+are sent; the totals are read every time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ import redis
 from milterguard.learn.linear import token_hash, token_hashes
 from milterguard.learn.tokens import tokenize
 from milterguard.clients.redis_client import Pending, RedisStore, RedisUnavailable
+from milterguard.stores.bayes_cache import TokenCache
 
 if TYPE_CHECKING:  # pragma: no cover
     from milterguard.mail.message import Message
@@ -170,6 +175,17 @@ def combine_arrays(spam: np.ndarray, ham: np.ndarray, n_spam: int, n_ham: int) -
 
 
 @dataclass
+class Lookup:
+    """A Bayes look-up sent to Redis (Bayes.send_fetch), its reply not read yet."""
+
+    pending: Pending
+    blob: bytes  # the tokens asked for, as the script reads them
+    hashes: np.ndarray  # all of the message's token hashes (uint64)
+    cache: "TokenCache | None"
+    found: tuple | None  # TokenCache.get() of the hashes, with the cache on
+
+
+@dataclass
 class Learned:
     """What one learn call did: 'learned', 'relearned', 'unlearned' or 'known'."""
 
@@ -188,6 +204,8 @@ class Bayes:
         self.token_prefix = store.key("bayes", "t", "").encode()
         self.samples_key = store.key("ml", "samples")
         self.order_key = store.key("ml", "order")
+        self.cache_slots, self.cache_ttl = 0, 0.0
+        self._cache: TokenCache | None = None
 
     def bucket_key(self, bucket: int) -> bytes:
         """The name of token hash number `bucket` (0..65535)."""
@@ -200,23 +218,64 @@ class Bayes:
         n_spam, n_ham, values = self.fetch_values(hashes)
         return n_spam, n_ham, list(zip((values >> 32).tolist(), (values & (SPAM_UNIT - 1)).tolist()))
 
-    def send_fetch(self, hashes) -> "Pending":
-        """Send the look-up of these token hashes now; fetch_values(hashes, pending) reads it."""
-        return self.store.reader().send("EVALSHA_RO", _SHA_FETCH, 1, self.totals_key, self.token_prefix,
-                                        slots_blob(hashes))
+    def send_fetch(self, hashes) -> "Lookup":
+        """Send the look-up of these token hashes now; fetch_values(hashes, lookup) reads it.
 
-    def fetch_values(self, hashes, pending: "Pending | None" = None) -> tuple[int, int, np.ndarray]:
+        With the token cache on, only the tokens it does not hold fresh are asked
+        for; the totals are asked for every time."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        cache = self.cache()
+        if cache is None:
+            ask, found = hashes, None
+        else:
+            found = cache.get(hashes >> np.uint64(8))
+            ask = hashes[found[1]]
+        blob = slots_blob(ask)
+        pending = self.store.reader().send("EVALSHA_RO", _SHA_FETCH, 1, self.totals_key, self.token_prefix, blob)
+        return Lookup(pending, blob, hashes, cache, found)
+
+    def fetch_values(self, hashes, lookup: "Lookup | None" = None) -> tuple[int, int, np.ndarray]:
         """(spam learned, ham learned, each token's value `spam * 2**32 + ham` as int64)."""
-        reader = self.store.reader()
+        if lookup is None:
+            lookup = self.send_fetch(hashes)
         try:
-            if pending is None:
-                reply = reader.evalsha_ro(_SHA_FETCH, 1, self.totals_key, self.token_prefix, slots_blob(hashes))
-            else:
-                reply = pending.result()
+            reply = lookup.pending.result()
         except redis.exceptions.NoScriptError:
-            reply = reader.eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, slots_blob(hashes))
-        values = np.array(reply.split(), dtype=np.int64)
-        return int(values[0]), int(values[1]), values[2:]
+            reply = self.store.reader().eval_ro(_FETCH, 1, self.totals_key, self.token_prefix, lookup.blob)
+        # Numbers separated by spaces: read by numpy's text parser, without a bytes object each.
+        values = np.fromstring(reply, dtype=np.int64, sep=" ")
+        if len(values) != 2 + len(lookup.blob) // 7:
+            raise ValueError(f"the Bayes look-up answered {len(values)} numbers for {len(lookup.blob) // 7} tokens")
+        n_spam, n_ham, asked = int(values[0]), int(values[1]), values[2:]
+        if lookup.found is None:
+            return n_spam, n_ham, asked
+        cached, missing, stamp, generation = lookup.found
+        cached[missing] = asked
+        lookup.cache.fill(lookup.hashes[missing] >> np.uint64(8), asked, stamp, generation)
+        return n_spam, n_ham, cached
+
+    # ------------------------------------------------------------ the token cache
+
+    def set_cache(self, slots: int, ttl: float) -> None:
+        """Remember token values for `ttl` seconds in a table of `slots` entries per process
+        (0 slots: off); see stores/bayes_cache.py."""
+        if (slots, ttl) != (self.cache_slots, self.cache_ttl):
+            self.cache_slots, self.cache_ttl, self._cache = slots, ttl, None
+
+    def cache(self) -> "TokenCache | None":
+        """This process's token cache (made on first use, and again in a forked child), or None."""
+        if self.cache_slots <= 0 or self.cache_ttl <= 0:
+            return None
+        cache = self._cache
+        if cache is None or cache.pid != os.getpid():
+            cache = self._cache = TokenCache(self.cache_slots, self.cache_ttl)
+        return cache
+
+    def _forget(self, hashes) -> None:
+        """Drop these tokens from this process's token cache: their counts are changing here."""
+        cache = self._cache
+        if cache is not None and cache.pid == os.getpid():
+            cache.forget(np.asarray(hashes, dtype=np.uint64) >> np.uint64(8))
 
     def totals(self) -> tuple[int, int]:
         values = self.store.reader().hmget(self.totals_key, "spam", "ham")
@@ -249,6 +308,8 @@ class Bayes:
         if label not in ("spam", "ham", ""):
             raise ValueError(f"label must be spam, ham or empty, got {label!r}")
         hashes = token_hashes(tokens)
+        # Before and after: a look-up of this process sent meanwhile does not keep the old counts.
+        self._forget(hashes)
         packed = pack_sample(hashes) if sample and label else b""
         args = (digest, label, self.token_prefix, packed, self.max_samples, slots_blob(hashes),
                 "1" if only_new else "0")
@@ -258,6 +319,7 @@ class Bayes:
             result = writer.evalsha(_SHA_LEARN, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             result = writer.eval(_LEARN, len(keys), *keys, *args)
+        self._forget(hashes)
         outcome = {0: "known", 1: "learned", 2: "relearned"}[int(result)]
         if not label and outcome != "known":
             outcome = "unlearned"
