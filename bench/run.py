@@ -831,7 +831,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="configuration e: milterguard like c plus this setting (repeatable)")
     ap.add_argument("--e-workers", type=int, help="configuration e: this many workers")
     ap.add_argument("--mg-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra milterguard --set for c (repeatable), e.g. dns.enabled=false")
+                    help="extra milterguard --set for c and f (repeatable), e.g. bayes.cache_slots=0")
     ap.add_argument("--train-limit", type=int, default=0,
                     help="full configuration: learn only the first N spam and N ham of the train split (default all)")
     ap.add_argument("--min-learns", type=int, default=200,
