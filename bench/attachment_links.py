@@ -21,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+from benchenv import BenchEnv
 from milterguard.cli.scan import build
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
@@ -30,15 +31,6 @@ from milterguard.mail.message import Message
 CORPUS = Path(os.environ.get("MILTERGUARD_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 DEFAULT_DIRS = [CORPUS / "modern" / "spam", CORPUS / "modern" / "ham", CORPUS / "spamassassin" / "ham",
                 CORPUS / "spamassassin" / "spam", CORPUS / "spamassassin" / "hard_ham"]
-
-
-class _Env:
-    ip = "198.51.100.20"
-    client_name = "mail.example.net"
-    helo = "mail.example.net"
-    mail_from = None
-    rcpt = ["user@example.org"]
-    auth = ""
 
 
 def carries_pdf(raw: bytes) -> bool:
@@ -70,7 +62,7 @@ def main() -> int:
     for _ in range(max(1, args.rounds)):
         for i, raw in enumerate(raws):
             for name, engine in engines.items():
-                conn, txn = build(_Env, raw, i)
+                conn, txn = build(BenchEnv, raw, i)
                 t0 = time.perf_counter()
                 engine.evaluate(conn, txn)
                 best[name][i] = min(best[name][i], time.perf_counter() - t0)

@@ -96,6 +96,7 @@ def rule_hits(paths: list[str], progress: bool) -> tuple[list[dict[str, float]],
     the symbols of KEPT_GROUPS."""
     from milterguard import settings as S
     from milterguard.cli.common import load, load_engine
+    from milterguard.cli.evaluate import _Env
     from milterguard.cli.scan import build
     from milterguard.corpus import Progress
     from milterguard.mail.raw import read_message
@@ -108,12 +109,6 @@ def rule_hits(paths: list[str], progress: bool) -> tuple[list[dict[str, float]],
     engine = load_engine(cfg_args, config)
     declared = {s: r.weight for s, r in engine.ruleset.rules.items() if r.enabled}
     kept = {s for s, r in engine.ruleset.rules.items() if r.group in KEPT_GROUPS}
-
-    class _Env:
-        ip = None
-        client_name = helo = auth = ""
-        mail_from = None
-        rcpt: list[str] = []
 
     out = []
     bar = Progress(len(paths), "scoring", enabled=progress)

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchenv import BenchEnv
+
 HERE = Path(__file__).resolve().parent.parent
 PER_SET = 100  # messages of each of the three sets
 
@@ -86,18 +88,10 @@ def worker(args) -> int:
     engine = load_engine(cfg_args, load(cfg_args))
     raws = [read_message(p) for p in json.loads(sys.stdin.readline())]
 
-    class _Env:  # as `milterguard bench` builds it
-        ip = "198.51.100.20"
-        client_name = "mail.example.net"
-        helo = "mail.example.net"
-        mail_from = None
-        rcpt = ["user@example.org"]
-        auth = ""
-
     print("ready", flush=True)
     for line in sys.stdin:
         i = int(line)
-        conn, txn = build(_Env, raws[i], i)
+        conn, txn = build(BenchEnv, raws[i], i)
         c0 = time.thread_time()
         engine.evaluate(conn, txn)
         print(f"{time.thread_time() - c0:.9f}", flush=True)

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchenv import BenchEnv
+
 HERE = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "no Redis (learning off)": [],
@@ -103,14 +105,6 @@ def worker(args) -> int:
     raws = [read_message(p) for p in json.loads(sys.stdin.readline())]
     warm = _warm_hashes(json.loads(sys.stdin.readline()))
 
-    class _Env:  # as `milterguard bench` builds it
-        ip = "198.51.100.20"
-        client_name = "mail.example.net"
-        helo = "mail.example.net"
-        mail_from = None
-        rcpt = ["user@example.org"]
-        auth = ""
-
     print("ready", flush=True)
     for line in sys.stdin:
         if line.startswith(("clear", "stats")):  # the token cache, in a tree that has one
@@ -119,7 +113,7 @@ def worker(args) -> int:
         i = int(line)
         c0 = time.process_time()
         t0 = time.perf_counter()
-        conn, txn = build(_Env, raws[i], i)
+        conn, txn = build(BenchEnv, raws[i], i)
         engine.evaluate(conn, txn)
         print(f"{time.perf_counter() - t0:.9f} {time.process_time() - c0:.9f}", flush=True)
     return 0
