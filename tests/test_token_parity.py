@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import zlib
 
 import numpy as np
@@ -65,8 +66,18 @@ def shipped_tokens_by_definition(msg: Message) -> list[str]:
     seq += tk.structure_tokens(msg)
     seq += tk.url_tokens(msg)
     seq += tk.words(msg.text, linear.SHIPPED_WORDS)
-    keep = linear.shipped_filter(msg)
+    keep = shipped_filter_by_definition(msg)
     return [t for t in dict.fromkeys(seq) if keep(t)]
+
+
+def shipped_filter_by_definition(msg: Message):
+    """Whether the shipped model sees a token: not list headers, and in list mail nothing a
+    regular expression of the list's marks finds."""
+    identity = linear.list_identity(msg)
+    if not identity:
+        return lambda token: not token.startswith(linear.LIST_TOKEN_PREFIXES)
+    marks = re.compile("|".join(re.escape(m) for m in linear.mark_words(identity)))
+    return lambda token: not token.startswith(linear.LIST_TOKEN_PREFIXES) and marks.search(token) is None
 
 
 def probability_by_definition(model: linear.LinearModel, hashes: list[int]) -> float:

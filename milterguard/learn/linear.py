@@ -30,11 +30,9 @@ import sys
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    import re
-
     import numpy as np
 
     from milterguard.learn.tokens import Pieces
@@ -57,10 +55,15 @@ def token_hash(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
+def _token_digests(tokens: list[str]) -> bytes:
+    """token_hash() of each token as 8 big-endian bytes, joined."""
+    blake2b = hashlib.blake2b
+    return b"".join([blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest() for t in tokens])
+
+
 def token_hashes(tokens: list[str]) -> list[int]:
     """token_hash() of each token, without a Python call per token (the same values)."""
-    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-    return [from_bytes(blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for t in tokens]
+    return list(struct.unpack(f">{len(tokens)}Q", _token_digests(tokens)))
 
 
 def token_hash_array(tokens: list[str]) -> "np.ndarray":
@@ -69,9 +72,7 @@ def token_hash_array(tokens: list[str]) -> "np.ndarray":
     classifier's columns) does not convert 64-bit Python integers one by one."""
     import numpy as np
 
-    blake2b = hashlib.blake2b
-    digests = b"".join([blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest() for t in tokens])
-    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+    return np.frombuffer(_token_digests(tokens), dtype=">u8").astype(np.uint64)
 
 
 def columns(hashes: list[int]) -> "np.ndarray":
@@ -148,45 +149,29 @@ def list_identity(msg: "Message") -> list[str]:
     return sorted(n for n in names if len(n) >= 4)
 
 
-def shipped_filter(msg: "Message") -> "Callable[[str], bool]":
-    """Whether the shipped model sees a token of MSG: not list headers, list names or list footers."""
-    identity = list_identity(msg)
-    if not identity:
-        return lambda token: not token.startswith(LIST_TOKEN_PREFIXES)
-    marks = _list_marks(identity)
-    return lambda token: not token.startswith(LIST_TOKEN_PREFIXES) and marks.search(token) is None
-
-
-def _mark_words(identity: list[str]) -> list[str]:
+def mark_words(identity: list[str]) -> list[str]:
     """What marks a token as naming the list: its names and hosts, the host's own label, list footers."""
     hosts = [n.split(".")[-2] for n in identity if n.count(".") >= 1 and len(n.split(".")[-2]) >= 4]
     return [*identity, *hosts, *LIST_FOOTER_WORDS]
 
 
-def _list_marks(identity: list[str]) -> "re.Pattern[str]":
-    """_mark_words(identity) as one regular expression."""
-    import re
-
-    return re.compile("|".join(re.escape(m) for m in _mark_words(identity)))
-
-
 def shipped_tokens(msg: "Message", pieces: "Pieces | None" = None) -> list[str]:
     """The tokens the shipped model sees: those of learn.tokens without the pairs of words (OSB),
-    at most SHIPPED_WORDS words of text, and without what says "mailing list" (shipped_filter).
+    at most SHIPPED_WORDS words of text, and without what says "mailing list": tokens starting
+    with LIST_TOKEN_PREFIXES, and in list mail those holding one of its mark_words().
 
     PIECES (learn.tokens.Pieces of the same message) are reused when given: a message
     tokenized for Bayes or the site's classifier is not read again."""
     from milterguard.learn import tokens as tk
 
     seq, identity = _shipped_sequence(msg, pieces if pieces is not None else tk.Pieces(msg))
-    if identity:
-        return _without_marks(list(dict.fromkeys(seq)), _mark_words(identity))
-    return list(dict.fromkeys(seq))
+    tokens = list(dict.fromkeys(seq))
+    return _without_marks(tokens, mark_words(identity)) if identity else tokens
 
 
 def _shipped_sequence(msg: "Message", p: "Pieces") -> tuple[list[str], list[str]]:
     """The shipped model's tokens before the list names are taken out (with repeats), and the list's names."""
-    # The same filter as shipped_filter(msg), cheaper: only header tokens can start with
+    # Only header tokens can start with
     # LIST_TOKEN_PREFIXES (the others start with s:, c:, st:, u: or are words, which hold no
     # colon but in n: and sk:), and the list names are looked for only in list mail.
     seq = [*p.subject, *(t for t in p.head if not t.startswith(LIST_TOKEN_PREFIXES)), *p.body(SHIPPED_WORDS)]
@@ -202,14 +187,14 @@ def shipped_columns(msg: "Message", pieces: "Pieces | None" = None) -> set[int]:
     seq, identity = _shipped_sequence(msg, pieces if pieces is not None else tk.Pieces(msg))
     tokens = set(seq)
     if identity:
-        tokens = _without_marks(list(tokens), _mark_words(identity))
+        tokens = _without_marks(list(tokens), mark_words(identity))
     crc32, mask = zlib.crc32, DIM - 1
     return {crc32(t.encode("utf-8", "surrogatepass")) & mask for t in tokens}
 
 
 def _without_marks(tokens: list[str], marks: list[str]) -> list[str]:
-    """TOKENS without those that hold one of MARKS: what `_list_marks(...).search(token)` tells
-    token by token, found instead by str.find over all the tokens joined (each occurrence
+    """TOKENS without those that hold one of MARKS: what a regular expression of the marks would
+    tell token by token, found instead by str.find over all the tokens joined (each occurrence
     counts for the token it lies within), without a regular expression tried at every
     character of every token."""
     from bisect import bisect_right
