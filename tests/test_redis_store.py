@@ -83,6 +83,22 @@ def test_outage_is_logged_once_calls_fail_fast_and_recovery_follows(master, capl
         assert len(up) == 1
 
 
+def test_a_connection_closed_under_a_sent_command_is_asked_again_of_the_same_server(master, caplog):
+    """Sentinel kills a replica's clients when it promotes it: a command sent before and read
+    after gets its answer from that server on a new connection, and the server is not counted
+    down (a master-only store would otherwise have nothing left to ask)."""
+    store = RedisStore(url=master.url, timeout=0.5, retry_max=5)
+    key = store.key("queue")
+    with caplog.at_level(logging.INFO, logger="milterguard.redis"):
+        pending = store.reader().send("BLPOP", key, "0.4")  # no reply until an element comes
+        # Every client but this one is closed, the BLPOP above with its connection, unanswered.
+        assert master.client().client_kill_filter(_type="normal") >= 1
+        master.client().rpush(key, "v")
+        assert list(pending.result()) == [key.encode(), b"v"]
+        assert store.reader().get(key) is None  # the server was not put to back off
+    assert _redis_lines(caplog) == []
+
+
 def _answers(store: RedisStore) -> bool:
     try:
         store.writer().set(store.key("k"), "again")

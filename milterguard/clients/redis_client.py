@@ -45,7 +45,10 @@ do.  The command is sent from the calling thread (a thread pool would not
 do: a thread waits for the interpreter lock while the caller computes).
 A reply that cannot be read is asked for again through the usual path
 (the next server, back-off, the outage lines), so `result()` answers or
-raises RedisUnavailable as any call does.
+raises RedisUnavailable as any call does.  A connection closed under the
+command (Sentinel kills a replica's clients when it promotes it) is asked
+again of the same server first, on a new connection; a timeout goes to
+the next server.
 """
 
 from __future__ import annotations
@@ -242,9 +245,14 @@ class Pending:
                 reply = conn.read_response()
             except _DOWN_ERRORS as exc:
                 self._release(clean=False)
-                # Asked again below, through the usual path, from the next server.
-                gone = [node] if node.failed(exc) else []
                 args = self._args
+                if isinstance(exc, redis.ConnectionError) and not isinstance(exc, redis.TimeoutError):
+                    # The connection was closed under the command (a server restarted, or Sentinel
+                    # killed its clients while promoting it): asked again through the usual path,
+                    # this server first on a new connection, as any stale connection is retried once.
+                    return _run(self._nodes, lambda client: client.execute_command(*args))
+                # A timeout: this server is slow now; asked again of the next one.
+                gone = [node] if node.failed(exc) else []
                 return _run(self._nodes, lambda client: client.execute_command(*args), gone, exc)
             except redis.ResponseError:
                 self._release(clean=True)  # an error reply (no such script) was read whole
