@@ -28,6 +28,8 @@ import re
 import time
 from dataclasses import dataclass
 
+from milterguard.learn.linear import digests8
+
 BANDS = 8
 BAND_BITS = 64 // BANDS
 MAX_DISTANCE = BANDS - 1  # what the band index can find
@@ -69,8 +71,7 @@ def simhash(words: list[str]) -> int:
     shingles = [f"{a} {b} {c}" for a, b, c in zip(words, words[1:], words[2:])] or words
     if not shingles:
         return 0
-    blake2b = hashlib.blake2b
-    digests = b"".join([blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest() for s in shingles])
+    digests = digests8(shingles)  # BLAKE2b, 8 bytes, of each shingle
     # Each bit's vote counted by numpy: a row of 64 bits per shingle, most significant first
     # (the digest read as a big-endian number), summed by column; a bit is set when more
     # than half of the shingles set it.
