@@ -272,5 +272,6 @@ def test_evaluate_on_a_small_sample(tmp_path, master, capsys):
     assert result["train"]["spam"] + result["test"]["spam"] == 40
     assert result["scorers"]["bayes"]["auc"] > 0.95 and result["scorers"]["classifier"]["auc"] > 0.95
     assert set(result["thresholds"]) == {"tag", "review", "reject"}
+    assert result["not_counted"] == ["RCVD_NONE"]  # these messages have no Received header
     # Everything it wrote went under its own prefix and was removed.
     assert master.client().dbsize() == 0

@@ -120,23 +120,27 @@ def run(args) -> int:
             return report(exc)
     if not args.spam or not args.ham:
         return report(CliError("give --spam DIR and --ham DIR"))
+    from milterguard.cli.evaluate_corpus import trail_sets
+
     # Offline, as the figures are compared, and without autolearn, which would learn the test split.
     sets = ["bayes.autolearn=false"] + (["dns.enabled=false"] if "dns.enabled" in S.BY_KEY else [])
+    # Messages that all lost their Received headers: the trail's symbols are left out, as --corpus does.
+    left_out = trail_sets(list(iter_message_files(args.spam)) + list(iter_message_files(args.ham)))
     try:
-        config = load(args, extra_sets=sets)
+        config = load(args, extra_sets=sets + left_out)
         if RedisStore.from_config(config) is None:
             with private_redis() as url:
                 config.values["redis.url"] = url
-                return _evaluate(args, config, cleanup=False)
+                return _evaluate(args, config, cleanup=False, left_out=left_out)
         config.values["redis.prefix"] = f"{config['redis.prefix']}evaluate:{os.getpid()}:"
-        return _evaluate(args, config, cleanup=True)
+        return _evaluate(args, config, cleanup=True, left_out=left_out)
     except RedisUnavailable as exc:
         return report(CliError(f"Redis not reachable: {exc}", status=75))
     except CliError as exc:
         return report(exc)
 
 
-def _evaluate(args, config, cleanup: bool) -> int:
+def _evaluate(args, config, cleanup: bool, left_out: list[str]) -> int:
     from milterguard.cli.scan import build
 
     store = RedisStore.from_config(config)
@@ -174,6 +178,8 @@ def _evaluate(args, config, cleanup: bool) -> int:
         "thresholds": {},
         "ms_per_message": round(sum(r["ms"] for r in rows) / max(len(rows), 1), 2),
         "learned_ms_per_message": round(sum(r["learned_ms"] for r in rows) / max(len(rows), 1), 2),
+        # symbols not counted: no message has a Received header (evaluate_corpus.trail_sets)
+        "not_counted": [item.split(".")[1] for item in left_out],
     }
     # The messages that decide the miss rate at low false positives: the
     # highest scoring ham and the lowest scoring spam.
@@ -210,6 +216,8 @@ def print_report(result: dict) -> None:
     print(f"\n{'threshold':<10} {'score':>6} {'ham at or above':>16} {'spam below':>11}")
     for action, v in result["thresholds"].items():
         print(f"{action:<10} {v['at']:>6g} {v['ham_flagged']:>10} of {t['ham']:<4} {v['spam_missed']:>5} of {t['spam']}")
+    if result["not_counted"]:
+        print(f"\nno message has a Received header: {', '.join(result['not_counted'])} not counted")
     print(f"\n{result['ms_per_message']:.1f} ms per message, of which Bayes + classifier "
           f"{result['learned_ms_per_message']:.1f} ms", file=sys.stdout)
 
