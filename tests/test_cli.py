@@ -262,6 +262,17 @@ def test_scan_missing_file_is_status_2(capsys, etc, tmp_path):
     assert "missing.eml" in err
 
 
+@pytest.mark.parametrize("command", [["learn", "--spam"], ["evaluate", "--ham", "{tmp}", "--spam"],
+                                     ["fuzzy", "add"]])
+def test_a_missing_message_file_is_one_line_and_status_2(capsys, etc, tmp_path, command):
+    """Any command reading messages: a path that is not there is named, without a traceback."""
+    missing = tmp_path / "missing.eml"
+    args = [word.replace("{tmp}", str(tmp_path)) for word in command]
+    status, out, err = run(capsys, *args, str(missing), "--etc-dir", str(etc),
+                           "--set", "redis.url=redis://127.0.0.1:9/0")
+    assert (status, err) == (2, f"milterguard: {missing}: No such file or directory\n")
+
+
 def test_scan_of_an_empty_directory_says_so_and_fails(capsys, etc, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

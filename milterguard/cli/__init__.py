@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     # (`list add allow --domain example.net friend.example`); argparse's dispatch
     # to a subcommand would leave the words after an option over, as an error.
     args = command.parse_intermixed_args(argv[at + 1:])
-    return args._module.run(args)
+    try:
+        return args._module.run(args)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        # A file named on the command line that cannot be read: one line, not a traceback.
+        print(f"milterguard: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 2
 
 
 def console_main() -> None:
