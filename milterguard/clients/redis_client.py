@@ -245,14 +245,13 @@ class Pending:
                 reply = conn.read_response()
             except _DOWN_ERRORS as exc:
                 self._release(clean=False)
+                # Asked again below, through the usual path.  A connection closed under the command
+                # (a server restarted, or Sentinel killed its clients while promoting it): this server
+                # first, on a new connection, as any stale connection is retried once.  A timeout:
+                # this server is slow now, so it backs off and the next one is asked.
+                closed = isinstance(exc, redis.ConnectionError)  # redis-py's TimeoutError is not one
+                gone = [node] if not closed and node.failed(exc) else []
                 args = self._args
-                if isinstance(exc, redis.ConnectionError) and not isinstance(exc, redis.TimeoutError):
-                    # The connection was closed under the command (a server restarted, or Sentinel
-                    # killed its clients while promoting it): asked again through the usual path,
-                    # this server first on a new connection, as any stale connection is retried once.
-                    return _run(self._nodes, lambda client: client.execute_command(*args))
-                # A timeout: this server is slow now; asked again of the next one.
-                gone = [node] if node.failed(exc) else []
                 return _run(self._nodes, lambda client: client.execute_command(*args), gone, exc)
             except redis.ResponseError:
                 self._release(clean=True)  # an error reply (no such script) was read whole
