@@ -51,8 +51,9 @@ MAGIC = b"MGLM1\n"
 
 
 def token_hash(token: str) -> int:
-    """The 64-bit hash a token is stored and hashed into features by."""
-    return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    """The 64-bit hash a token is stored and hashed into features by: its 8-byte BLAKE2b
+    (digests8), read as a big-endian number."""
+    return int.from_bytes(digests8([token]), "big")
 
 
 def digests8(texts: list[str]) -> bytes:
@@ -68,7 +69,6 @@ def digests8(texts: list[str]) -> bytes:
         h.update(text.encode("utf-8", "surrogatepass"))
         append(h.digest())
     return b"".join(out)
-
 
 
 def token_hashes(tokens: list[str]) -> list[int]:
