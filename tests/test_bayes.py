@@ -11,14 +11,13 @@ import pytest
 from milterguard.cli import main as cli_main
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
-from milterguard.model import Connection, Transaction
 from milterguard.stores import models as ml
 from milterguard.stores.bayes import Bayes, combine, message_digest, token_hash
 from milterguard.learn.tokens import MAX_TOKENS, tokenize
 from milterguard.mail.message import Message
-from milterguard.mail.raw import split_message
 from milterguard.clients.redis_client import RedisStore
 from support import wait_until
+from support.authmail import scan_local
 from support.mailgen import make_message, write_corpus
 from support.redis import redis_available
 from support.redis_fixtures import master, replica  # noqa: F401  (fixtures)
@@ -34,14 +33,6 @@ def learn_some(bayes: Bayes, n: int = 12) -> None:
     for i in range(n):
         bayes.learn_message(msg("spam", i), "spam")
         bayes.learn_message(msg("ham", i), "ham")
-
-
-def scan(engine: Engine, raw: bytes):
-    headers, body = split_message(raw)
-    txn = Transaction(mail_from="a@example.org", rcpts=["user@example.net"], headers=headers, body=body,
-                      body_size=len(body))
-    verdict = engine.evaluate(Connection(client_name="localhost", ident="t"), txn)
-    return verdict, txn
 
 
 def engine_for(tmp_path, *sets: str) -> Engine:
@@ -94,19 +85,19 @@ def test_learn_on_master_classify_on_a_node_reading_the_replica(tmp_path, master
     learn_some(learner)
     master.wait_replicated(replica)
     engine = engine_for(tmp_path, f"redis.replicas={replica.url}", "redis.prefix=mg:")
-    verdict, txn = scan(engine, make_message("spam", 100))
+    verdict, txn = scan_local(engine, make_message("spam", 100))
     hit = verdict.hit("BAYES_SPAM")
     assert hit is not None and float(hit.options[0]) > 0.95
     assert 0 < hit.weight <= 4.0  # scaled by the probability
     assert txn.facts.bayes.detail["spam"] == 12
-    verdict, _ = scan(engine, make_message("ham", 100))
+    verdict, _ = scan_local(engine, make_message("ham", 100))
     assert verdict.hit("BAYES_HAM") is not None and verdict.hit("BAYES_SPAM") is None
 
 
 @needs_redis
 def test_silent_until_min_learns(tmp_path, master):
     learn_some(Bayes(RedisStore(url=master.url)), 4)
-    verdict, txn = scan(engine_for(tmp_path, f"redis.url={master.url}"), make_message("spam", 100))
+    verdict, txn = scan_local(engine_for(tmp_path, f"redis.url={master.url}"), make_message("spam", 100))
     assert not {"BAYES_SPAM", "BAYES_HAM"} & set(verdict.symbols)
     assert txn.facts.bayes.detail["spam"] == 4
 
@@ -150,7 +141,7 @@ def test_redis_down_mail_flows_with_tempfail_and_one_log_line(tmp_path, master, 
     engine = engine_for(tmp_path, f"redis.url={url}", "redis.prefix=down:")
     with caplog.at_level(logging.WARNING, logger="milterguard.redis"):
         for i in range(5):
-            verdict, _ = scan(engine, make_message("spam", i))
+            verdict, _ = scan_local(engine, make_message("spam", i))
             assert "BAYES_TEMPFAIL" in verdict.symbols
             assert verdict.action.label in ("accept", "tag", "review", "reject")
     lines = [r.getMessage() for r in caplog.records if r.name == "milterguard.redis"]
@@ -164,13 +155,13 @@ def test_autolearn_learns_new_mail_by_score_and_never_overrules(tmp_path, master
     bayes.learn_message(Message.from_bytes(taught), "ham")
     # Every score is at or above -1000: everything new is learned as spam.
     engine = engine_for(tmp_path, f"redis.url={master.url}", "bayes.autolearn=true", "bayes.autolearn_spam=-1000")
-    scan(engine, make_message("spam", 400))
-    scan(engine, make_message("spam", 400))  # the same message again: counted once
-    scan(engine, taught)  # taught as ham by an operator: left alone
+    scan_local(engine, make_message("spam", 400))
+    scan_local(engine, make_message("spam", 400))  # the same message again: counted once
+    scan_local(engine, taught)  # taught as ham by an operator: left alone
     assert bayes.totals() == (1, 1)
     # Off by default, and a node reading a replica never writes.
-    scan(engine_for(tmp_path, f"redis.url={master.url}"), make_message("spam", 401))
-    scan(engine_for(tmp_path, f"redis.replicas={replica.url}", "bayes.autolearn=true",
+    scan_local(engine_for(tmp_path, f"redis.url={master.url}"), make_message("spam", 401))
+    scan_local(engine_for(tmp_path, f"redis.replicas={replica.url}", "bayes.autolearn=true",
                     "bayes.autolearn_spam=-1000"), make_message("spam", 402))
     assert bayes.totals() == (1, 1)
 
@@ -185,7 +176,7 @@ def test_a_new_model_is_picked_up_by_a_running_engine(tmp_path, master):
     first = ml.train(store)
     assert first.version == 1 and first.samples == 24
     engine = engine_for(tmp_path, f"redis.url={master.url}", "ml.poll_interval=0.2")
-    verdict, txn = scan(engine, make_message("spam", 200))
+    verdict, txn = scan_local(engine, make_message("spam", 200))
     assert txn.facts.classifier.detail["version"] == 1
     assert verdict.hit("ML_SPAM") is not None
     # Publish a model trained on the opposite labels: the running engine swaps it in.
@@ -194,7 +185,7 @@ def test_a_new_model_is_picked_up_by_a_running_engine(tmp_path, master):
     ml.publish(store, flipped)
 
     def swapped():
-        verdict, txn = scan(engine, make_message("spam", 200))
+        verdict, txn = scan_local(engine, make_message("spam", 200))
         return (verdict, txn) if txn.facts.classifier.detail["version"] == 2 else None
 
     verdict, txn = wait_until(swapped, timeout=5, interval=0.1, what="the running engine to load version 2")

@@ -17,11 +17,11 @@ from milterguard.engine.core import Engine
 from milterguard.learn.linear import token_hashes
 from milterguard.learn.tokens import tokenize
 from milterguard.mail.message import Message
-from milterguard.mail.raw import iter_message_files, read_message, split_message
-from milterguard.model import Connection, Transaction
+from milterguard.mail.raw import iter_message_files, read_message
 from milterguard.stores.bayes import Bayes
 from milterguard.stores.bayes_cache import TokenCache
 from support import corpus_dir
+from support.authmail import scan_local
 from support.mailgen import make_message
 from support.redis import redis_available
 from support.redis_fixtures import master  # noqa: F401  (fixture)
@@ -39,14 +39,6 @@ def _engine(tmp_path: Path, url: str, *sets: str) -> Engine:
     return Engine.load(load_config(etc_dir=tmp_path, sets=[
         f"redis.url={url}", "bayes.min_learns=5", "dns.enabled=false", "ml.enabled=false", "fuzzy.enabled=false",
         "bayes.autolearn=false", *sets]))
-
-
-def _scan(engine: Engine, raw: bytes):
-    headers, body = split_message(raw)
-    txn = Transaction(mail_from="a@example.org", rcpts=["user@example.net"], headers=headers, body=body,
-                      body_size=len(body))
-    verdict = engine.evaluate(Connection(client_name="localhost", ident="t"), txn)
-    return verdict, txn
 
 
 def _bayes_of(engine: Engine) -> Bayes:
@@ -73,7 +65,7 @@ def test_corpus_scanned_with_the_cache_on_and_off_gives_the_same_probabilities(t
     def probabilities(engine: Engine) -> list[tuple]:
         out = []
         for raw in raws:
-            verdict, txn = _scan(engine, raw)
+            verdict, txn = scan_local(engine, raw)
             bayes = txn.facts.bayes
             out.append((bayes.probability, bayes.detail, sorted(s for s in verdict.symbols if s.startswith("BAYES"))))
         return out
@@ -103,12 +95,12 @@ def test_counts_learned_elsewhere_are_seen_once_the_ttl_has_passed(tmp_path, mas
     engine = _engine(tmp_path, master.url, "bayes.cache_slots=4096", f"bayes.cache_ttl={ttl}")
     message = make_message("spam", 50)
     uncached = Bayes(RedisStore(url=master.url))
-    before, _ = _scan(engine, message)
+    before, _ = scan_local(engine, message)
     assert _bayes_of(engine).cache().lookups > 0
     # Another node learns the message itself as ham: each of its tokens gains a ham count.
     other_node.learn_message(Message.from_bytes(message), "ham")
     time.sleep(ttl * 2)
-    after, txn = _scan(engine, message)
+    after, txn = scan_local(engine, message)
     expected = uncached.classify_hashes(_hashes(message))
     assert (txn.facts.bayes.probability, txn.facts.bayes.detail["ham"]) == (expected[0], 7)
     assert txn.facts.bayes.probability < float(before.hit("BAYES_SPAM").options[0])
@@ -151,12 +143,12 @@ def test_redis_down_gives_tempfail_not_the_cached_counts(tmp_path, master, caplo
         learner.learn_message(Message.from_bytes(make_message("ham", i)), "ham")
     engine = _engine(tmp_path, master.url, "bayes.cache_ttl=3600", "redis.prefix=mg:")
     message = make_message("spam", 60)
-    verdict, _ = _scan(engine, message)
+    verdict, _ = scan_local(engine, message)
     assert "BAYES_SPAM" in verdict.symbols
     master.stop()
     with caplog.at_level(logging.WARNING, logger="milterguard.redis"):
         for _ in range(3):
-            verdict, txn = _scan(engine, message)
+            verdict, txn = scan_local(engine, message)
             assert "BAYES_TEMPFAIL" in verdict.symbols and "BAYES_SPAM" not in verdict.symbols
             assert txn.facts.bayes is None
     assert len([r for r in caplog.records if r.name == "milterguard.redis"]) == 1

@@ -12,8 +12,8 @@ import pytest
 from milterguard.config import load_config
 from milterguard.engine.core import Engine
 from milterguard.mail.message import Message
-from milterguard.mail.raw import iter_message_files, read_message, split_message
-from milterguard.model import Connection, Stage, Transaction
+from milterguard.mail.raw import iter_message_files, read_message
+from milterguard.model import Stage
 from milterguard.corpus import select
 from milterguard.learn.tokens import tokenize
 from milterguard.stores import models as ml
@@ -22,6 +22,7 @@ from milterguard.stores.bayes import (MAX_SIGNIFICANT, MIN_STRENGTH, ROBINSON_S,
 from milterguard.stores.hashes import FuzzyStore, digest
 from milterguard.clients.redis_client import RedisStore
 from support import corpus_dir
+from support.authmail import scan_local
 from support.redis import redis_available
 from support.redis_fixtures import master  # noqa: F401  (fixture)
 
@@ -90,13 +91,6 @@ def test_the_classifier_is_scikit_learns_decision_function_on_the_corpus():
         assert model.probability(h) == pytest.approx(1.0 / (1.0 + math.exp(-ml.SCALE * z)), abs=1e-6)
 
 
-def _scan(engine: Engine, raw: bytes):
-    headers, body = split_message(raw)
-    txn = Transaction(mail_from="a@example.org", rcpts=["user@example.net"], headers=headers, body=body,
-                      body_size=len(body))
-    return engine.evaluate(Connection(client_name="localhost", ident="t"), txn)
-
-
 @needs_redis
 @needs_corpus
 def test_lookups_started_at_end_of_message_give_the_sequential_verdict(tmp_path, master):
@@ -118,12 +112,12 @@ def test_lookups_started_at_end_of_message_give_the_sequential_verdict(tmp_path,
     sequential.starters[Stage.EOM] = []  # each check looks up for itself, in turn
     learned = 0
     for raw in tests:
-        a, b = _scan(started, raw), _scan(sequential, raw)
+        a, b = scan_local(started, raw)[0], scan_local(sequential, raw)[0]
         assert [(h.symbol, h.options, h.weight) for h in a.hits] == [(h.symbol, h.options, h.weight) for h in b.hits]
         assert a.score == b.score
         learned += any(h.symbol.startswith(("BAYES_", "ML_")) for h in a.hits)
     assert learned > len(tests) // 2  # the learned checks said something on most of them
-    assert "HASH_DENIED" in {h.symbol for h in _scan(started, tests[0]).hits}
+    assert "HASH_DENIED" in {h.symbol for h in scan_local(started, tests[0])[0].hits}
 
 
 @needs_redis

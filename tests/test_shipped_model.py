@@ -15,11 +15,11 @@ from milterguard.config import load_config
 from milterguard.corpus import split_of
 from milterguard.engine.core import Engine, RulesError
 from milterguard.learn import linear
-from milterguard.model import Connection, Transaction
-from milterguard.mail.raw import read_message, split_message
+from milterguard.mail.raw import read_message
 from milterguard.clients.redis_client import RedisStore
 from milterguard.stores import models as ml
 from support import REPO_ROOT, corpus_dir
+from support.authmail import scan_local
 from support.redis import redis_available
 from support.redis_fixtures import master  # noqa: F401  (fixture)
 
@@ -32,9 +32,8 @@ def engine_for(tmp_path, *sets: str) -> Engine:
 
 
 def scan(engine: Engine, raw: bytes):
-    headers, body = split_message(raw)
-    txn = Transaction(mail_from="", rcpts=["user@example.net"], headers=headers, body=body, body_size=len(body))
-    return engine.evaluate(Connection(client_name="localhost", ident="t"), txn), txn
+    """No client address and no envelope sender: as `milterguard scan` of a file without a Return-Path."""
+    return scan_local(engine, raw, mail_from="")
 
 
 def test_shipped_model_file_matches_its_provenance():

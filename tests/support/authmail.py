@@ -70,6 +70,15 @@ def engine_for(tmp_path, *sets: str) -> Engine:
     return Engine.load(load_config(etc_dir=etc, sets=list(sets)), strict=True)
 
 
+def scan_local(engine: Engine, raw: bytes, mail_from: str = "a@example.org"):
+    """Every stage of RAW through ENGINE with no client address, as `milterguard scan` of a file
+    without --ip: (verdict, transaction)."""
+    headers, body = split_message(raw)
+    txn = Transaction(mail_from=mail_from, rcpts=["user@example.net"], headers=headers, body=body,
+                      body_size=len(body))
+    return engine.evaluate(Connection(client_name="localhost", ident="t"), txn), txn
+
+
 def scan(engine: Engine, raw: bytes, ip: str | None = "192.0.2.10", mail_from: str | None = None,
          helo: str = "mail.example.test", macros: dict | None = None):
     """Every stage of RAW through ENGINE; (verdict, transaction)."""
