@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchenv import BenchEnv
+from benchenv import BenchEnv, checkout_arguments
 
 HERE = Path(__file__).resolve().parent.parent
 PER_SET = 100  # messages of each of the three sets
@@ -163,15 +163,8 @@ def drive(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default=os.environ.get("MILTERGUARD_CORPUS", "/work/shared/corpus"),
-                        help="the shared corpus (with modern/{spam,ham} and spamassassin/ham)")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over the messages (default 3)")
-    parser.add_argument("--checkout", action="append", default=[], metavar="NAME=DIR",
-                        help="another source tree to measure alongside this one")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    checkout_arguments(parser, "the shared corpus (with modern/{spam,ham} and spamassassin/ham)")
     parser.add_argument("--tree", help=argparse.SUPPRESS)
-    parser.add_argument("--set", dest="sets", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)

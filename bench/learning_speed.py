@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchenv import BenchEnv
+from benchenv import BenchEnv, checkout_arguments
 
 HERE = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -266,20 +266,13 @@ def drive(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default=os.environ.get("MILTERGUARD_CORPUS", "/work/shared/corpus"),
-                        help="the shared corpus (with spamassassin/{spam,ham,hard_ham})")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over the messages (default 3)")
+    checkout_arguments(parser, "the shared corpus (with spamassassin/{spam,ham,hard_ham})")
     parser.add_argument("--limit", type=int, default=0, help="use at most this many messages")
-    parser.add_argument("--checkout", action="append", default=[], metavar="NAME=DIR",
-                        help="another source tree to measure alongside this one")
     parser.add_argument("--warm", action="store_true",
                         help="start each round with the Bayes token cache filled by the held-out ham's look-ups")
-    parser.add_argument("--json", action="store_true")
     parser.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
-    parser.add_argument("--set", dest="sets", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.setup:
         return setup(args)
